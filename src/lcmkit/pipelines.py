@@ -1,0 +1,516 @@
+"""Loading diffusers pipeline folders and generating images with lcmkit's samplers.
+
+Supported folders: ``StableDiffusionPipeline`` (SD 1.x/2.x, epsilon or v prediction), ``StableDiffusionXLPipeline``
+and ``LatentConsistencyModelPipeline`` (a full LCM: UNet with a guidance embedding), plus LCM-LoRA and style
+LoRAs applied on the fly.
+
+Conventions (the ones a user sees):
+
+- **guidance** is diffusers' ``guidance_scale`` g. The paper's ω = g − 1. A full LCM (``time_cond_proj_dim``)
+  receives ω through its w-embedding and runs ONE forward per step: no negative prompt is possible there (it
+  was distilled with "" as the unconditional prompt), so one is refused. Any other model runs real
+  classifier-free guidance when g > 1 (base models, LCM-LoRA) and honours a negative prompt; with g ≤ 1 there
+  is no unconditional branch, so a negative prompt is refused rather than silently ignored.
+- **randomness**: image i uses its own ``torch.Generator`` seeded S + i; every draw for image i (initial latent,
+  VAE posterior sample, per-step noise) comes from it, in diffusers' order, so image i does not depend on
+  ``num_images`` and equals diffusers' pipelines called with ``generator=torch.Generator().manual_seed(S + i)``.
+- **img2img strength** (``lcm``/``tcd``): LCM convention, as diffusers' ``LCMScheduler``: the 50-point
+  distillation grid first shrinks to int(50·strength) points, then ``steps`` of them are chosen
+  (4 steps at 0.8 → [799, 599, 399, 199]); you always get exactly ``steps`` steps. Teacher samplers
+  (``ddim``, ``dpm-solver``, ``dpm-solver++``) use the usual SD img2img convention instead: the ``steps``-step
+  schedule is truncated to its last int(steps·strength) steps (diffusers issue 7651 discusses the mismatch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from .denoisers import TextConditioning, has_w_embedding, unet_denoiser
+from .errors import LcmkitError
+from .math.schedule import alpha_sigma, alphas_cumprod_from_config
+from .math.timesteps import lcm_timesteps
+from .solvers import SAMPLERS, randn
+
+#: few-step consistency samplers (lcmkit.solvers) + teacher baselines (diffusers schedulers, lcmkit's loop)
+TEACHER_SAMPLERS = ("ddim", "dpm-solver", "dpm-solver++")
+SAMPLER_NAMES = tuple(SAMPLERS) + TEACHER_SAMPLERS
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" → cuda when available, else cpu; an unavailable cuda is an error, not a silent fallback."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LcmkitError("device cuda requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LcmkitError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Anything but ``org/name`` is taken for a local path (hub ids have exactly one slash)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") != 1
+
+
+def load_pipeline(model: str | os.PathLike, *, device: str | torch.device = "auto",
+                  dtype: str | torch.dtype | None = None):
+    """Load a diffusers pipeline folder (``model_index.json`` inside) onto ``device`` in ``dtype``.
+
+    A hub id is only tried when ``HF_HUB_OFFLINE`` is not set; offline it fails at once, asking for a folder.
+    Raises :class:`LcmkitError` for a missing folder, a folder that is not a pipeline, or a pipeline that is not
+    Stable-Diffusion-family (UNet2DConditionModel + VAE + CLIP text encoder(s)).
+    """
+    from diffusers import DiffusionPipeline
+
+    name = str(model)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise LcmkitError(f"{name} is not a diffusers pipeline folder (no model_index.json); "
+                              "pass a folder saved with save_pretrained")
+        source = str(path)
+    elif path.exists():
+        raise LcmkitError(f"{name} is a file, not a diffusers pipeline folder")
+    elif _hub_offline():
+        raise LcmkitError(f"model folder {name} not found (HF_HUB_OFFLINE=1, so hub ids are not downloaded); "
+                          "pass a local diffusers pipeline folder")
+    elif _looks_like_path(name):
+        raise LcmkitError(f"model folder {name} not found; pass a local diffusers pipeline folder")
+    else:
+        source = name  # a hub id, online
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=resolve_dtype(dtype))
+    except Exception as e:  # diffusers raises many types here; the user needs one line
+        raise LcmkitError(f"could not load a diffusers pipeline from {name}: {type(e).__name__}: {e}") from e
+    check_pipeline(pipe, name)
+    pipe.to(resolve_device(device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_pipeline(pipe, name: str = "pipeline") -> None:
+    """Refuse pipelines lcmkit cannot drive (anything without a conditional UNet, a VAE and CLIP text encoders)."""
+    from diffusers import UNet2DConditionModel
+
+    missing = [c for c in ("unet", "vae", "scheduler", "tokenizer") if getattr(pipe, c, None) is None]
+    if getattr(pipe, "text_encoder", None) is None and getattr(pipe, "text_encoder_2", None) is None:
+        missing.append("text_encoder")
+    if missing or not isinstance(pipe.unet, UNet2DConditionModel):
+        raise LcmkitError(f"{name} ({type(pipe).__name__}) is not a Stable-Diffusion-family pipeline "
+                          f"(missing {', '.join(missing) or 'a UNet2DConditionModel'})")
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+def vae_scale_factor(pipe) -> int:
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt encoding
+# ---------------------------------------------------------------------------------------------------------------
+
+def _token_ids(tokenizer, prompts: list[str]):
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt")
+
+
+def _encoder_device(encoder) -> torch.device:
+    return next(encoder.parameters()).device
+
+
+def encode_prompt_sd(pipe, prompts: list[str]) -> TextConditioning:
+    """SD 1.x/2.x: the last hidden state of the CLIP text encoder, (B, 77, D) (77 = tokenizer.model_max_length)."""
+    tokens = _token_ids(pipe.tokenizer, prompts)
+    device = _encoder_device(pipe.text_encoder)
+    mask = None
+    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+        mask = tokens.attention_mask.to(device)
+    hidden = pipe.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+    return TextConditioning(hidden.to(pipe.text_encoder.dtype))
+
+
+def encode_prompt_sdxl(pipe, prompts: list[str], height: int, width: int) -> TextConditioning:
+    """SDXL: penultimate hidden states of both encoders concatenated on D, pooled embeds of the last encoder
+    (``CLIPTextModelWithProjection.text_embeds``), and time ids (original size, crop top-left, target size),
+    each size as (height, width); no cropping, original = target."""
+    pairs = [(t, e) for t, e in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+             if t is not None and e is not None]
+    states, pooled = [], None
+    for tokenizer, encoder in pairs:
+        out = encoder(_token_ids(tokenizer, prompts).input_ids.to(_encoder_device(encoder)),
+                      output_hidden_states=True)
+        if out[0].ndim == 2:  # (B, P): the projected pooled output; the last encoder's wins
+            pooled = out[0]
+        states.append(out.hidden_states[-2])
+    hidden = torch.cat(states, dim=-1)
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=hidden.dtype, device=hidden.device)
+    return TextConditioning(hidden, pooled, time_ids.expand(len(prompts), 6))
+
+
+def encode_prompt(pipe, prompts: list[str], height: int, width: int) -> TextConditioning:
+    return encode_prompt_sdxl(pipe, prompts, height, width) if is_sdxl(pipe) else encode_prompt_sd(pipe, prompts)
+
+
+def encode_unconditional(pipe, negative_prompt: str | None, batch: int, height: int, width: int,
+                         cond: TextConditioning) -> TextConditioning:
+    """The CFG unconditional branch: the negative prompt, else "" (SD) or all zeros (SDXL with
+    ``force_zeros_for_empty_prompt``, as diffusers and the SDXL LCM scripts do)."""
+    if negative_prompt is None and is_sdxl(pipe) and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        return TextConditioning(torch.zeros_like(cond.encoder_hidden_states), torch.zeros_like(cond.text_embeds),
+                                cond.time_ids)
+    return encode_prompt(pipe, [negative_prompt or ""] * batch, height, width)
+
+
+def _repeat(cond: TextConditioning, n: int) -> TextConditioning:
+    """A batch-1 conditioning repeated to batch n (the text encoders run once per generate call)."""
+    rep = lambda x: None if x is None else x.expand(n, *x.shape[1:]).contiguous()  # noqa: E731
+    return TextConditioning(rep(cond.encoder_hidden_states), rep(cond.text_embeds), rep(cond.time_ids))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Latents in and out
+# ---------------------------------------------------------------------------------------------------------------
+
+def initial_latents(pipe, generators: list[torch.Generator], height: int, width: int, dtype, device) -> Tensor:
+    """x_T ~ N(0, I) of shape (B, C, H/f, W/f), element i from generator i (diffusers' ``prepare_latents``;
+    LCM's ``init_noise_sigma`` is 1, so no scaling here)."""
+    f = vae_scale_factor(pipe)
+    shape = (len(generators), pipe.unet.config.in_channels, height // f, width // f)
+    return randn(shape, generators, device, dtype)
+
+
+def encode_image(pipe, image, generators: list[torch.Generator], height: int, width: int) -> Tensor:
+    """z0 = scaling_factor · sample of the VAE posterior of ``image``, one sample per generator (B, C, H/f, W/f).
+
+    As diffusers' LCM img2img pipeline: the posterior sample for element i is drawn from generator i before the
+    forward-diffusion noise, so the same seed gives the same image.
+    """
+    vae = pipe.vae
+    pixels = pipe.image_processor.preprocess(image, height=height, width=width)  # (1, 3, H, W) in [-1, 1]
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    posterior = vae.encode(pixels).latent_dist
+    z0 = torch.cat([posterior.sample(g) for g in generators])
+    return vae.config.scaling_factor * z0
+
+
+def noise_to(z0: Tensor, t: int, alphas_cumprod: Tensor, generators: list[torch.Generator]) -> Tensor:
+    """z_t = α_t·z0 + σ_t·ε (forward diffusion to the first timestep of an img2img run)."""
+    eps = randn(z0.shape, generators, z0.device, z0.dtype)
+    alpha, sigma = (v.to(z0.dtype) for v in alpha_sigma(alphas_cumprod, t))
+    return alpha * z0 + sigma * eps
+
+
+def decode_latents(pipe, z0: Tensor) -> Tensor:
+    """VAE decode z0 / scaling_factor → images (B, 3, H, W) in [0, 1], float32 on cpu.
+
+    An fp16 VAE with ``force_upcast`` (SDXL) decodes in float32, as diffusers does.
+    """
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    dtype = torch.float32 if upcast else vae.dtype
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:  # SDXL-style latent normalisation
+        view = lambda v: torch.tensor(v, device=z0.device, dtype=z0.dtype).view(1, -1, 1, 1)  # noqa: E731
+        z = z0 * view(std) / vae.config.scaling_factor + view(mean)
+    else:
+        z = z0 / vae.config.scaling_factor
+    try:
+        if upcast:
+            vae.to(torch.float32)
+        image = vae.decode(z.to(dtype), return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def to_pil(images: Tensor) -> list:
+    """(B, 3, H, W) in [0, 1] → PIL images, rounded to 8 bits."""
+    from PIL import Image
+
+    arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arrays]
+
+
+def save_grid(images: Sequence, path: str | os.PathLike, cols: int | None = None) -> Path:
+    """Paste PIL images (same size) into a near-square grid, row-major, and save it to ``path``."""
+    from PIL import Image
+
+    if not images:
+        raise LcmkitError("no images to put in a grid")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    path = Path(path)
+    grid.save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA on the fly
+# ---------------------------------------------------------------------------------------------------------------
+
+def parse_lora(spec: str | os.PathLike | tuple) -> tuple[Path, float]:
+    """``FILE[:WEIGHT]`` (or a (file, weight) pair) → (Path, weight); weight defaults to 1.0."""
+    if isinstance(spec, tuple):
+        file, weight = spec
+        return Path(file), float(weight)
+    spec = str(spec)
+    file, sep, weight = spec.rpartition(":")
+    if sep:
+        try:
+            return Path(file), float(weight)
+        except ValueError:
+            pass  # a colon inside the path, no weight
+    return Path(spec), 1.0
+
+
+def check_lora_file(path: Path) -> None:
+    if not path.is_file():
+        raise LcmkitError(f"LoRA file {path} not found")
+    if path.suffix != ".safetensors":
+        raise LcmkitError(f"LoRA file {path} is not a .safetensors file (only safetensors LoRAs are loaded)")
+
+
+@contextmanager
+def applied_loras(pipe, loras: Iterable):
+    """Load LoRAs (``FILE[:WEIGHT]`` specs or (file, weight) pairs) as named adapters with their weights for the
+    duration of the block, then delete them: the pipeline is left as it was found.
+
+    Uses diffusers' ``load_lora_weights`` (which converts kohya / PEFT / diffusers key formats) and
+    ``set_adapters(names, weights)``. A file whose keys match no layer of this model is an error.
+    """
+    from safetensors.torch import load_file
+
+    specs = [parse_lora(s) for s in loras]
+    for path, _ in specs:
+        check_lora_file(path)
+    if not specs:
+        yield pipe
+        return
+    names = []
+    try:
+        for i, (path, _) in enumerate(specs):
+            name = f"lcmkit_lora_{i}"
+            try:
+                state = load_file(str(path))
+            except Exception as e:
+                raise LcmkitError(f"LoRA file {path} could not be read as safetensors: {e}") from e
+            try:
+                pipe.load_lora_weights(state, adapter_name=name)
+            except Exception as e:
+                raise LcmkitError(f"LoRA file {path} does not fit this model: {type(e).__name__}: {e}") from e
+            loaded = {n for names_ in pipe.get_list_adapters().values() for n in names_}
+            if name not in loaded:
+                raise LcmkitError(f"LoRA file {path} matched no layer of this model")
+            names.append(name)
+        pipe.set_adapters(names, adapter_weights=[w for _, w in specs])
+        yield pipe
+    finally:
+        if names:
+            pipe.delete_adapters(names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling loops
+# ---------------------------------------------------------------------------------------------------------------
+
+def teacher_scheduler(pipe, sampler: str):
+    """diffusers' DDIM / DPM-Solver(++) multistep (order 2) scheduler built from the pipeline's scheduler config,
+    fed ε̂ (whatever the model predicts, the denoiser hands over ε̂, so ``prediction_type`` is set to epsilon)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    config = dict(pipe.scheduler.config, prediction_type="epsilon")
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(config)
+    algorithm = {"dpm-solver": "dpmsolver", "dpm-solver++": "dpmsolver++"}[sampler]
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type=algorithm, solver_order=2)
+
+
+def teacher_timesteps(scheduler, steps: int, strength: float) -> list[int]:
+    """The scheduler's ``steps``-step schedule, truncated to its last int(steps·strength) steps for img2img."""
+    if steps > scheduler.config.num_train_timesteps:
+        raise LcmkitError(f"{steps} steps exceed the {scheduler.config.num_train_timesteps} training timesteps")
+    scheduler.set_timesteps(steps)
+    kept = min(int(steps * strength), steps)
+    if kept < 1:
+        raise LcmkitError(f"strength {strength} leaves no step out of {steps}; raise strength or steps")
+    start = steps - kept
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    return [int(t) for t in scheduler.timesteps[start * scheduler.order:]]
+
+
+def sample_teacher(scheduler, denoiser, x: Tensor, timesteps: list[int], callback=None) -> Tensor:
+    """lcmkit's loop over a diffusers multistep scheduler: ε̂ from the (guided) denoiser → ``scheduler.step``."""
+    for i, t in enumerate(timesteps):
+        x_in = scheduler.scale_model_input(x, t)
+        _, eps_hat = denoiser(x_in, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        x = scheduler.step(eps_hat.to(x.dtype), t, x, return_dict=False)[0]
+        if callback is not None:
+            callback(i)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_args(steps, guidance, num_images, sampler, eta, strength, height, width, factor) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise LcmkitError(f"steps must be a positive integer, got {steps}")
+    if sampler not in SAMPLER_NAMES:
+        raise LcmkitError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLER_NAMES)}")
+    if not isinstance(num_images, int) or num_images < 1:
+        raise LcmkitError(f"num_images must be a positive integer, got {num_images}")
+    if not 0.0 < strength <= 1.0:
+        raise LcmkitError(f"strength must be in (0, 1], got {strength}")
+    if not 0.0 <= eta <= 1.0:
+        raise LcmkitError(f"eta (TCD gamma) must be in [0, 1], got {eta}")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise LcmkitError(f"guidance must be a finite number >= 0, got {guidance}")
+    for name, v in (("height", height), ("width", width)):
+        if v < factor or v % factor:
+            raise LcmkitError(f"{name} must be a positive multiple of {factor} (the VAE scale factor), got {v}")
+
+
+def _load_init_image(init_image):
+    from PIL import Image
+
+    if init_image is None or isinstance(init_image, Image.Image):
+        return init_image
+    path = Path(init_image)
+    if not path.is_file():
+        raise LcmkitError(f"init image {path} not found")
+    try:
+        return Image.open(path).convert("RGB")
+    except Exception as e:
+        raise LcmkitError(f"init image {path} could not be read: {e}") from e
+
+
+def generate(pipe_or_path, prompt: str, *, negative_prompt: str | None = None, steps: int = 4,
+             guidance: float = 1.0, seed: int = 0, num_images: int = 1, height: int | None = None,
+             width: int | None = None, sampler: str = "lcm", eta: float = 0.3, loras: Iterable = (),
+             init_image=None, strength: float = 1.0, device: str | torch.device = "auto",
+             dtype: str | torch.dtype | None = None, progress: bool = True, output_type: str = "pil"):
+    """Generate ``num_images`` images for ``prompt``: a list of PIL images, or with ``output_type="np"`` a float
+    array (B, H, W, 3) in [0, 1] before 8-bit rounding (diffusers' ``output_type="np"``).
+
+    Args:
+        pipe_or_path: a loaded diffusers pipeline or a pipeline folder (see :func:`load_pipeline`).
+        guidance: diffusers' guidance_scale g (ω = g − 1). Full LCM: w-embedding of ω. Otherwise real CFG
+            (one batched forward of [negative; prompt]) when g > 1, conditional only when g ≤ 1.
+        negative_prompt: used where CFG runs; refused (LcmkitError) where it cannot be honoured.
+        seed: image i uses ``torch.Generator(device).manual_seed(seed + i)``.
+        sampler: ``lcm`` (Algorithm 3), ``tcd`` (γ = ``eta``), or the teacher baselines ``ddim``, ``dpm-solver``,
+            ``dpm-solver++`` (diffusers' schedulers, order 2 for DPM-Solver).
+        loras: ``FILE[:WEIGHT]`` strings or (file, weight) pairs, applied only for this call.
+        init_image / strength: img2img; see the module docstring for the two strength conventions.
+        height, width: pixels, multiples of the VAE scale factor; default the UNet's native size.
+        dtype: ``float32`` / ``float16`` / ``bfloat16``; None keeps the pipeline's (float32 when loading).
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(pipe_or_path, (str, os.PathLike)):
+        pipe = load_pipeline(pipe_or_path, device=device, dtype=dtype)
+        device = pipe.unet.device
+    else:
+        pipe = pipe_or_path
+        check_pipeline(pipe)
+        device = pipe.unet.device if str(device) == "auto" else resolve_device(device)
+        pipe.to(device)
+        if resolve_dtype(dtype) is not None:
+            pipe.to(resolve_dtype(dtype))
+    factor = vae_scale_factor(pipe)
+    height = height or pipe.unet.config.sample_size * factor
+    width = width or pipe.unet.config.sample_size * factor
+    _check_args(steps, guidance, num_images, sampler, eta, strength, height, width, factor)
+    if output_type not in ("pil", "np"):
+        raise LcmkitError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+    init_image = _load_init_image(init_image)
+    if init_image is None and strength != 1.0:
+        raise LcmkitError("strength is for image-to-image; pass an init image too")
+
+    full_lcm = has_w_embedding(pipe.unet)
+    use_cfg = not full_lcm and guidance > 1.0
+    if negative_prompt is not None and full_lcm:
+        raise LcmkitError("this model is a full LCM: guidance enters through its w-embedding and it was distilled "
+                          "with the empty prompt as the unconditional, so a negative prompt cannot be applied; "
+                          "drop the negative prompt (or use a base model with LCM-LoRA and guidance > 1)")
+    if negative_prompt is not None and not use_cfg:
+        raise LcmkitError(f"a negative prompt needs classifier-free guidance, which runs only with guidance > 1 "
+                          f"(got {guidance}); raise guidance or drop the negative prompt")
+
+    alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler.config).to(device)
+    generators = [torch.Generator(device).manual_seed(seed + i) for i in range(num_images)]
+    if sampler in SAMPLERS:
+        original = int(pipe.scheduler.config.get("original_inference_steps", 50))
+        timesteps = lcm_timesteps(steps, len(alphas_cumprod), original, strength)
+        scheduler = None
+    else:
+        scheduler = teacher_scheduler(pipe, sampler)
+        timesteps = teacher_timesteps(scheduler, steps, strength)
+
+    with applied_loras(pipe, loras), torch.inference_mode():
+        cond1 = encode_prompt(pipe, [prompt], height, width)
+        cond = _repeat(cond1, num_images)
+        uncond = None
+        if use_cfg:
+            uncond = _repeat(encode_unconditional(pipe, negative_prompt, 1, height, width, cond1), num_images)
+        denoiser = unet_denoiser(
+            pipe.unet, alphas_cumprod, cond, prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+            uncond=uncond, omega=guidance - 1.0 if use_cfg else None,
+            w_omega=guidance - 1.0 if full_lcm else None)
+
+        latent_dtype = cond.encoder_hidden_states.dtype
+        if init_image is None:
+            x = initial_latents(pipe, generators, height, width, latent_dtype, device)
+            if scheduler is not None:
+                x = x * scheduler.init_noise_sigma
+        else:
+            z0 = encode_image(pipe, init_image, generators, height, width).to(latent_dtype)
+            x = noise_to(z0, timesteps[0], alphas_cumprod, generators)
+
+        bar = tqdm(total=len(timesteps), desc=f"{sampler} {len(timesteps)} steps", disable=not progress,
+                   leave=False)
+        step_done = lambda i: bar.update(1)  # noqa: E731
+        try:
+            if scheduler is None:
+                extra = {"gamma": eta} if sampler == "tcd" else {}
+                z0_hat = SAMPLERS[sampler](denoiser, x, timesteps, alphas_cumprod, generators,
+                                           callback=step_done, **extra)
+            else:
+                z0_hat = sample_teacher(scheduler, denoiser, x, timesteps, callback=step_done)
+        finally:
+            bar.close()
+        images = decode_latents(pipe, z0_hat)
+    return images.permute(0, 2, 3, 1).numpy() if output_type == "np" else to_pil(images)
