@@ -1,0 +1,95 @@
+"""``lcmkit generate MODEL --prompt TEXT --out FILE.png ...``: parse, validate, call :func:`lcmkit.pipelines.generate`.
+
+With ``--num-images N > 1`` the images go to FILE-0.png … FILE-{N-1}.png and a grid to FILE-grid.png.
+Bad input becomes an :class:`~lcmkit.errors.LcmkitError` (one line, exit 2) before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SAMPLERS = ("lcm", "tcd", "ddim", "dpm-solver", "dpm-solver++")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate images with an LCM, LCM-LoRA or base model",
+                       description="Generate images from a local diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM).")
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline folder")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default=None,
+                   help="negative prompt; needs real CFG (guidance > 1, not a full LCM)")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps (default 4)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="diffusers guidance_scale g (paper ω = g − 1); full LCM: w-embedding, otherwise CFG when g > 1")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--out", required=True, help="output PNG file (with several images: FILE-i.png + FILE-grid.png)")
+    p.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="lcm",
+                   help="lcm / tcd (few-step), or the teacher baselines ddim / dpm-solver / dpm-solver++")
+    p.add_argument("--eta", type=float, default=0.3, help="TCD gamma in [0, 1] (default 0.3)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a .safetensors LoRA applied on the fly, weight default 1.0; repeat for several")
+    p.add_argument("--init-image", default=None, help="image-to-image: the starting image")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img strength in (0, 1] (default 1.0); lcm/tcd shrink the 50-point grid to 50·strength")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.set_defaults(run=run)
+
+
+def output_paths(out: Path, num_images: int) -> tuple[list[Path], Path | None]:
+    """(image paths, grid path or None): FILE.png alone, or FILE-0.png … and FILE-grid.png."""
+    if num_images == 1:
+        return [out], None
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num_images)], \
+        out.with_name(f"{out.stem}-grid{out.suffix}")
+
+
+def validate(args) -> None:
+    from lcmkit.errors import LcmkitError
+    from lcmkit.pipelines import check_lora_file, parse_lora
+
+    if args.steps < 1:
+        raise LcmkitError(f"--steps must be >= 1, got {args.steps}")
+    if args.num_images < 1:
+        raise LcmkitError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.strength is not None and not 0.0 < args.strength <= 1.0:
+        raise LcmkitError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.strength is not None and args.init_image is None:
+        raise LcmkitError("--strength needs --init-image")
+    if args.init_image is not None and not Path(args.init_image).is_file():
+        raise LcmkitError(f"--init-image {args.init_image} not found")
+    if not 0.0 <= args.eta <= 1.0:
+        raise LcmkitError(f"--eta must be in [0, 1], got {args.eta}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise LcmkitError(f"--out must be a .png file, got {args.out}")
+    if not out.parent.is_dir():
+        raise LcmkitError(f"output folder {out.parent} does not exist; create it first")
+    for spec in args.lora:
+        check_lora_file(parse_lora(spec)[0])
+    if not Path(args.model).expanduser().exists() and args.model.startswith((".", "/", "~")):
+        raise LcmkitError(f"model folder {args.model} not found; pass a local diffusers pipeline folder")
+
+
+def run(args) -> int:
+    validate(args)
+    from lcmkit.pipelines import generate, save_grid
+
+    images = generate(
+        args.model, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        seed=args.seed, num_images=args.num_images, height=args.height, width=args.width, sampler=args.sampler,
+        eta=args.eta, loras=args.lora, init_image=args.init_image,
+        strength=1.0 if args.strength is None else args.strength, device=args.device, dtype=args.dtype,
+    )
+    paths, grid = output_paths(Path(args.out), len(images))
+    for image, path in zip(images, paths):
+        image.save(path)
+        print(path)
+    if grid is not None:
+        save_grid(images, grid)
+        print(f"{grid} (grid of {len(images)})")
+    return 0
