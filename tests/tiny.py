@@ -1,0 +1,151 @@
+"""Tiny random Stable-Diffusion-family pipelines for tests (no downloads, each built in well under 2 s).
+
+Every builder returns a diffusers pipeline object and, given ``folder``, also saves it there with
+``save_pretrained`` so tests can exercise the folder-loading path. Models are random but seeded, so two
+builds with the same seed are identical.
+
+- :func:`tiny_sd`      ``StableDiffusionPipeline``, epsilon or v prediction, DDIM-style scheduler config.
+- :func:`tiny_lcm`     ``LatentConsistencyModelPipeline``: UNet with ``time_cond_proj_dim=256`` (w-embedding)
+                       and an ``LCMScheduler``.
+- :func:`tiny_sdxl`    ``StableDiffusionXLPipeline``: two text encoders, pooled embeds + time ids.
+- :func:`tiny_lora_file` a diffusers-format LoRA ``.safetensors`` for a tiny UNet, with non-zero B.
+
+Sizes: UNet block_out_channels (32, 64), cross_attention_dim 32; VAE with four blocks of 8 channels so the
+VAE scale factor is 8, as in real SD (a 64 px image is an 8x8 latent).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: Tokens longer than this are truncated; short keeps the text encoders cheap.
+MAX_TOKENS = 16
+#: A T = 1000, scaled_linear beta schedule, as SD 1.x/2.x/SDXL use (lcm-reference.md section 1).
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def tiny_tokenizer():
+    """A CLIP BPE tokenizer over the 256 byte-level symbols (no merges): every character is a token."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in bytes_to_unicode().values():
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=MAX_TOKENS)
+
+
+def tiny_text_encoder(seed: int = 0, with_projection: bool = False, hidden_size: int = 32):
+    """A 2-layer CLIP text encoder whose token ids match :func:`tiny_tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=520, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS, projection_dim=32, hidden_act="gelu",
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def tiny_vae(seed: int = 0):
+    """AutoencoderKL with four 8-channel blocks: scale factor 8, 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=2, sample_size=64,
+    ).eval()
+
+
+def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, **extra):
+    """UNet2DConditionModel with two levels (32, 64 channels), one cross-attention level."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8, **extra,
+    ).eval()
+
+
+def _save(pipe, folder):
+    if folder is not None:
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    return pipe
+
+
+def tiny_sd(folder: str | Path | None = None, prediction_type: str = "epsilon", seed: int = 0):
+    """A tiny ``StableDiffusionPipeline`` (SD 1.x layout) with a DDIM scheduler config."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(
+        unet=tiny_unet(seed), vae=tiny_vae(seed + 1), text_encoder=tiny_text_encoder(seed + 2),
+        tokenizer=tiny_tokenizer(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _save(pipe, folder)
+
+
+def tiny_lcm(folder: str | Path | None = None, seed: int = 0):
+    """A tiny full LCM: ``LatentConsistencyModelPipeline`` whose UNet takes the w-embedding (d = 256)."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    unet = tiny_unet(seed, time_cond_proj_dim=256)
+    scheduler = LCMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=True, steps_offset=1,
+                             original_inference_steps=50, timestep_scaling=10.0, prediction_type="epsilon")
+    pipe = LatentConsistencyModelPipeline(
+        unet=unet, vae=tiny_vae(seed + 1), text_encoder=tiny_text_encoder(seed + 2), tokenizer=tiny_tokenizer(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return _save(pipe, folder)
+
+
+def tiny_sdxl(folder: str | Path | None = None, seed: int = 0):
+    """A tiny ``StableDiffusionXLPipeline``: text encoders of width 32 + 32 = cross_attention_dim 64,
+    pooled projection 32, time ids embedded with 8 channels each (6 * 8 + 32 = 80 added-embedding inputs)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    unet = tiny_unet(seed, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=80, transformer_layers_per_block=(1, 1))
+    scheduler = EulerDiscreteScheduler(**SD_SCHEDULE, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=tiny_vae(seed + 1), text_encoder=tiny_text_encoder(seed + 2),
+        text_encoder_2=tiny_text_encoder(seed + 3, with_projection=True), tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(), scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+    return _save(pipe, folder)
+
+
+def tiny_lora_file(unet, path: str | Path, rank: int = 4, seed: int = 0, scale: float = 0.5) -> Path:
+    """Save a random LoRA (B != 0, so it changes the output) for ``unet`` in diffusers' format.
+
+    ``unet`` is left untouched: the adapter is added to a deep copy.
+    """
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = copy.deepcopy(unet)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
+    path = Path(path)
+    StableDiffusionPipeline.save_lora_weights(str(path.parent), unet_lora_layers=get_peft_model_state_dict(model),
+                                              weight_name=path.name, safe_serialization=True)
+    return path
