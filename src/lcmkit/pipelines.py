@@ -102,13 +102,31 @@ def load_pipeline(model: str | os.PathLike, *, device: str | torch.device = "aut
     else:
         source = name  # a hub id, online
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=resolve_dtype(dtype))
+        with _quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=resolve_dtype(dtype))
     except Exception as e:  # diffusers raises many types here; the user needs one line
         raise LcmkitError(f"could not load a diffusers pipeline from {name}: {type(e).__name__}: {e}") from e
     check_pipeline(pipe, name)
     pipe.to(resolve_device(device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextmanager
+def _quiet_loading():
+    """No diffusers/transformers loading bars on stderr (the CLI's stderr is for one-line errors); restored after."""
+    from diffusers.utils import logging as d_logging
+    from transformers.utils import logging as t_logging
+
+    states = [(m, m.is_progress_bar_enabled()) for m in (d_logging, t_logging)]
+    for m, _ in states:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, enabled in states:
+            if enabled:
+                m.enable_progress_bar()
 
 
 def check_pipeline(pipe, name: str = "pipeline") -> None:

@@ -1,0 +1,226 @@
+"""lcmkit.pipelines.generate and ``lcmkit generate`` against diffusers' own pipelines, on tiny random models.
+
+Reference equivalence: same seed → same image as diffusers (LCM text2img and img2img, SD + LCMScheduler with
+CFG and a negative prompt, DDIM and DPM-Solver++ teachers, SDXL). Invariants: image i of a batch equals the
+single image at seed S + i; a LoRA at weight 0 is the base model and is removed afterwards. CLI: bad input
+exits non-zero with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    LatentConsistencyModelImg2ImgPipeline,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+
+import tiny
+from lcmkit.cli import main
+from lcmkit.errors import LcmkitError
+from lcmkit.pipelines import generate, load_pipeline, parse_lora
+
+torch.set_num_threads(1)
+
+PROMPT = "a red circle on a blue square"
+TOL = 1 / 255  # the brief's bar; measured differences are ~1e-6
+
+
+def _gen(pipe, **kw):
+    kw = dict(dict(steps=2, guidance=1.0, seed=3, height=64, width=64, progress=False, output_type="np"), **kw)
+    return generate(pipe, PROMPT, **kw)
+
+
+def _ref(pipe, seed=3, **kw):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", height=64, width=64,
+                **kw).images
+
+
+def _maxdiff(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def _init_image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8"))
+
+
+# --- same seed, same image ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_lcm_matches_diffusers(tiny_lcm_pipe, steps):
+    ref = _ref(tiny_lcm_pipe, num_inference_steps=steps, guidance_scale=8.5)
+    ours = _gen(tiny_lcm_pipe, steps=steps, guidance=8.5)
+    assert ref.std() > 0.05  # not a saturated/flat image: the comparison means something
+    assert _maxdiff(ours, ref) <= 1e-4
+    # the PIL path (8-bit rounding) stays within one grey level
+    pil = generate(tiny_lcm_pipe, PROMPT, steps=steps, guidance=8.5, seed=3, height=64, width=64, progress=False)
+    assert _maxdiff(np.asarray(pil[0]) / 255, ref[0]) <= TOL
+
+
+@pytest.mark.parametrize("steps,strength", [(2, 0.5), (4, 0.8)])
+def test_lcm_img2img_matches_diffusers(tiny_lcm_pipe, steps, strength):
+    ref_pipe = LatentConsistencyModelImg2ImgPipeline(**tiny_lcm_pipe.components)
+    ref = _ref(ref_pipe, image=_init_image(), num_inference_steps=steps, strength=strength, guidance_scale=8.5)
+    ours = _gen(tiny_lcm_pipe, steps=steps, guidance=8.5, init_image=_init_image(), strength=strength)
+    assert _maxdiff(ours, ref) <= 1e-4
+
+
+def test_image_i_equals_single_image_at_seed_plus_i(tiny_lcm_pipe):
+    batch = _gen(tiny_lcm_pipe, num_images=3, seed=10, guidance=4.0)
+    for i in range(3):
+        single = _gen(tiny_lcm_pipe, num_images=1, seed=10 + i, guidance=4.0)
+        assert _maxdiff(batch[i], single[0]) <= 1e-5
+    assert _maxdiff(batch[0], batch[1]) > 0.01
+
+
+def test_sd_with_lcm_scheduler_cfg_and_negative_prompt_matches_diffusers(tiny_sd_pipe):
+    """LCM-LoRA style: a base SD UNet driven by LCM sampling, real CFG at guidance > 1, negative prompt honoured."""
+    ref_pipe = StableDiffusionPipeline(**dict(tiny_sd_pipe.components,
+                                              scheduler=LCMScheduler.from_config(tiny_sd_pipe.scheduler.config)))
+    ref = _ref(ref_pipe, num_inference_steps=2, guidance_scale=2.0, negative_prompt="green")
+    ours = _gen(tiny_sd_pipe, steps=2, guidance=2.0, negative_prompt="green")
+    assert _maxdiff(ours, ref) <= 1e-4
+    assert _maxdiff(ours, _gen(tiny_sd_pipe, steps=2, guidance=2.0)) > 1e-3  # the negative prompt matters
+
+
+def test_ddim_teacher_matches_diffusers(tiny_sd_pipe):
+    ref_pipe = StableDiffusionPipeline(**dict(tiny_sd_pipe.components,
+                                              scheduler=DDIMScheduler.from_config(tiny_sd_pipe.scheduler.config)))
+    ref = _ref(ref_pipe, num_inference_steps=3, guidance_scale=7.5, negative_prompt="green")
+    ours = _gen(tiny_sd_pipe, steps=3, guidance=7.5, negative_prompt="green", sampler="ddim")
+    assert _maxdiff(ours, ref) <= 1e-4
+
+
+def test_dpm_solver_pp_teacher_on_v_prediction_matches_diffusers(tiny_sd_v_pipe):
+    """The denoiser hands ε̂ to a scheduler set to epsilon: must equal diffusers driving the v model directly."""
+    scheduler = DPMSolverMultistepScheduler.from_config(tiny_sd_v_pipe.scheduler.config,
+                                                        algorithm_type="dpmsolver++", solver_order=2)
+    ref_pipe = StableDiffusionPipeline(**dict(tiny_sd_v_pipe.components, scheduler=scheduler))
+    ref = _ref(ref_pipe, num_inference_steps=4, guidance_scale=3.0)
+    ours = _gen(tiny_sd_v_pipe, steps=4, guidance=3.0, sampler="dpm-solver++")
+    assert _maxdiff(ours, ref) <= 1e-4
+
+
+def test_sdxl_generates_and_matches_diffusers(tiny_sdxl_pipe):
+    for guidance in (1.0, 3.0):  # conditional only; CFG with SDXL's all-zero unconditional
+        ref_pipe = StableDiffusionXLPipeline(**dict(tiny_sdxl_pipe.components,
+                                                    scheduler=LCMScheduler.from_config(tiny_sdxl_pipe.scheduler.config)))
+        ref = _ref(ref_pipe, num_inference_steps=2, guidance_scale=guidance)
+        ours = _gen(tiny_sdxl_pipe, steps=2, guidance=guidance)
+        assert ours.shape == (1, 64, 64, 3)
+        assert _maxdiff(ours, ref) <= 1e-4
+
+
+def test_tcd_runs_and_gamma_zero_is_deterministic(tiny_sd_pipe):
+    a = _gen(tiny_sd_pipe, sampler="tcd", eta=0.0, seed=1)
+    b = _gen(tiny_sd_pipe, sampler="tcd", eta=0.0, seed=2)
+    assert _maxdiff(a, b) > 0  # different initial noise
+    assert _maxdiff(a, _gen(tiny_sd_pipe, sampler="tcd", eta=0.0, seed=1)) == 0
+
+
+# --- negative prompt: honoured or refused, never ignored -----------------------------------------------------------
+
+def test_negative_prompt_refused_for_full_lcm(tiny_lcm_pipe):
+    with pytest.raises(LcmkitError, match="negative prompt"):
+        _gen(tiny_lcm_pipe, guidance=8.0, negative_prompt="blurry")
+
+
+def test_negative_prompt_refused_without_cfg(tiny_sd_pipe):
+    with pytest.raises(LcmkitError, match="guidance > 1"):
+        _gen(tiny_sd_pipe, guidance=1.0, negative_prompt="blurry")
+
+
+# --- LoRA on the fly -----------------------------------------------------------------------------------------------
+
+def test_lora_changes_output_weight_zero_is_base_and_is_removed(tiny_sd_pipe, tmp_path):
+    a = tiny.tiny_lora_file(tiny_sd_pipe.unet, tmp_path / "a.safetensors", seed=1)
+    b = tiny.tiny_lora_file(tiny_sd_pipe.unet, tmp_path / "b.safetensors", seed=2)
+    base = _gen(tiny_sd_pipe)
+    with_a = _gen(tiny_sd_pipe, loras=[f"{a}:1.0"])
+    assert _maxdiff(with_a, base) > 1e-3
+    assert _maxdiff(_gen(tiny_sd_pipe, loras=[f"{a}:0"]), base) <= 1e-6
+    both = _gen(tiny_sd_pipe, loras=[f"{a}:1.0", (b, 0.5)])
+    assert _maxdiff(both, with_a) > 1e-4
+    assert _maxdiff(_gen(tiny_sd_pipe), base) <= 1e-6  # adapters were deleted afterwards
+
+
+def test_parse_lora():
+    assert parse_lora("x/y.safetensors") == (parse_lora("x/y.safetensors:1")[0], 1.0)
+    assert parse_lora("x/y.safetensors:0.8")[1] == 0.8
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+
+def test_load_folder_and_refusals(tiny_lcm_dir, tmp_path, monkeypatch):
+    pipe = load_pipeline(tiny_lcm_dir, device="cpu")
+    assert type(pipe).__name__ == "LatentConsistencyModelPipeline"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LcmkitError, match="local"):
+        load_pipeline("someorg/some-model")
+    with pytest.raises(LcmkitError, match="not a diffusers pipeline"):
+        load_pipeline(tmp_path)
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------------
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(["generate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_writes_images_and_grid(tiny_lcm_dir, tmp_path, capsys):
+    rc, out, err = _cli(capsys, tiny_lcm_dir, "--prompt", PROMPT, "--steps", 2, "--guidance", 4, "--seed", 1,
+                        "--height", 64, "--width", 64, "--out", tmp_path / "img.png", "--num-images", 2)
+    assert rc == 0, err
+    for name in ("img-0.png", "img-1.png", "img-grid.png"):
+        assert (tmp_path / name).is_file() and name in out
+    assert Image.open(tmp_path / "img-grid.png").size == (128, 64)
+
+
+def _bad_cases(lcm_dir, tmp):
+    (tmp / "notapipe").mkdir(exist_ok=True)
+    (tmp / "l.pt").write_bytes(b"0")
+    init = tmp / "init.png"
+    _init_image().save(init)
+    out = tmp / "o.png"
+    return {
+        "steps<=0": [lcm_dir, "--steps", 0, "--out", out],
+        "steps beyond grid": [lcm_dir, "--steps", 60, "--out", out],
+        "strength>1": [lcm_dir, "--init-image", init, "--strength", 1.5, "--out", out],
+        "strength=0": [lcm_dir, "--init-image", init, "--strength", 0, "--out", out],
+        "strength too small for steps": [lcm_dir, "--init-image", init, "--strength", 0.05, "--out", out],
+        "missing model": [tmp / "nope", "--out", out],
+        "not a pipeline": [tmp / "notapipe", "--out", out],
+        "missing lora": [lcm_dir, "--lora", tmp / "missing.safetensors", "--out", out],
+        "lora not safetensors": [lcm_dir, "--lora", tmp / "l.pt", "--out", out],
+        "out folder missing": [lcm_dir, "--out", tmp / "no" / "o.png"],
+        "negative prompt on full LCM": [lcm_dir, "--negative-prompt", "x", "--guidance", 8, "--out", out],
+    }
+
+
+def test_cli_bad_inputs_one_line(tiny_lcm_dir, tmp_path, capsys):
+    for case, argv in _bad_cases(tiny_lcm_dir, tmp_path).items():
+        rc, _, err = _cli(capsys, *argv[:1], "--prompt", "p", "--height", 64, "--width", 64, *argv[1:])
+        assert rc != 0, case
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (case, err)
+        assert "internal error" not in err, (case, err)  # a clear LcmkitError, not an unexpected exception
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_subprocess_bad_model(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lcmkit.cli", "generate", str(tmp_path / "missing"), "--prompt", "p",
+                           "--out", str(tmp_path / "o.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "not found" in proc.stderr
