@@ -15,12 +15,58 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # --- export (owner: data/export.py) -------------------------------------------------------------------------
 def _register_export(world_sub) -> None:
-    pass
+    p = world_sub.add_parser("export", help="render world images to an imagefolder or webdataset shards")
+    p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--n", required=True, type=int, help="number of images")
+    p.add_argument("--style", choices=("filled", "outlined"), default="filled", help="drawing style (default filled)")
+    p.add_argument("--format", dest="fmt", choices=("imagefolder", "webdataset"), default="imagefolder",
+                   help="imagefolder: PNGs + metadata.jsonl; webdataset: shard-000000.tar, ... (default imagefolder)")
+    p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default 0)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per webdataset shard (default 1000)")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out; replaces earlier export files")
+
+    def run(args) -> int:
+        from lcmkit.data.export import export_world
+
+        out = export_world(args.out, args.n, style=args.style, fmt=args.fmt, seed=args.seed,
+                           shard_size=args.shard_size, overwrite=args.overwrite, progress=True)
+        print(f"wrote {args.n} {args.style} images ({args.fmt}, seed {args.seed}) to {out}")
+        return 0
+
+    p.set_defaults(run=run)
 
 
 # --- train-classifier (owner: evaluate/classifier.py) -------------------------------------------------------
 def _register_train_classifier(world_sub) -> None:
-    pass
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parent.parent / "assets" / "world-evaluator"
+    p = world_sub.add_parser("train-classifier", help="train the world's attribute classifier (the evaluator)")
+    p.add_argument("--out", default=str(shipped), help="output folder for model.safetensors + config.json "
+                   "(default: the shipped evaluator's folder)")
+    p.add_argument("--steps", type=int, default=2400, help="optimizer steps (default 2400)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
+    p.add_argument("--images", type=int, default=30_000, help="real images rendered into memory, half "
+                   "filled, half outlined (default 30000)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0, help="training images, init and batches (default 0)")
+    p.add_argument("--eval-seed", type=int, default=10_000, help="seed of the fresh accuracy check (default 10000)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+    def run(args) -> int:
+        import torch
+
+        from lcmkit.evaluate.classifier import train_classifier
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        accuracy = train_classifier(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                                    n_images=args.images, lr=args.lr, eval_seed=args.eval_seed)
+        print(f"saved to {args.out}; accuracy on fresh images: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
+        return 0
+
+    p.set_defaults(run=run)
 
 
 # --- train-teacher (owner: train/world_teacher.py) ----------------------------------------------------------
