@@ -370,8 +370,11 @@ def teacher_scheduler(pipe, sampler: str):
     config = dict(pipe.scheduler.config, prediction_type="epsilon")
     if sampler == "ddim":
         return DDIMScheduler.from_config(config)
-    algorithm = {"dpm-solver": "dpmsolver", "dpm-solver++": "dpmsolver++"}[sampler]
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type=algorithm, solver_order=2)
+    if sampler == "dpm-solver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    # diffusers refuses final_sigmas_type="zero" (its default) for the noise-prediction algorithm
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver", solver_order=2,
+                                                   final_sigmas_type="sigma_min")
 
 
 def teacher_timesteps(scheduler, steps: int, strength: float) -> list[int]:
