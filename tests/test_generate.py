@@ -228,3 +228,16 @@ def test_cli_subprocess_bad_model(tmp_path):
                            "--out", str(tmp_path / "o.png")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "not found" in proc.stderr
+
+
+def test_prompt_list_batches_and_image_i_depends_only_on_prompt_i_and_seed(tiny_sd_pipe):
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    kw = dict(steps=2, guidance=2.0, seed=40, sampler="lcm", output_type="np", progress=False)
+    batch = generate(tiny_sd_pipe, prompts, **kw)
+    assert batch.shape[0] == 3
+    for i, p in enumerate(prompts):
+        alone = generate(tiny_sd_pipe, p, **{**kw, "seed": 40 + i})
+        np.testing.assert_allclose(batch[i:i + 1], alone, atol=1e-5)
+    assert not np.allclose(batch[0], batch[1])
+    with pytest.raises(LcmkitError):
+        generate(tiny_sd_pipe, prompts, num_images=2, **kw)

@@ -438,13 +438,16 @@ def _load_init_image(init_image):
         raise LcmkitError(f"init image {path} could not be read: {e}") from e
 
 
-def generate(pipe_or_path, prompt: str, *, negative_prompt: str | None = None, steps: int = 4,
+def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str | None = None, steps: int = 4,
              guidance: float = 1.0, seed: int = 0, num_images: int = 1, height: int | None = None,
              width: int | None = None, sampler: str = "lcm", eta: float = 0.3, loras: Iterable = (),
              init_image=None, strength: float = 1.0, device: str | torch.device = "auto",
              dtype: str | torch.dtype | None = None, progress: bool = True, output_type: str = "pil"):
     """Generate ``num_images`` images for ``prompt``: a list of PIL images, or with ``output_type="np"`` a float
     array (B, H, W, 3) in [0, 1] before 8-bit rounding (diffusers' ``output_type="np"``).
+
+    ``prompt`` may also be a list: image i then shows prompt i with seed S + i (``num_images`` is its length), so
+    an evaluation can batch many prompts in one forward and image i still depends only on (prompt i, S + i).
 
     Args:
         pipe_or_path: a loaded diffusers pipeline or a pipeline folder (see :func:`load_pipeline`).
@@ -471,6 +474,16 @@ def generate(pipe_or_path, prompt: str, *, negative_prompt: str | None = None, s
         pipe.to(device)
         if resolve_dtype(dtype) is not None:
             pipe.to(resolve_dtype(dtype))
+    if not isinstance(prompt, str):
+        prompts = list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise LcmkitError("prompt must be a string or a non-empty list of strings")
+        if num_images not in (1, len(prompts)):
+            raise LcmkitError(f"got {len(prompts)} prompts and num_images={num_images}; with a list of prompts "
+                              f"each prompt makes one image")
+        num_images = len(prompts)
+    else:
+        prompts = None
     factor = vae_scale_factor(pipe)
     height = height or pipe.unet.config.sample_size * factor
     width = width or pipe.unet.config.sample_size * factor
@@ -502,8 +515,13 @@ def generate(pipe_or_path, prompt: str, *, negative_prompt: str | None = None, s
         timesteps = teacher_timesteps(scheduler, steps, strength)
 
     with applied_loras(pipe, loras), torch.inference_mode():
-        cond1 = encode_prompt(pipe, [prompt], height, width)
-        cond = _repeat(cond1, num_images)
+        if prompts is None:
+            cond1 = encode_prompt(pipe, [prompt], height, width)
+            cond = _repeat(cond1, num_images)
+        else:
+            cond = encode_prompt(pipe, prompts, height, width)
+            cond1 = TextConditioning(*(None if v is None else v[:1] for v in
+                                       (cond.encoder_hidden_states, cond.text_embeds, cond.time_ids)))
         uncond = None
         if use_cfg:
             uncond = _repeat(encode_unconditional(pipe, negative_prompt, 1, height, width, cond1), num_images)
