@@ -1,0 +1,534 @@
+"""Training utilities shared by lcmkit's recipes (distillation, LCF fine-tuning, style LoRAs).
+
+Each piece is a small function or dataclass a recipe calls explicitly; nothing here owns a training loop.
+
+- **config**: :func:`build_config` turns YAML (flat or nested by section) + CLI overrides into a typed dataclass
+  (CLI wins); unknown keys are errors that name the nearest known key. :func:`save_config` writes the resolved
+  config (YAML) next to every checkpoint and output.
+- **processes**: :func:`setup_accelerator` (one or many processes: ``accelerate launch``, ``torchrun``; gloo on
+  CPU), :func:`sync_gradients` (mean of gradients over processes, done by hand: see its docstring for why).
+- **optimisation**: :class:`OptimConfig` / :func:`make_optimizer` (AdamW), :func:`lr_factor` (warm-up, then
+  constant or cosine, a pure function of the *optimizer* step, so it is never stretched by the number of
+  processes), :func:`ema_update_`, :class:`NonFiniteGuard`.
+- **checkpoints**: :func:`save_checkpoint` writes a folder atomically (temp folder, fsync, ``os.replace``) and
+  keeps the last K; :func:`load_checkpoint` reads it back with ``torch.load(weights_only=True)``: tensors,
+  numbers, strings, lists and dicts only, never pickled objects. :func:`rng_state` / :func:`set_rng_state` store
+  torch, numpy and python RNG states in that form.
+- **output folders**: :func:`prepare_output_dir` refuses a folder with results unless overwrite or resume.
+- **logging**: :class:`RunLogger` (TensorBoard when installed + a JSON-lines log), :func:`save_image_grid`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from ..errors import LcmkitError
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "training_state.pt"
+CONFIG_FILE = "config.yaml"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config: YAML + CLI overrides -> typed dataclass
+# ---------------------------------------------------------------------------------------------------------------
+
+def _sections(cls) -> dict[str, type]:
+    """Fields of ``cls`` that are themselves dataclasses (nested config sections)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def config_keys(cls) -> dict[str, str | None]:
+    """Every settable key of ``cls`` → the section it lives in (None: top level). Keys are unique across sections."""
+    sections = _sections(cls)
+    keys: dict[str, str | None] = {f.name: None for f in dataclasses.fields(cls) if f.name not in sections}
+    for section, sub in sections.items():
+        for f in dataclasses.fields(sub):
+            if f.name in keys:
+                raise TypeError(f"config key {f.name!r} appears twice in {cls.__name__}")
+            keys[f.name] = section
+    return keys
+
+
+def _flatten(raw: dict, cls, source: str) -> dict[str, Any]:
+    """YAML dict (sections nested or not, ``-`` or ``_`` in keys) → flat {key: value}."""
+    keys, sections = config_keys(cls), _sections(cls)
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key).replace("-", "_")
+        if key in sections and isinstance(value, dict):
+            flat.update(_flatten(value, sections[key], f"{source} section {key!r}"))
+            continue
+        if key not in keys:
+            near = difflib.get_close_matches(key, list(keys), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(sorted(keys))}"
+            raise LcmkitError(f"unknown option {key!r} in {source}{hint}")
+        flat[key] = value
+    return flat
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise LcmkitError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LcmkitError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise LcmkitError(f"config file {path} must hold a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def build_config(cls, yaml_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None):
+    """``cls`` from defaults ← YAML file ← ``overrides`` (CLI; entries that are None are ignored).
+
+    Validation happens in the dataclasses' ``__post_init__`` and raises :class:`LcmkitError`.
+    """
+    flat = _flatten(load_yaml(yaml_path), cls, str(yaml_path)) if yaml_path else {}
+    flat.update(_flatten({k: v for k, v in (overrides or {}).items() if v is not None}, cls, "the command line"))
+    keys, sections = config_keys(cls), _sections(cls)
+    top = {k: v for k, v in flat.items() if keys[k] is None}
+    for section, sub in sections.items():
+        top[section] = _construct(sub, {k: v for k, v in flat.items() if keys[k] == section})
+    return _construct(cls, top)
+
+
+def _construct(cls, kwargs: dict):
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a wrong type that __post_init__ did not catch
+        raise LcmkitError(f"bad configuration for {cls.__name__}: {e}") from e
+
+
+def config_to_dict(cfg) -> dict:
+    """A dataclass config as plain data (tuples → lists), for YAML/JSON."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write the resolved config (plus ``extra`` resolved values, under ``resolved:``) as ``folder/config.yaml``."""
+    import yaml
+
+    data = config_to_dict(cfg)
+    if extra:
+        data["resolved"] = extra
+    path = Path(folder) / CONFIG_FILE
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes and precision
+# ---------------------------------------------------------------------------------------------------------------
+
+MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def setup_accelerator(mixed_precision: str = "no", cpu: bool = False):
+    """An ``accelerate.Accelerator`` for process setup only (device, rank, world size, collectives).
+
+    Works under ``accelerate launch`` and ``torchrun`` (gloo on CPU, nccl on GPU). Mixed precision is applied by
+    the recipe itself (:func:`autocast`), so frozen models run in the weight dtype outside autocast.
+    """
+    from accelerate import Accelerator
+
+    # accelerate only sets up a multi-process CPU group (gloo) when told it runs on CPU
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=cpu or (multi_process and not torch.cuda.is_available()))
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """dtype of the frozen models (teacher, VAE, text encoders): fp16/bf16 under mixed precision, else float32."""
+    return MIXED_PRECISION[mixed_precision]
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    """Autocast context for the trainable model's forward; a no-op context for ``"no"``."""
+    return torch.autocast(device_type=device.type, dtype=MIXED_PRECISION[mixed_precision],
+                          enabled=mixed_precision != "no")
+
+
+def make_grad_scaler(device: torch.device, mixed_precision: str):
+    """A GradScaler for fp16 (starting at 2¹⁰, not 2¹⁶, so the first steps rarely overflow), else None."""
+    if mixed_precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type, init_scale=2.0**10)
+
+
+def sync_gradients(params: Iterable[torch.nn.Parameter], accelerator) -> None:
+    """Average gradients over processes (data parallel), in place.
+
+    Done by hand instead of wrapping the model in DDP: in LCM-LoRA one UNet serves as teacher (adapters off),
+    student and target, and DDP's forward hooks (and accelerate's autocast patching of ``forward``) would apply
+    to all three. One all-reduce per optimizer step, after the last micro-batch, as DDP's ``no_sync`` does.
+    """
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_mean(value: torch.Tensor, accelerator) -> torch.Tensor:
+    """Mean of a tensor over processes (a NaN anywhere makes it NaN everywhere: all ranks skip together)."""
+    if accelerator.num_processes == 1:
+        return value
+    import torch.distributed as dist
+
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / accelerator.num_processes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer, learning rate, EMA, non-finite guard
+# ---------------------------------------------------------------------------------------------------------------
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule, in optimizer steps (not micro-batches, not per-process steps)."""
+
+    lr: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    warmup_steps: int = 100
+    lr_schedule: str = "constant"
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise LcmkitError(f"lr must be a positive number, got {self.lr} (typical: 1e-4 for LoRA, 1e-5 full)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise LcmkitError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.adam_eps <= 0:
+            raise LcmkitError("weight_decay must be >= 0 and adam_eps > 0")
+        if self.warmup_steps < 0:
+            raise LcmkitError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise LcmkitError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.max_grad_norm < 0:
+            raise LcmkitError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
+    """Multiplier of the base LR at optimizer step ``step`` (0-based).
+
+    1. linear warm-up: (step + 1) / warmup_steps for step < warmup_steps;
+    2. then ``constant``: 1, or ``cosine``: ½(1 + cos(π·p)), p = progress through the remaining steps.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def make_lr_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over :func:`lr_factor`; step it once per optimizer step on every process (never ``prepare`` it:
+    accelerate's wrapper would step it ``num_processes`` times)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
+
+
+@torch.no_grad()
+def ema_update_(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], mu: float) -> None:
+    """θ⁻ ← μ·θ⁻ + (1 − μ)·θ (LCM paper, Algorithm 1, last line). μ = 0 copies θ."""
+    for t, o in zip(target, online):
+        if mu == 0.0:
+            t.copy_(o)
+        else:
+            t.lerp_(o.to(t.dtype), 1.0 - mu)
+
+
+def grads_finite(params: Iterable[torch.nn.Parameter]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts steps skipped for a non-finite loss or gradient; too many in a row stop the run.
+
+    ``record(ok)`` returns True when the step may proceed; raises :class:`LcmkitError` after ``max_in_a_row``
+    consecutive bad steps (0 = never stop).
+    """
+
+    max_in_a_row: int = 5
+    skipped: int = 0
+    in_a_row: int = 0
+
+    def record(self, ok: bool, step: int, what: str = "loss") -> bool:
+        if ok:
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
+            raise LcmkitError(
+                f"{self.in_a_row} training steps in a row had a non-finite {what} (last at step {step}; "
+                f"{self.skipped} skipped in all); stopping, the last good checkpoint is kept. Likely causes: fp16 "
+                "overflow (use --mixed-precision bf16 or no), a learning rate too high (lower --lr, add warm-up), "
+                "or bad input data")
+        return False
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.in_a_row = int(state["skipped"]), int(state["in_a_row"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RNG states in weights_only-loadable form
+# ---------------------------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python global RNG states as tensors / ints / lists only."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def generator_for(*key: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded by a tuple of integers (seed, step, micro-batch, rank, ...): draws that depend only on
+    where they happen in the run, so a resumed run redraws exactly what the straight run drew."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device).manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [path, *sorted(x for x in path.rglob("*") if x.is_dir())]:
+        _fsync_dir(d)
+
+
+def atomic_folder(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a fresh temp folder beside ``final``, fsync it, then ``os.replace`` it onto ``final``.
+
+    A crash leaves either the old ``final`` or the new one, never a half-written folder (a leftover ``.tmp-*``
+    folder is ignored and cleaned up next time). An existing ``final`` is moved aside first and deleted after.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        old = None
+        if final.exists():
+            old = final.parent / f".tmp-{final.name}-old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def checkpoint_dirs(out_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``out_dir/checkpoints``, oldest first."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(out_dir: str | os.PathLike, step: int, weights: dict[str, dict[str, torch.Tensor]],
+                    state: dict, config_writer: Callable[[Path], None] | None = None, keep: int = 3) -> Path:
+    """Write ``checkpoints/step-<step>/`` atomically and keep the last ``keep`` (0 = all).
+
+    ``weights``: name → state dict, each saved as ``<name>.safetensors``. ``state``: optimizer, scheduler, RNG,
+    data position, counters (tensors / numbers / strings / lists / dicts only) → ``training_state.pt``.
+    """
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        for name, tensors in weights.items():
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+        torch.save(state, tmp / STATE_FILE)
+        if config_writer is not None:
+            config_writer(tmp)
+
+    final = atomic_folder(Path(out_dir) / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{step:07d}", write)
+    if keep:
+        for old in checkpoint_dirs(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """(weights by name, training state) of a checkpoint folder; ``torch.load(weights_only=True)`` only."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LcmkitError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); delete it to resume "
+                          "from the one before") from e
+    return weights, state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output folders, logging, images
+# ---------------------------------------------------------------------------------------------------------------
+
+def prepare_output_dir(out_dir: str | os.PathLike, result_names: Iterable[str], overwrite: bool, resume: bool) -> Path:
+    """Create ``out_dir``; refuse one that holds results (``result_names`` or checkpoints) unless ``overwrite``
+    (those results are deleted) or ``resume`` (they are kept and training continues)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LcmkitError(f"output {out} exists and is not a folder; choose another --out")
+    names = [CHECKPOINT_DIR, *result_names]
+    present = [n for n in names if (out / n).exists()]
+    if present and not (overwrite or resume):
+        raise LcmkitError(f"output folder {out} already has results ({', '.join(present)}); pass --resume to "
+                          "continue that run, --overwrite to replace it, or choose another --out")
+    if present and overwrite and not resume:
+        for n in present:
+            target = out / n
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class RunLogger:
+    """Scalars to TensorBoard (when ``tensorboard`` is installed) and to ``log.jsonl``; main process only."""
+
+    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.file = None
+        if not enabled:
+            return
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+        except ImportError:  # tensorboard is optional (the dev extra)
+            self.writer = None
+        self.file = open(log_dir / "log.jsonl", "a")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def save_image_grid(rows: list[list], path: str | os.PathLike) -> Path:
+    """PIL images, one list per row (same length), pasted into one PNG (written atomically via a temp file)."""
+    from ..pipelines import save_grid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_grid([im for row in rows for im in row], tmp.with_suffix(".png"), cols=len(rows[0]))
+    os.replace(tmp.with_suffix(".png"), path)
+    return path

@@ -1,0 +1,834 @@
+"""Latent consistency distillation: LCM paper Algorithm 1 (CFG-augmented PF-ODE, skipping step k), full or LoRA.
+
+The recipe, per optimizer step (one micro-batch per ``grad_accum``; each process its own shard of the data):
+
+1. a batch of images → z = E(x)·scaling_factor (the VAE posterior **mean**: deterministic, so a cached latent and a
+   freshly encoded one are the same numbers) and text conditioning c (SD: "" is the unconditional prompt; SDXL:
+   all-zero embeddings, with size/crop time ids in (height, width) order);
+2. per sample: ω ~ U[ω_min, ω_max] (or a fixed ω), n ~ U{0 … N−1} with N = T // k, ε ~ N(0, I), drawn in that
+   order from a generator seeded by (seed, step, micro-batch, rank), so a resumed run redraws them exactly;
+3. :func:`lcmkit.losses.lcd_loss`: z_{t_{n+k}} = α z + σ ε; the guided teacher (one batched cond + uncond
+   forward) takes one solver step Ψ to ẑ_{t_n}; loss d(f_θ(z_{t_{n+k}}, ω, c, t_{n+k}), f_θ⁻(ẑ_{t_n}, ω, c, t_n));
+4. gradients averaged over processes, non-finite steps skipped and counted, clipping, AdamW, LR schedule (in
+   optimizer steps), then θ⁻ ← μθ⁻ + (1 − μ)θ (full mode).
+
+**Full mode**: the student is the teacher UNet rebuilt with ``time_cond_proj_dim = 256`` (guidance embedding of ω,
+LCM paper §4.2) and a zero-initialised ``time_embedding.cond_proj``, so the student equals the teacher at step 0;
+the target θ⁻ is an EMA (``ema`` = μ; 0 = a copy of θ every step). Output: a diffusers
+``LatentConsistencyModelPipeline`` folder (SDXL: ``StableDiffusionXLPipeline``) with ``LCMScheduler``.
+
+**LoRA mode** (LCM-LoRA): LoRA (rank/alpha 64/64, B = 0) on :data:`lcmkit.lora.LCM_LORA_TARGETS`; one UNet in
+memory: the teacher is that UNet with adapters disabled, the target is the online model without gradients
+(no EMA, as the LCM-LoRA scripts). Guidance is baked in (no w-embedding). Output: ``pytorch_lora_weights.safetensors``.
+
+**Mixed precision**: the frozen teacher (LoRA: the base weights), VAE and text encoders are cast to the weight
+dtype (fp16/bf16) and run *outside* autocast; only the student/target forwards run under autocast, trainable
+weights stay float32, fp16 uses a GradScaler.
+
+Output folder ``out/``: ``config.yaml`` (resolved), ``checkpoints/step-N/`` (atomic, last K kept), ``logs/``
+(TensorBoard + log.jsonl), ``validation/step-N.png`` (rows: 1/2/4 LCM steps; columns: prompts, fixed seeds),
+``summary.json`` and the result: ``pipeline/`` (full) or ``lora/`` (LoRA).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..denoisers import TextConditioning, unet_denoiser
+from ..errors import LcmkitError
+from ..losses import LOSS_TYPES, lcd_loss
+from ..math.schedule import alphas_cumprod_from_config
+from ..math.timesteps import lcm_timesteps
+from ..solvers import SOLVERS, randn, sample_lcm
+from . import common
+from .common import OptimConfig
+
+MODES = ("full", "lora")
+WORLD_STYLES = ("filled", "outlined")
+#: Width of the guidance embedding of ω (``time_cond_proj_dim``), as the released LCMs.
+W_EMBEDDING_DIM = 256
+#: ω range when none is given: the released LCM code's (lcm-reference.md §5).
+DEFAULT_OMEGA = {"sd": (5.0, 15.0), "sdxl": (3.0, 15.0)}
+RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DistillConfig:
+    """Everything ``lcmkit distill`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
+
+    teacher: str = ""                 # diffusers pipeline folder: SD 1.x/2.x (eps or v) or SDXL
+    data: str = ""                    # imagefolder (metadata.jsonl), webdataset shards, or world / world:outlined
+    out: str = ""                     # output folder
+    mode: str = "lora"                # full (w-embedding student + EMA target) or lora (LCM-LoRA)
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    ema: float = 0.95                 # μ of the target θ⁻ (full mode); 0 = target is a copy of θ
+    omega: float | None = None        # fixed paper ω (diffusers guidance_scale − 1) instead of a range
+    omega_min: float | None = None    # default 5 (SD) / 3 (SDXL)
+    omega_max: float | None = None    # default 15
+    solver: str = "ddim"              # teacher solver Ψ: ddim, dpm-solver, dpm-solver++
+    skip: int = 20                    # skipping step k
+    loss: str = "huber"               # l2 (paper) or huber (pseudo-Huber)
+    huber_c: float = 0.001
+    resolution: int | None = None     # pixels; default the teacher's native size
+    crop: str = "center"              # center or random
+    flip: bool = False                # random horizontal flip (off: captions may say left/right)
+    caption_key: str = "text"         # imagefolder caption column
+    world_samples: int = 10000        # size of the built-in world dataset (images 0 … n−1 of seed ``seed``)
+    cache_latents: bool = False       # encode every image once up front (needs crop=center, no flip)
+    cache_text: bool | None = None    # encode every caption once up front; default: on for the world
+    batch_size: int = 8               # per process, per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 1000             # optimizer steps; the LR schedule spans these
+    stop_at: int | None = None        # stop (with a checkpoint) after this step, schedule unchanged; for --resume
+    mixed_precision: str = "no"       # no, fp16, bf16
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 500         # 0 = only at the end
+    validation_prompts: list[str] = field(default_factory=list)  # default: the first batch's captions (≤ 4)
+    validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    validation_omega: float = 7.0     # ω of the full LCM's w-embedding in validation grids
+    validation_seed: int = 0
+    log_every: int = 10
+    max_nonfinite: int = 5            # stop after this many non-finite steps in a row (0 = never)
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"              # auto (accelerate's choice) or cpu
+    progress: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        if isinstance(self.optim, dict):
+            self.optim = OptimConfig(**self.optim)
+        for name in ("teacher", "data", "out"):
+            if not getattr(self, name):
+                raise LcmkitError(f"--{name} is required")
+        teacher = Path(self.teacher).expanduser()
+        if not teacher.is_dir():
+            raise LcmkitError(f"teacher folder {self.teacher} not found; pass a diffusers pipeline folder "
+                              "(saved with save_pretrained)")
+        if not (teacher / "model_index.json").is_file():
+            raise LcmkitError(f"teacher {self.teacher} is not a diffusers pipeline folder (no model_index.json)")
+        if not is_world(self.data) and not any(c in self.data for c in "*{") and not Path(self.data).exists():
+            raise LcmkitError(f"data {self.data} not found; pass an imagefolder, .tar shards, or 'world'")
+        if is_world(self.data) and world_style(self.data) not in WORLD_STYLES:
+            raise LcmkitError(f"unknown world style in {self.data!r}; use world, world:filled or world:outlined")
+        if self.mode not in MODES:
+            raise LcmkitError(f"mode must be full or lora, got {self.mode!r}")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise LcmkitError(f"lora_rank must be >= 1 and lora_alpha > 0 (got {self.lora_rank}, {self.lora_alpha})")
+        if not 0.0 <= self.ema < 1.0:
+            raise LcmkitError(f"ema must be in [0, 1) (0.95 is the reference; 0 = no EMA), got {self.ema}")
+        if self.omega is not None and (self.omega_min is not None or self.omega_max is not None):
+            raise LcmkitError("give either a fixed --omega or --omega-min/--omega-max, not both")
+        for name in ("omega", "omega_min", "omega_max"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise LcmkitError(f"{name} must be a finite number >= 0 (paper ω = guidance_scale − 1), got {v}")
+        if self.omega_min is not None and self.omega_max is not None and self.omega_min > self.omega_max:
+            raise LcmkitError(f"omega_min {self.omega_min} > omega_max {self.omega_max}; swap them")
+        if self.solver not in SOLVERS:
+            raise LcmkitError(f"unknown solver {self.solver!r}; use one of {', '.join(SOLVERS)}")
+        if self.skip < 1:
+            raise LcmkitError(f"skip k must be >= 1 (20 is the reference), got {self.skip}")
+        if self.loss not in LOSS_TYPES:
+            raise LcmkitError(f"loss must be one of {', '.join(LOSS_TYPES)}, got {self.loss!r}")
+        if self.huber_c <= 0:
+            raise LcmkitError(f"huber_c must be > 0 (0.001 is the reference), got {self.huber_c}")
+        if self.resolution is not None and self.resolution < 8:
+            raise LcmkitError(f"resolution must be >= 8 pixels, got {self.resolution}")
+        if self.crop not in ("center", "random"):
+            raise LcmkitError(f"crop must be center or random, got {self.crop!r}")
+        if self.cache_latents and (self.crop != "center" or self.flip):
+            raise LcmkitError("cache_latents needs crop=center and flip off (a cached latent cannot be "
+                              "re-augmented); drop --cache-latents or the augmentation")
+        for name in ("batch_size", "grad_accum", "max_steps", "world_samples", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise LcmkitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:
+            raise LcmkitError(f"stop_at must be in [1, max_steps={self.max_steps}], got {self.stop_at}")
+        if self.mixed_precision not in common.MIXED_PRECISION:
+            raise LcmkitError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.keep_checkpoints < 0 or self.validate_every < 0 or self.max_nonfinite < 0:
+            raise LcmkitError("keep_checkpoints, validate_every and max_nonfinite must be >= 0")
+        if not self.validation_steps or any(s < 1 for s in self.validation_steps):
+            raise LcmkitError(f"validation_steps must be positive step counts, got {self.validation_steps}")
+        if self.device not in ("auto", "cpu"):
+            raise LcmkitError(f"device must be auto or cpu, got {self.device!r}")
+
+
+def is_world(data: str) -> bool:
+    return data == "world" or data.startswith("world:")
+
+
+def world_style(data: str) -> str:
+    return data.split(":", 1)[1] if ":" in data else "filled"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models: teacher, student θ, target θ⁻
+# ---------------------------------------------------------------------------------------------------------------
+
+def make_student_unet(teacher_unet, w_dim: int = W_EMBEDDING_DIM):
+    """The teacher's UNet rebuilt with a guidance embedding (``time_cond_proj_dim = w_dim``).
+
+    Every teacher weight is copied; the new ``time_embedding.cond_proj`` (Linear(w_dim → C), no bias) starts at
+    zero, so the student's output equals the teacher's for any ω at step 0 (the reference scripts leave it random).
+    """
+    from diffusers import UNet2DConditionModel
+
+    config = {**teacher_unet.config, "time_cond_proj_dim": w_dim}
+    student = UNet2DConditionModel.from_config(config)
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+        raise LcmkitError(f"teacher UNet does not fit its own config (missing {missing}, unexpected {unexpected})")
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.to(device=teacher_unet.device, dtype=torch.float32)
+
+
+@dataclass
+class Models:
+    """The three roles of Algorithm 1. In LoRA mode ``teacher``, ``student`` and ``target`` are the same UNet."""
+
+    pipe: object               # the teacher pipeline (VAE, text encoders, tokenizers, scheduler)
+    mode: str
+    arch: str                  # "sd" or "sdxl"
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    target: torch.nn.Module
+    alphas_cumprod: Tensor     # (T,) float64, on the device
+    prediction_type: str
+    device: torch.device
+    mixed_precision: str
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.trainable_named()]
+
+    def trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+
+
+def build_models(cfg: DistillConfig, pipe, device: torch.device, generator: torch.Generator) -> Models:
+    """Freeze and cast the teacher's parts, then build the student and target for ``cfg.mode``."""
+    from ..lora import architecture, init_lora_A_, lcm_lora_config
+
+    dtype = common.weight_dtype(cfg.mixed_precision)
+    unet = pipe.unet
+    if getattr(unet.config, "time_cond_proj_dim", None) is not None:
+        raise LcmkitError(f"teacher {cfg.teacher} is already a full LCM (its UNet has a guidance embedding); "
+                          "distil from the base model it came from")
+    arch = architecture(unet)
+    for module in (pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), unet):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    vae_dtype = torch.float32 if (dtype == torch.float16 and pipe.vae.config.get("force_upcast", False)) else dtype
+    pipe.vae.to(device, vae_dtype)
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(device, dtype)
+    if cfg.mode == "full":
+        student = make_student_unet(unet.to(device, torch.float32)).train()
+        student.requires_grad_(True)
+        target = copy.deepcopy(student).requires_grad_(False).eval()
+        teacher = unet.to(device, dtype)
+    else:
+        unet.to(device, dtype)
+        unet.add_adapter(lcm_lora_config(arch, cfg.lora_rank, cfg.lora_alpha))
+        init_lora_A_(unet, generator)
+        for p in unet.parameters():
+            if p.requires_grad:  # the LoRA weights train in float32 whatever the base dtype
+                p.data = p.data.float()
+        teacher = student = target = unet.train()
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler.config).to(device)
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    return Models(pipe, cfg.mode, arch, teacher, student, target, alphas_cumprod, prediction_type, device,
+                  cfg.mixed_precision)
+
+
+def _adapters_off(denoiser: Callable, unet) -> Callable:
+    """The LoRA teacher: the same UNet with its adapters disabled for the duration of the call."""
+    def teacher(x_t, t):
+        unet.disable_adapters()
+        try:
+            return denoiser(x_t, t)
+        finally:
+            unet.enable_adapters()
+    return teacher
+
+
+def _autocast(denoiser: Callable, models: Models) -> Callable:
+    def wrapped(x_t, t):
+        with common.autocast(models.device, models.mixed_precision):
+            return denoiser(x_t, t)
+    return wrapped
+
+
+def make_denoisers(models: Models, cond: TextConditioning, uncond: TextConditioning, omega: Tensor):
+    """(student, target, teacher) denoisers with this batch's conditioning and per-sample ω bound in."""
+    ac, pt = models.alphas_cumprod, models.prediction_type
+    teacher = unet_denoiser(models.teacher, ac, cond, prediction_type=pt, uncond=uncond, omega=omega)
+    if models.mode == "lora":
+        teacher = _adapters_off(teacher, models.teacher)
+    w = omega if models.mode == "full" else None  # full LCM: ω enters through the w-embedding
+    student = _autocast(unet_denoiser(models.student, ac, cond, prediction_type=pt, w_omega=w), models)
+    target = _autocast(unet_denoiser(models.target, ac, cond, prediction_type=pt, w_omega=w), models)
+    return student, target, teacher
+
+
+def draw(batch: int, shape: tuple, omega_range: tuple[float, float], num_points: int,
+         generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """ω ~ U[ω_min, ω_max] (B,) float64, n ~ U{0 … N−1} (B,), ε ~ N(0, I) (B, C, H, W), in that order, on CPU."""
+    lo, hi = omega_range
+    omega = lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=torch.float64)
+    index = torch.randint(0, num_points, (batch,), generator=generator)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    return omega, index, noise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: images (or cached latents) + captions, sharded over processes, resumable by (epoch, position)
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    index: int
+    caption: str
+    pixels: Tensor | None          # (3, R, R) in [-1, 1], None when the latent is cached
+    time_ids: tuple[int, ...]      # SDXL micro-conditioning: original (h, w), crop top-left (top, left), target (h, w)
+
+
+def transform(img, resolution: int, crop: str, flip: bool, rng: np.random.Generator) -> tuple[Tensor, tuple]:
+    """Resize the shorter side to ``resolution``, crop a square, maybe flip; also returns SDXL's time ids."""
+    from ..data.datasets import crop_box, resize_shorter_side, to_tensor
+    from PIL import Image
+
+    original = (img.size[1], img.size[0])  # (height, width)
+    img = resize_shorter_side(img, resolution)
+    left, top, right, bottom = crop_box(*img.size, resolution, rng if crop == "random" else None)
+    img = img.crop((left, top, right, bottom))
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(img), (*original, top, left, resolution, resolution)
+
+
+class DataSource:
+    """Sample i of the training set as (RGB PIL image, caption); raises ``BadSample`` for unusable ones.
+
+    ``world``: image i of the built-in world (seed ``seed``), rendered on the fly, depends only on (seed, i).
+    Otherwise an imagefolder / webdataset via :func:`lcmkit.data.datasets.load_dataset` (bad samples counted
+    in ``dataset.skipped`` and limited by its ``max_bad_fraction``).
+    """
+
+    def __init__(self, cfg: DistillConfig, resolution: int):
+        self.cfg = cfg
+        self.dataset = None
+        if is_world(cfg.data):
+            self.style = world_style(cfg.data)
+            self.size = cfg.world_samples
+        else:
+            from ..data.datasets import load_dataset
+
+            self.dataset = load_dataset(cfg.data, caption_key=cfg.caption_key, min_size=max(1, resolution // 2))
+            self.size = len(self.dataset)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load(self, i: int):
+        if self.dataset is None:
+            from PIL import Image
+
+            from ..data import world
+
+            images, specs = world.sample(1, seed=self.cfg.seed, style=self.style, start=i)
+            return Image.fromarray(images[0]), world.caption(specs[0])
+        return self.dataset.load(i)
+
+    def captions(self) -> list[str]:
+        """Every caption the data can produce (for text caching)."""
+        if self.dataset is None:
+            from ..data import world
+
+            return world.all_prompts()
+        return sorted({r.caption.strip() for r in self.dataset.records if r.caption and r.caption.strip()})
+
+    def count_bad(self, reason: str) -> None:
+        if self.dataset is None:
+            return
+        ds = self.dataset
+        ds.skipped[reason] += 1
+        if ds.seen >= ds.min_checked and ds.bad / ds.seen > ds.max_bad_fraction:
+            raise LcmkitError(f"{ds.name}: {ds.bad} of {ds.seen} samples were unusable ({dict(ds.skipped)}), more "
+                              f"than max_bad_fraction={ds.max_bad_fraction:g}; fix the data")
+
+
+class DataStream:
+    """This process's endless stream of samples.
+
+    Pass ``epoch`` visits the permutation ``rng([seed, epoch])`` of all samples; process r of W takes positions
+    r, r + W, … of it. The state is (epoch, position in this process's share): saved in checkpoints, so a resumed
+    run continues with exactly the next sample. Augmentation of sample i in pass e uses ``rng([seed, e, i])``.
+    """
+
+    def __init__(self, source: DataSource, cfg: DistillConfig, resolution: int, rank: int, world_size: int,
+                 latent_cache: dict | None = None):
+        from ..data.datasets import BadSample
+
+        self.BadSample = BadSample
+        self.source, self.cfg, self.resolution = source, cfg, resolution
+        self.rank, self.world_size = rank, world_size
+        self.latent_cache = latent_cache
+        self.epoch, self.position = 0, 0
+        self._share: list[int] | None = None
+
+    def share(self) -> list[int]:
+        if self._share is None:
+            order = np.random.default_rng([self.cfg.seed, self.epoch]).permutation(len(self.source))
+            self._share = [int(i) for i in order[self.rank::self.world_size]]
+            if not self._share:
+                raise LcmkitError(f"{len(self.source)} samples cannot be shared by {self.world_size} processes")
+        return self._share
+
+    def state(self) -> tuple[int, int]:
+        return self.epoch, self.position
+
+    def restore(self, epoch: int, position: int) -> None:
+        self.epoch, self.position, self._share = epoch, position, None
+
+    def next_sample(self) -> Sample:
+        misses = 0  # consecutive unusable samples: a whole share of them means no usable data at all
+        while True:
+            share = self.share()
+            if self.position >= len(share):
+                self.epoch, self.position, self._share = self.epoch + 1, 0, None
+                continue
+            i = share[self.position]
+            self.position += 1
+            if self.latent_cache is not None:
+                entry = self.latent_cache.get(i)
+                sample = None if entry is None else Sample(i, entry["caption"], None, entry["time_ids"])
+            else:
+                sample = self.load(i, self.epoch)
+            if sample is not None:
+                return sample
+            misses += 1
+            if misses > len(share):
+                raise LcmkitError(f"no usable sample in {self.cfg.data} (skipped: "
+                                  f"{dict(self.source.dataset.skipped) if self.source.dataset else {}})")
+
+    def load(self, i: int, epoch: int) -> Sample | None:
+        """Sample i with pass-``epoch`` augmentation, or None (counted) when it is unusable."""
+        if self.source.dataset is not None:
+            self.source.dataset.seen += 1
+        try:
+            img, caption = self.source.load(i)
+        except self.BadSample as e:
+            self.source.count_bad(e.reason)
+            return None
+        rng = np.random.default_rng([self.cfg.seed, epoch, i])
+        pixels, time_ids = transform(img, self.resolution, self.cfg.crop, self.cfg.flip, rng)
+        return Sample(i, caption, pixels, time_ids)
+
+    def next_batch(self, batch_size: int) -> list[Sample]:
+        return [self.next_sample() for _ in range(batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding: latents and text, with optional caches
+# ---------------------------------------------------------------------------------------------------------------
+
+CACHE_CHUNK = 32  # caches are filled in fixed chunks of index order, so their contents never depend on batching
+
+
+@torch.no_grad()
+def encode_pixels(pipe, pixels: Tensor) -> Tensor:
+    """z = scaling_factor · mean of the VAE posterior (B, C, H/f, W/f), float32."""
+    vae = pipe.vae
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return (posterior.mean * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def encode_text(pipe, arch: str, captions: list[str]) -> tuple[Tensor, Tensor | None]:
+    """(hidden states (B, L, D), pooled (B, P) or None) in the text encoders' dtype."""
+    from ..pipelines import encode_prompt_sd, encode_prompt_sdxl
+
+    if arch == "sdxl":
+        c = encode_prompt_sdxl(pipe, captions, 0, 0)
+        return c.encoder_hidden_states, c.text_embeds
+    return encode_prompt_sd(pipe, captions).encoder_hidden_states, None
+
+
+def build_latent_cache(source: DataSource, stream: DataStream, pipe, progress: bool) -> dict:
+    """Encode every sample once (centre crop, no flip): index → {latent, caption, time_ids}; None if unusable."""
+    from tqdm.auto import tqdm
+
+    cache: dict[int, dict | None] = {}
+    indices = list(range(len(source)))
+    for start in tqdm(range(0, len(indices), CACHE_CHUNK), desc="caching latents", disable=not progress,
+                      leave=False):
+        samples = [stream.load(i, 0) for i in indices[start:start + CACHE_CHUNK]]
+        good = [s for s in samples if s is not None]
+        if good:
+            latents = encode_pixels(pipe, torch.stack([s.pixels for s in good])).cpu()
+            for s, z in zip(good, latents):
+                cache[s.index] = {"latent": z, "caption": s.caption, "time_ids": s.time_ids}
+        for s, i in zip(samples, indices[start:start + CACHE_CHUNK]):
+            if s is None:
+                cache[i] = None
+    if not any(v is not None for v in cache.values()):
+        raise LcmkitError(f"no usable sample in {source.cfg.data}")
+    return cache
+
+
+def build_text_cache(captions: list[str], pipe, arch: str) -> dict[str, tuple[Tensor, Tensor | None]]:
+    cache = {}
+    for start in range(0, len(captions), CACHE_CHUNK):
+        chunk = captions[start:start + CACHE_CHUNK]
+        hidden, pooled = encode_text(pipe, arch, chunk)
+        for j, caption in enumerate(chunk):
+            cache[caption] = (hidden[j], None if pooled is None else pooled[j])
+    return cache
+
+
+@dataclass
+class Encoder:
+    """Batch of samples → (z0, cond, uncond), using the caches where they exist."""
+
+    pipe: object
+    arch: str
+    device: torch.device
+    uncond_hidden: Tensor | None = None   # SD: the embedding of "" (1, L, D)
+    text_cache: dict | None = None
+    latent_cache: dict | None = None
+
+    @torch.no_grad()
+    def __call__(self, samples: list[Sample]) -> tuple[Tensor, TextConditioning, TextConditioning]:
+        if self.latent_cache is not None:
+            z0 = torch.stack([self.latent_cache[s.index]["latent"] for s in samples]).to(self.device)
+        else:
+            z0 = encode_pixels(self.pipe, torch.stack([s.pixels for s in samples]))
+        captions = [s.caption for s in samples]
+        if self.text_cache is not None and all(c in self.text_cache for c in captions):
+            hidden = torch.stack([self.text_cache[c][0] for c in captions])
+            pooled = torch.stack([self.text_cache[c][1] for c in captions]) if self.arch == "sdxl" else None
+        else:
+            hidden, pooled = encode_text(self.pipe, self.arch, captions)
+        if self.arch == "sdxl":
+            time_ids = torch.tensor([s.time_ids for s in samples], dtype=hidden.dtype, device=hidden.device)
+            cond = TextConditioning(hidden, pooled, time_ids)
+            # the SDXL LCM scripts' unconditional branch: all-zero embeddings, same time ids
+            uncond = TextConditioning(torch.zeros_like(hidden), torch.zeros_like(pooled), time_ids)
+        else:
+            cond = TextConditioning(hidden)
+            uncond = TextConditioning(self.uncond_hidden.expand_as(hidden))
+        return z0, cond, uncond
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation grids and outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def validation_images(models: Models, encoder: Encoder, prompts: list[str], steps: list[int], omega: float,
+                      seed: int, resolution: int, num_points: int) -> list[list]:
+    """LCM sampling (Algorithm 3) of the current θ⁻ (full) / adapted UNet (LoRA): one row per step count,
+    one column per prompt, prompt i always from seed + i."""
+    from ..pipelines import decode_latents, to_pil, vae_scale_factor
+
+    pipe = models.pipe
+    hidden, pooled = encode_text(pipe, models.arch, prompts)
+    time_ids = None
+    if models.arch == "sdxl":
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(prompts),
+                                dtype=hidden.dtype, device=hidden.device)
+    cond = TextConditioning(hidden, pooled, time_ids)
+    model = models.target
+    denoiser = _autocast(unet_denoiser(model, models.alphas_cumprod, cond, prediction_type=models.prediction_type,
+                                       w_omega=omega if models.mode == "full" else None), models)
+    f = vae_scale_factor(pipe)
+    shape = (len(prompts), model.config.in_channels, resolution // f, resolution // f)
+    rows = []
+    for n in steps:
+        generators = [torch.Generator(models.device).manual_seed(seed + i) for i in range(len(prompts))]
+        x = randn(shape, generators, models.device, torch.float32)
+        ts = lcm_timesteps(n, len(models.alphas_cumprod), num_points)
+        rows.append(to_pil(decode_latents(pipe, sample_lcm(denoiser, x, ts, models.alphas_cumprod, generators))))
+    return rows
+
+
+def _fp32_component(pipe, name: str, teacher_dir: str):
+    """A frozen component for the output in float32: reloaded from the teacher folder if it was cast down."""
+    module = getattr(pipe, name, None)
+    if not isinstance(module, torch.nn.Module) or module.dtype == torch.float32:
+        return module.to("cpu") if isinstance(module, torch.nn.Module) else module
+    return type(module).from_pretrained(teacher_dir, subfolder=name).eval()
+
+
+def save_full_pipeline(models: Models, cfg: DistillConfig, folder: Path, num_points: int) -> None:
+    """diffusers ``LatentConsistencyModelPipeline`` (SDXL: ``StableDiffusionXLPipeline``) with the target UNet θ⁻
+    and an ``LCMScheduler`` on the teacher's noise schedule, whose grid is the distillation grid (T // k points)."""
+    import inspect
+
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionXLPipeline
+
+    pipe = models.pipe
+    scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=num_points,
+                                         timestep_scaling=10.0, prediction_type=models.prediction_type)
+    unet = copy.deepcopy(models.target).to("cpu", torch.float32)
+    components = {name: _fp32_component(pipe, name, cfg.teacher) for name in pipe.components if name != "unet"}
+    components.update(unet=unet, scheduler=scheduler)
+    cls = StableDiffusionXLPipeline if models.arch == "sdxl" else LatentConsistencyModelPipeline
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in components.items() if k in accepted}
+    if "requires_safety_checker" in accepted:
+        kwargs["requires_safety_checker"] = components.get("safety_checker") is not None
+    if models.arch == "sdxl":
+        kwargs["force_zeros_for_empty_prompt"] = pipe.config.get("force_zeros_for_empty_prompt", True)
+    cls(**kwargs).save_pretrained(str(folder), safe_serialization=True)
+    # the frozen parts go back to the training device/dtype (this may be a mid-run call)
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        if isinstance(getattr(pipe, name, None), torch.nn.Module) and components[name] is getattr(pipe, name):
+            getattr(pipe, name).to(models.device)
+
+
+def save_lora_output(models: Models, folder: Path) -> None:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ..lora import save_lora_diffusers
+
+    cls = StableDiffusionXLPipeline if models.arch == "sdxl" else StableDiffusionPipeline
+    save_lora_diffusers(models.student, folder, pipeline_class=cls)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------------------------
+
+def _resolved(cfg: DistillConfig, arch: str, resolution: int, num_points: int, omega_range) -> dict:
+    return {"architecture": arch, "resolution": resolution, "num_grid_points": num_points,
+            "omega_range": list(omega_range)}
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Run latent consistency distillation; returns the output (``out/pipeline`` or ``out/lora``)."""
+    from tqdm.auto import tqdm
+
+    from ..pipelines import load_pipeline, vae_scale_factor
+
+    accelerator = common.setup_accelerator(cfg.mixed_precision, cpu=cfg.device == "cpu")
+    device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    out = Path(cfg.out)
+    if main:
+        common.prepare_output_dir(out, RESULT_NAMES, cfg.overwrite, cfg.resume)
+    accelerator.wait_for_everyone()
+    checkpoints = common.checkpoint_dirs(out)
+    if cfg.resume and not checkpoints and main:
+        print(f"lcmkit distill: no checkpoint in {out}; starting from step 0")
+
+    pipe = load_pipeline(cfg.teacher, device="cpu", dtype=None)
+    models = build_models(cfg, pipe, device, common.generator_for(cfg.seed, 0xA11CE))
+    T = len(models.alphas_cumprod)
+    if cfg.skip > T:
+        raise LcmkitError(f"skip k={cfg.skip} exceeds the teacher's {T} timesteps")
+    num_points = T // cfg.skip
+    resolution = cfg.resolution or models.student.config.sample_size * vae_scale_factor(pipe)
+    if resolution % vae_scale_factor(pipe):
+        raise LcmkitError(f"resolution {resolution} is not a multiple of the VAE scale factor {vae_scale_factor(pipe)}")
+    lo, hi = DEFAULT_OMEGA[models.arch]
+    omega_range = (cfg.omega, cfg.omega) if cfg.omega is not None else \
+        (cfg.omega_min if cfg.omega_min is not None else lo, cfg.omega_max if cfg.omega_max is not None else hi)
+    if omega_range[0] > omega_range[1]:
+        raise LcmkitError(f"omega range {omega_range} is empty (min > max); set both --omega-min and --omega-max")
+    resolved = _resolved(cfg, models.arch, resolution, num_points, omega_range)
+    write_config = lambda folder: common.save_config(cfg, folder, resolved)  # noqa: E731
+    if main:
+        write_config(out)
+
+    # data, caches, encoder
+    source = DataSource(cfg, resolution)
+    stream = DataStream(source, cfg, resolution, rank, world_size)
+    if cfg.cache_latents:
+        stream.latent_cache = build_latent_cache(source, stream, pipe, cfg.progress and main)
+    cache_text = cfg.cache_text if cfg.cache_text is not None else is_world(cfg.data)
+    encoder = Encoder(pipe, models.arch, device, latent_cache=stream.latent_cache,
+                      text_cache=build_text_cache(source.captions(), pipe, models.arch) if cache_text else None)
+    if models.arch == "sd":
+        encoder.uncond_hidden = encode_text(pipe, "sd", [""])[0]
+
+    # optimisation state
+    params = models.trainable()
+    optimizer = common.make_optimizer(params, cfg.optim)
+    scheduler = common.make_lr_scheduler(optimizer, cfg.optim, cfg.max_steps)
+    scaler = common.make_grad_scaler(device, cfg.mixed_precision)
+    guard = common.NonFiniteGuard(cfg.max_nonfinite)
+    step, overflow = 0, 0
+    if cfg.resume and checkpoints:
+        step, overflow = _restore(checkpoints[-1], cfg, models, optimizer, scheduler, scaler, guard, stream,
+                                  rank, world_size)
+
+    validation_prompts = list(cfg.validation_prompts)
+    if not validation_prompts:  # the first captions of the data (the same on every run with this seed)
+        probe = DataStream(source, cfg, resolution, 0, 1, stream.latent_cache)
+        validation_prompts = list(dict.fromkeys(s.caption for s in probe.next_batch(min(4, len(source)))))
+
+    logger = common.RunLogger(out / "logs", enabled=main)
+    stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"distill ({cfg.mode})", disable=not (cfg.progress and main),
+               dynamic_ncols=True)
+    losses: list[float] = []
+    step_times: list[float] = []
+    try:
+        while step < stop:
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            micro_losses = []
+            for micro in range(cfg.grad_accum):
+                z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
+                omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omega_range, num_points,
+                                           common.generator_for(cfg.seed, step, micro, rank))
+                student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
+                loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device),
+                                   models.alphas_cumprod, skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss,
+                                   huber_c=cfg.huber_c)
+                loss = loss / cfg.grad_accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                micro_losses.append(loss.detach().float())
+            # gradients and loss averaged over processes: every rank takes the same decisions below
+            common.sync_gradients(params, accelerator)
+            step_loss = common.all_reduce_mean(torch.stack(micro_losses).sum(), accelerator)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            loss_ok = bool(torch.isfinite(step_loss))
+            grads_ok = common.grads_finite(params)
+            # fp16: an overflow in the *gradients* is the scaler's business (skip + smaller scale), not an error
+            ok = guard.record(loss_ok and (grads_ok or scaler is not None), step + 1,
+                              "loss" if not loss_ok else "gradient")
+            grad_norm = float("nan")
+            if ok:
+                if cfg.optim.max_grad_norm > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+                if scaler is not None:
+                    overflow += int(not grads_ok)
+                    scaler.step(optimizer)
+                else:
+                    optimizer.step()
+                if cfg.mode == "full":
+                    common.ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
+            if scaler is not None:
+                scaler.update()
+            scheduler.step()
+            step += 1
+            step_times.append(time.perf_counter() - t0)
+            losses.append(float(step_loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(step_loss):.4g}", lr=f"{scheduler.get_last_lr()[0]:.2g}")
+            if step % cfg.log_every == 0 or step == stop:
+                logger.log(step, {"loss": float(step_loss), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                  "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow,
+                                  "sec_per_step": step_times[-1]})
+            if step % cfg.checkpoint_every == 0 or step == stop:
+                _checkpoint(out, step, cfg, models, optimizer, scheduler, scaler, guard, overflow, stream,
+                            accelerator, write_config)
+            if main and (step == stop or (cfg.validate_every and step % cfg.validate_every == 0)):
+                rows = validation_images(models, encoder, validation_prompts, cfg.validation_steps,
+                                         cfg.validation_omega, cfg.validation_seed, resolution, num_points)
+                common.save_image_grid(rows, out / "validation" / f"step-{step:07d}.png")
+    finally:
+        bar.close()
+        logger.close()
+
+    # the result (main process), and a check that every process holds the same weights
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(device)
+    sums = accelerator.gather(checksum).cpu().tolist() if world_size > 1 else [float(checksum)]
+    consistent = all(s == sums[0] for s in sums)
+    result = out / ("pipeline" if cfg.mode == "full" else "lora")
+    if main:
+        if not consistent:
+            raise LcmkitError(f"processes ended with different weights (checksums {sums}); please report this")
+        if step >= cfg.max_steps:
+            def write_result(folder: Path) -> None:
+                if cfg.mode == "full":
+                    save_full_pipeline(models, cfg, folder, num_points)
+                else:
+                    save_lora_output(models, folder)
+                write_config(folder)
+            common.atomic_folder(result, write_result)
+        summary = {"step": step, "max_steps": cfg.max_steps, "finished": step >= cfg.max_steps,
+                   "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow, "processes": world_size,
+                   "ranks_consistent": consistent, "weights_checksum": sums[0],
+                   "sec_per_step": float(np.median(step_times)) if step_times else None, "losses": losses,
+                   "result": str(result) if step >= cfg.max_steps else None}
+        tmp = out / ".tmp-summary.json"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, out / "summary.json")
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _checkpoint(out, step, cfg, models, optimizer, scheduler, scaler, guard, overflow, stream, accelerator,
+                write_config) -> None:
+    """All processes contribute their data position; the main process writes the folder atomically."""
+    position = torch.tensor([*stream.state()], dtype=torch.int64, device=accelerator.device)
+    positions = accelerator.gather(position).cpu().view(-1, 2) if accelerator.num_processes > 1 else position.view(1, 2)
+    if accelerator.is_main_process:
+        if models.mode == "full":
+            weights = {"student": models.student.state_dict(), "target": models.target.state_dict()}
+        else:
+            weights = {"lora": {n: p for n, p in models.trainable_named()}}
+        state = {
+            "step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {}, "rng": common.rng_state(),
+            "data": {"epoch": positions[:, 0].clone(), "position": positions[:, 1].clone()},
+            "nonfinite": guard.state_dict(), "fp16_overflow": overflow, "processes": accelerator.num_processes,
+            "mode": cfg.mode, "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha),
+        }
+        common.save_checkpoint(out, step, weights, state, write_config, cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def _restore(path: Path, cfg, models, optimizer, scheduler, scaler, guard, stream, rank, world_size) -> tuple[int, int]:
+    weights, state = common.load_checkpoint(path)
+    for key, value in (("mode", cfg.mode), ("lora_rank", cfg.lora_rank), ("lora_alpha", float(cfg.lora_alpha)),
+                       ("processes", world_size)):
+        if state[key] != value and not (cfg.mode == "full" and key.startswith("lora")):
+            raise LcmkitError(f"checkpoint {path} was made with {key}={state[key]}, this run has {value}; "
+                              f"resume with the same setting (or start a new --out)")
+    with torch.no_grad():
+        if cfg.mode == "full":
+            models.student.load_state_dict(weights["student"])
+            models.target.load_state_dict(weights["target"])
+        else:
+            named = dict(models.trainable_named())
+            if set(named) != set(weights["lora"]):
+                raise LcmkitError(f"checkpoint {path} holds different LoRA layers than this model")
+            for n, p in named.items():
+                p.copy_(weights["lora"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    guard.load_state_dict(state["nonfinite"])
+    common.set_rng_state(state["rng"])
+    stream.restore(int(state["data"]["epoch"][rank]), int(state["data"]["position"][rank]))
+    return int(state["step"]), int(state["fp16_overflow"])
