@@ -1,0 +1,186 @@
+"""Task arithmetic with LoRAs (LCM-LoRA report, eqs. 2–3): merged into weights, or applied on the fly.
+
+Each LoRA i is a task vector over the layers it touches (lcm-reference.md section 8):
+
+    τ_i = (alpha_i / r_i) · up_i @ down_i            (conv: both factors flattened to 2-D, reshaped back)
+    θ'  = θ_pre + Σ_i λ_i · τ_i                       (e.g. λ_style = 0.8, λ_LCM = 1.0; no training)
+
+Two ways to get θ', which give the same outputs up to float32 rounding (tested):
+
+- :func:`merge_loras` writes θ' into (copies of) the models: Σ λ_i τ_i is summed in float32, added to the
+  float32 base weight, and cast back to the weight's dtype. Layers whose λ is 0 are not touched at all, so
+  λ = 0 leaves the base model bit for bit as it was (a copy of it).
+- :func:`attach_loras` / :func:`apply_loras` leave the weights alone and add Σ λ_i (α_i/r_i) · up_i(down_i(x))
+  to each layer's output with a forward hook (linear: two matmuls; conv: the down conv has the base layer's
+  kernel, stride, padding and dilation, the up conv is 1x1). Removing the hooks restores the model exactly.
+  Hooks work on any Linear/Conv2d whatever the file format was, and need neither PEFT nor diffusers' loaders.
+
+A LoRA is given as ``(weights, λ)`` with ``weights`` a :data:`~lcmkit.lora_formats.LoraWeights` (read with
+:func:`~lcmkit.lora_formats.load_lora`), or as ``(path, λ)`` / ``"FILE[:λ]"`` where a file is expected.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import LcmkitError
+from .lora_formats import LoraLayer, LoraWeights, fit_to_module, load_lora, pipeline_models, split_name
+
+
+def lora_delta(layer: LoraLayer) -> Tensor:
+    """τ = (alpha / r) · up @ down in float32, shaped like the base weight: (out, in) or (out, in, kh, kw)."""
+    down, up = layer.down.float(), layer.up.float()
+    delta = up.flatten(1) @ down.flatten(1)          # (out, r) @ (r, in·kh·kw)
+    return (layer.scale * delta).reshape(up.shape[0], *down.shape[1:])
+
+
+def task_vector_sum(loras: Sequence[tuple[LoraWeights, float]]) -> dict[str, Tensor]:
+    """Σ_i λ_i · τ_i per layer, float32; LoRAs with λ = 0 contribute nothing (not even a zero tensor)."""
+    total: dict[str, Tensor] = {}
+    for weights, lam in loras:
+        if lam == 0:
+            continue
+        for name, layer in weights.items():
+            term = lam * lora_delta(layer)
+            total[name] = total[name] + term if name in total else term
+    return total
+
+
+def check_weights_fit(weights: LoraWeights, models: Mapping[str, nn.Module]) -> None:
+    """Raise :class:`LcmkitError` naming the first layer of ``weights`` that is not in ``models`` or does not fit."""
+    for name, layer in weights.items():
+        component, path = split_name(name)
+        if component not in models:
+            raise LcmkitError(f"LoRA layer {name} is for {component}, which this model does not have")
+        try:
+            module = models[component].get_submodule(path)
+        except AttributeError:
+            raise LcmkitError(f"LoRA layer {name} matches no module of this model") from None
+        fit_to_module(name, layer.down, layer.up, module)
+
+
+def merge_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]], *,
+                inplace: bool = False) -> dict[str, nn.Module]:
+    """θ' = θ_pre + Σ λ_i τ_i (report eq. 3) for ``models`` = ``{"unet": …, "text_encoder": …}``.
+
+    Returns ``{component: model}``: a merged deep copy for every component a LoRA with λ ≠ 0 touches and the
+    original object for the others (``inplace=True`` merges into the originals instead, saving a copy's
+    memory). The sum is formed in float32 and cast back to each weight's dtype once.
+    """
+    for weights, _ in loras:
+        check_weights_fit(weights, models)
+    deltas = task_vector_sum(loras)
+    touched = {split_name(name)[0] for name in deltas}
+    out = {c: (m if inplace or c not in touched else copy.deepcopy(m)) for c, m in models.items()}
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            component, path = split_name(name)
+            weight = out[component].get_submodule(path).weight
+            merged = weight.float() + delta.to(weight.device)
+            weight.copy_(merged.to(weight.dtype))
+    return out
+
+
+def merge_into_pipeline(pipe, loras: Sequence[tuple[LoraWeights, float]], *, inplace: bool = False):
+    """:func:`merge_loras` over a pipeline's UNet and text encoders; with ``inplace=False`` the pipeline gets
+    merged copies (its previous models are left untouched for other references). Returns ``pipe``."""
+    merged = merge_loras(pipeline_models(pipe), loras, inplace=inplace)
+    for component, model in merged.items():
+        setattr(pipe, component, model)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On the fly: forward hooks
+# ---------------------------------------------------------------------------------------------------------------
+
+def lora_forward(module: nn.Module, x: Tensor, down: Tensor, up: Tensor) -> Tensor:
+    """up(down(x)) for one layer, without the scale: the low-rank branch of ``module`` applied to its input."""
+    if isinstance(module, nn.Conv2d):
+        h = F.conv2d(x, down, None, module.stride, module.padding, module.dilation)
+        return F.conv2d(h, up)
+    return F.linear(F.linear(x, down), up)
+
+
+@dataclass
+class _Branch:
+    """The LoRA branches of one module: [(down, up, λ·α/r)], factors in the module's dtype and device."""
+
+    module: nn.Module
+    terms: list[tuple[Tensor, Tensor, float]] = field(default_factory=list)
+
+    def __call__(self, module, inputs, output):
+        x = inputs[0]
+        for down, up, coef in self.terms:
+            down, up = down.to(x.device, x.dtype), up.to(x.device, x.dtype)  # no-ops unless the model moved
+            output = output + coef * lora_forward(module, x, down, up)
+        return output
+
+
+class AppliedLoras:
+    """Forward hooks adding LoRA branches to a model's layers; ``remove()`` (or leaving the ``with`` block)
+    restores it exactly. ``layers`` counts hooked modules, ``names`` lists them."""
+
+    def __init__(self, handles: list, names: list[str]):
+        self._handles = handles
+        self.names = names
+
+    @property
+    def layers(self) -> int:
+        return len(self.names)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def attach_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]]) -> AppliedLoras:
+    """Apply Σ λ_i τ_i on the fly (forward hooks) to ``models`` = ``{"unet": …, "text_encoder": …}``; same
+    outputs as :func:`merge_loras` up to float32 rounding. LoRAs with λ = 0 attach nothing."""
+    for weights, _ in loras:
+        check_weights_fit(weights, models)
+    branches: dict[str, _Branch] = {}
+    for weights, lam in loras:
+        if lam == 0:
+            continue
+        for name, layer in weights.items():
+            component, path = split_name(name)
+            module = models[component].get_submodule(path)
+            down, up = fit_to_module(name, layer.down, layer.up, module)
+            ref = module.weight
+            branch = branches.setdefault(name, _Branch(module))
+            branch.terms.append((down.to(ref.device, ref.dtype), up.to(ref.device, ref.dtype), lam * layer.scale))
+    handles = [b.module.register_forward_hook(b) for b in branches.values()]
+    return AppliedLoras(handles, list(branches))
+
+
+def load_lora_specs(models: Mapping[str, nn.Module], specs: Iterable) -> list[tuple[LoraWeights, float]]:
+    """Read every ``(file, λ)`` / ``"FILE[:λ]"`` against ``models``; all files are checked before any is used."""
+    from .pipelines import parse_lora  # the CLI's FILE[:WEIGHT] syntax, one definition
+
+    text_encoders = {c: m for c, m in models.items() if c != "unet"}
+    return [(load_lora(path, models["unet"], text_encoders), lam) for path, lam in map(parse_lora, specs)]
+
+
+def apply_loras(pipe, loras: Iterable) -> AppliedLoras:
+    """Apply LoRA files to a pipeline on the fly: ``loras`` = ``[(path, λ), …]`` or ``"FILE[:λ]"`` strings.
+
+    Every file is read key by key (any format, see :mod:`lcmkit.lora_formats`) and checked against the
+    pipeline's UNet and text encoders before anything is attached. Use as a context manager
+    (``with apply_loras(pipe, loras): …``) or call ``.remove()``; the pipeline is then exactly as before.
+    """
+    models = pipeline_models(pipe)
+    return attach_loras(models, load_lora_specs(models, loras))
