@@ -312,50 +312,24 @@ def parse_lora(spec: str | os.PathLike | tuple) -> tuple[Path, float]:
     return Path(spec), 1.0
 
 
-def check_lora_file(path: Path) -> None:
-    if not path.is_file():
-        raise LcmkitError(f"LoRA file {path} not found")
-    if path.suffix != ".safetensors":
-        raise LcmkitError(f"LoRA file {path} is not a .safetensors file (only safetensors LoRAs are loaded)")
+def check_lora_file(path: str | os.PathLike) -> Path:
+    """A LoRA file must exist and be safetensors, by name and by content (pickles are refused, never loaded)."""
+    from .lora_formats import check_safetensors_file
+
+    return check_safetensors_file(path)
 
 
-@contextmanager
 def applied_loras(pipe, loras: Iterable):
-    """Load LoRAs (``FILE[:WEIGHT]`` specs or (file, weight) pairs) as named adapters with their weights for the
-    duration of the block, then delete them: the pipeline is left as it was found.
+    """LoRAs (``FILE[:WEIGHT]`` specs or (file, weight) pairs) applied on the fly for the duration of a ``with``
+    block, the pipeline restored exactly afterwards.
 
-    Uses diffusers' ``load_lora_weights`` (which converts kohya / PEFT / diffusers key formats) and
-    ``set_adapters(names, weights)``. A file whose keys match no layer of this model is an error.
+    Each file is converted key by key (kohya, PEFT, diffusers and mixed files; :mod:`lcmkit.lora_formats`): a key
+    that matches no layer is an error naming it, never a silently dropped layer (diffusers decides the format
+    from the first key only). Weighted sum of several LoRAs = task arithmetic, :mod:`lcmkit.task_arithmetic`.
     """
-    from safetensors.torch import load_file
+    from .task_arithmetic import apply_loras
 
-    specs = [parse_lora(s) for s in loras]
-    for path, _ in specs:
-        check_lora_file(path)
-    if not specs:
-        yield pipe
-        return
-    names = []
-    try:
-        for i, (path, _) in enumerate(specs):
-            name = f"lcmkit_lora_{i}"
-            try:
-                state = load_file(str(path))
-            except Exception as e:
-                raise LcmkitError(f"LoRA file {path} could not be read as safetensors: {e}") from e
-            try:
-                pipe.load_lora_weights(state, adapter_name=name)
-            except Exception as e:
-                raise LcmkitError(f"LoRA file {path} does not fit this model: {type(e).__name__}: {e}") from e
-            loaded = {n for names_ in pipe.get_list_adapters().values() for n in names_}
-            if name not in loaded:
-                raise LcmkitError(f"LoRA file {path} matched no layer of this model")
-            names.append(name)
-        pipe.set_adapters(names, adapter_weights=[w for _, w in specs])
-        yield pipe
-    finally:
-        if names:
-            pipe.delete_adapters(names)
+    return apply_loras(pipe, [parse_lora(s) for s in loras])
 
 
 # ---------------------------------------------------------------------------------------------------------------
