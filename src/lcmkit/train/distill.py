@@ -194,7 +194,10 @@ def make_student_unet(teacher_unet, w_dim: int = W_EMBEDDING_DIM):
     """
     from diffusers import UNet2DConditionModel
 
-    config = {**teacher_unet.config, "time_cond_proj_dim": w_dim}
+    # private keys dropped: "_use_default_values" lists time_cond_proj_dim for an in-memory UNet, and from_config
+    # would then reset it to its default (None)
+    config = {k: v for k, v in teacher_unet.config.items() if not k.startswith("_")}
+    config["time_cond_proj_dim"] = w_dim
     student = UNet2DConditionModel.from_config(config)
     missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
     if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
@@ -737,14 +740,15 @@ def distill(cfg: DistillConfig) -> Path:
                     common.ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
             if scaler is not None:
                 scaler.update()
+            lr_used = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
             step_times.append(time.perf_counter() - t0)
             losses.append(float(step_loss))
             bar.update(1)
-            bar.set_postfix(loss=f"{float(step_loss):.4g}", lr=f"{scheduler.get_last_lr()[0]:.2g}")
+            bar.set_postfix(loss=f"{float(step_loss):.4g}", lr=f"{lr_used:.2g}")
             if step % cfg.log_every == 0 or step == stop:
-                logger.log(step, {"loss": float(step_loss), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                logger.log(step, {"loss": float(step_loss), "lr": lr_used, "grad_norm": grad_norm,
                                   "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow,
                                   "sec_per_step": step_times[-1]})
             if step % cfg.checkpoint_every == 0 or step == stop:
@@ -832,3 +836,43 @@ def _restore(path: Path, cfg, models, optimizer, scheduler, scaler, guard, strea
     common.set_rng_state(state["rng"])
     stream.restore(int(state["data"]["epoch"][rank]), int(state["data"]["position"][rank]))
     return int(state["step"]), int(state["fp16_overflow"])
+
+
+@torch.no_grad()
+def fixed_draw_loss(cfg: DistillConfig, checkpoint: str | os.PathLike | None = None, draws: int = 4,
+                    seed: int = 1234) -> float:
+    """The distillation loss of ``checkpoint`` (None: the step-0 student) on a fixed evaluation set: the first
+    ``cfg.batch_size`` samples of the data and ``draws`` fixed (ω, n, ε) draws; averaged. Deterministic, so two
+    checkpoints can be compared (the per-step training loss swings with the random t_n)."""
+    from ..pipelines import load_pipeline, vae_scale_factor
+
+    device = torch.device("cpu") if cfg.device == "cpu" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(cfg.teacher, device="cpu")
+    models = build_models(cfg, pipe, device, common.generator_for(cfg.seed, 0xA11CE))
+    if checkpoint is not None:
+        weights, _ = common.load_checkpoint(checkpoint)
+        if cfg.mode == "full":
+            models.student.load_state_dict(weights["student"])
+            models.target.load_state_dict(weights["target"])
+        else:
+            for n, p in models.trainable_named():
+                p.copy_(weights["lora"][n])
+    num_points = len(models.alphas_cumprod) // cfg.skip
+    resolution = cfg.resolution or models.student.config.sample_size * vae_scale_factor(pipe)
+    lo, hi = DEFAULT_OMEGA[models.arch]
+    omega_range = (cfg.omega, cfg.omega) if cfg.omega is not None else \
+        (cfg.omega_min if cfg.omega_min is not None else lo, cfg.omega_max if cfg.omega_max is not None else hi)
+    stream = DataStream(DataSource(cfg, resolution), cfg, resolution, 0, 1)
+    encoder = Encoder(pipe, models.arch, device)
+    if models.arch == "sd":
+        encoder.uncond_hidden = encode_text(pipe, "sd", [""])[0]
+    z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
+    total = 0.0
+    for d in range(draws):
+        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omega_range, num_points,
+                                   common.generator_for(seed, d))
+        student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
+        loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device), models.alphas_cumprod,
+                           skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss, huber_c=cfg.huber_c)
+        total += float(loss)
+    return total / draws
