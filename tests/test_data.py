@@ -175,6 +175,9 @@ def make_bad_imagefolder(root: Path, n_good: int) -> Path:
         rows.append({"file_name": name, "text": "bad" if name != "emptycap.png" else "   "})
     rows[-2].pop("text")  # nocap.png
     rows.append({"file_name": "missing.png", "text": "gone"})
+    (root.parent / "secret.png").write_bytes(ok)  # outside the dataset: must never be read
+    rows.append({"file_name": "../secret.png", "text": "escape"})
+    rows.append({"file_name": str(root.parent / "secret.png"), "text": "absolute"})
     lines = [json.dumps(r) for r in rows] + ["{not json", json.dumps({"text": "no file name"})]
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return root
@@ -186,9 +189,9 @@ def test_bad_imagefolder_skipped_and_counted(tmp_path):
     assert len(got) == 90 + 3  # grey, rgba and palette are converted, not skipped
     assert all(x.shape == (3, 32, 32) for x, _ in got)
     assert ds.skipped == Counter(corrupt_image=2, too_small=1, missing_caption=1, empty_caption=1,
-                                 missing_image=1, bad_metadata=2)
+                                 missing_image=1, bad_metadata=2, path_outside_dataset=2)
     assert ds.converted == Counter(L=1, RGBA=1, P=1)
-    assert ds.bad == 8 and ds.seen == 101
+    assert ds.bad == 10 and ds.seen == 103
 
 
 def test_bad_webdataset_skipped_and_counted(tmp_path):
@@ -218,14 +221,14 @@ def test_bad_webdataset_skipped_and_counted(tmp_path):
 
 def test_too_many_bad_samples_is_a_clear_error(tmp_path):
     ds = load_dataset(make_bad_imagefolder(tmp_path / "bad", 10), ImageTransform(32), max_bad_fraction=0.2)
-    with pytest.raises(LcmkitError, match="8 of 21 samples were unusable.*max_bad_fraction"):
+    with pytest.raises(LcmkitError, match="10 of 23 samples were unusable.*max_bad_fraction"):
         list(ds.iterate())
     ds = load_dataset(make_bad_imagefolder(tmp_path / "bad2", 400), ImageTransform(32), max_bad_fraction=0.01,
                       min_checked=50)
     with pytest.raises(LcmkitError, match="max_bad_fraction"):  # stops mid-pass, not only at the end
         for _ in ds.iterate(torch.Generator().manual_seed(0)):
             pass
-    assert ds.seen < 411
+    assert ds.seen < 413
 
 
 def test_load_dataset_errors(tmp_path):

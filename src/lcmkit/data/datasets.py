@@ -47,7 +47,7 @@ METADATA_FILE = "metadata.jsonl"
 
 #: Reasons a sample is skipped (counted per sample; these make up the bad fraction).
 SAMPLE_REASONS = ("corrupt_image", "missing_image", "too_small", "missing_caption", "empty_caption",
-                  "bad_caption", "bad_metadata")
+                  "bad_caption", "bad_metadata", "path_outside_dataset")
 #: Reasons a whole shard contributes nothing or less than it should (counted per shard).
 SHARD_REASONS = ("empty_shard", "corrupt_shard", "truncated_shard")
 
@@ -290,8 +290,13 @@ def index_imagefolder(root, caption_key: str = "text") -> list[Record]:
             except (ValueError, KeyError, TypeError):
                 records.append(Record(key, None, None, problem="bad_metadata"))
                 continue
+            path = root / name
+            if Path(name).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+                # a file_name that leaves the dataset folder (../x, /etc/passwd) is never read
+                records.append(Record(name, None, None, problem="path_outside_dataset"))
+                continue
             text = row.get(caption_key)
-            records.append(Record(name, root / name, text if isinstance(text, str) else None,
+            records.append(Record(name, path, text if isinstance(text, str) else None,
                                   problem=None if text is None or isinstance(text, str) else "bad_caption"))
     return records
 
