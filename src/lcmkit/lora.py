@@ -10,6 +10,9 @@ beside them without touching what is here:
 - :func:`save_lora_diffusers`: one ``pytorch_lora_weights.safetensors`` with keys ``unet.<module>.lora_A.weight``
   / ``.lora_B.weight`` and the adapter config (rank, alpha, targets) stored in the file's metadata, so
   ``pipe.load_lora_weights(folder)`` rebuilds scale = alpha / rank exactly (diffusers ≥ 0.34 reads it).
+- :data:`LORA_TARGET_PRESETS` / :func:`lora_config`: target sets for training other LoRAs (style LoRAs).
+- :func:`load_into_adapters` / :func:`adapter_weights`: a LoRA file's layers (any format, via
+  :mod:`lcmkit.lora_formats`) as trainable peft adapters on a UNet, and back, ranks and alphas kept per layer.
 """
 
 from __future__ import annotations
@@ -86,3 +89,65 @@ def save_lora_diffusers(unet, folder: str | Path, pipeline_class=None, weight_na
     pipeline_class.save_lora_weights(str(folder), unet_lora_layers=state, weight_name=weight_name,
                                      safe_serialization=True, unet_lora_adapter_metadata=metadata)
     return folder / weight_name
+
+
+#: Target sets for training LoRAs, by name: ``lcm-lora`` (attention + feed-forward + every conv: the LCM-LoRA set)
+#: and ``attention`` (q/k/v/out projections only, diffusers' text-to-image LoRA example).
+LORA_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "lcm-lora": LCM_LORA_TARGETS["sd"],
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+}
+
+
+def lora_config(target_modules, rank: int, alpha: float):
+    """peft ``LoraConfig`` over ``target_modules`` (module-name suffixes), B zero-initialised."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(target_modules))
+
+
+def load_into_adapters(unet, weights) -> None:
+    """Add the UNet layers of ``weights`` (:data:`lcmkit.lora_formats.LoraWeights`) to ``unet`` as a trainable
+    peft adapter holding exactly those tensors: one adapter layer per LoRA layer (full module paths), each with its
+    own rank and alpha, so the adapted UNet computes W + (alpha/r)·up@down as the file says. The adapter weights
+    are float32 and trainable whatever the base weights' dtype (mixed-precision training keeps them so)."""
+    from peft import LoraConfig
+
+    from .errors import LcmkitError
+    from .lora_formats import _config, split_name
+
+    other = sorted({split_name(n)[0] for n in weights} - {"unet"})
+    if other:
+        raise LcmkitError(f"the LoRA has {', '.join(other)} layers; only UNet LoRA layers can be trained here")
+    paths = {name: split_name(name)[1] for name in weights}
+    # r / lora_alpha: the most common; rank_pattern / alpha_pattern: every layer that differs (full, escaped paths)
+    unet.add_adapter(LoraConfig(**_config(weights, paths), init_lora_weights=True))
+    applied = set(lora_layers(unet))
+    if applied != set(paths.values()):
+        raise LcmkitError(f"peft adapted {len(applied)} layers for a LoRA of {len(paths)}; please report this")
+    with torch.no_grad():
+        for name, layer in weights.items():
+            module = unet.get_submodule(paths[name])
+            for factor, value in ((module.lora_A["default"].weight, layer.down),
+                                  (module.lora_B["default"].weight, layer.up)):
+                if factor.shape != value.shape:
+                    raise LcmkitError(f"LoRA layer {name}: {tuple(value.shape)} does not fit peft's "
+                                      f"{tuple(factor.shape)}")
+                factor.data = value.to(factor.device, torch.float32).clone()
+                factor.requires_grad_(True)
+
+
+def adapter_weights(unet, adapter: str = "default") -> dict:
+    """``unet``'s peft adapter as :data:`lcmkit.lora_formats.LoraWeights` (``"unet.<path>" → LoraLayer``), float32
+    on CPU, alpha per layer (peft's ``lora_alpha``), ready for :func:`lcmkit.lora_formats.save_lora`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .lora_formats import LoraLayer, float32_value
+
+    weights = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {}):
+            down = module.lora_A[adapter].weight.detach().to("cpu", torch.float32).contiguous()
+            up = module.lora_B[adapter].weight.detach().to("cpu", torch.float32).contiguous()
+            weights[f"unet.{name}"] = LoraLayer(down, up, float32_value(module.lora_alpha[adapter]))
+    return weights

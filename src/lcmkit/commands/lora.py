@@ -3,7 +3,9 @@
 - ``lcmkit lora combine BASE --lora FILE:λ [--lora FILE:λ ...] --out DIR [--overwrite]``: task arithmetic
   θ' = θ_pre + Σ λ_i τ_i (LCM-LoRA report eq. 3) merged into a standalone diffusers pipeline folder of the same
   class as BASE (safetensors), e.g. a style LoRA at 0.8 plus LCM-LoRA at 1.0. Owner: task_arithmetic.py.
-- ``lcmkit lora train``: not yet (placeholder below; owner: the LoRA training recipe).
+- ``lcmkit lora train --model DIR --data PATH --out FILE.safetensors [options]``: a style LoRA (ordinary diffusion
+  fine-tuning of the base model's UNet through a LoRA), written in the LCM-LoRA file format. Owner:
+  train/style_lora.py.
 """
 
 from __future__ import annotations
@@ -104,5 +106,38 @@ def run_combine(args) -> int:
 
 # --- train (owner: the LoRA training recipe) ------------------------------------------------------------------
 def _register_train(lora_sub) -> None:
-    """PLACEHOLDER for ``lcmkit lora train`` (another engineer fills it in): registers nothing yet."""
-    return None
+    from .finetune import add_training_args
+
+    p = lora_sub.add_parser(
+        "train", help="train a style LoRA on a base model (diffusion loss), in the LCM-LoRA file format",
+        description="Ordinary diffusion fine-tuning of a base model through a LoRA (noise-prediction loss matching "
+                    "the model's prediction_type, uniform t, optional caption dropout). The file can be combined "
+                    "with an LCM-LoRA: lcmkit generate BASE --lora style.safetensors:0.8 --lora lcm.safetensors. "
+                    "Flags override the --config YAML file.")
+    a = p.add_argument
+    a("--model", help="base diffusers pipeline folder (SD 1.x/2.x eps or v, SDXL)")
+    a("--out", help="the LoRA file to write (.safetensors; refused if it exists, unless --overwrite/--resume)")
+    a("--run-dir", help="checkpoints, logs, grids (default: <out without .safetensors>.run)")
+    a("--lora-rank", type=int, help="LoRA rank (default 16)")
+    a("--lora-alpha", type=float, help="LoRA alpha (default 16)")
+    a("--lora-targets", help="target preset: lcm-lora (attention + conv, default) or attention; or a comma list "
+                             "of module-name suffixes")
+    a("--caption-dropout", type=float, help="probability of training a sample unconditionally (default 0)")
+    a("--validation-steps", type=int, help="DDIM steps of the validation grid (default 25)")
+    a("--validation-guidance", type=float, help="guidance_scale of the validation grid (default 7.5)")
+    add_training_args(p)
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    import os
+
+    from lcmkit.train.common import build_config
+    from lcmkit.train.style_lora import StyleLoraConfig, train_style_lora
+
+    from .finetune import overrides
+
+    result = train_style_lora(build_config(StyleLoraConfig, args.config, overrides(args)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result)
+    return 0

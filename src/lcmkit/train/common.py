@@ -9,11 +9,13 @@ Each piece is a small function or dataclass a recipe calls explicitly; nothing h
   CPU), :func:`sync_gradients` (mean of gradients over processes, done by hand: see its docstring for why).
 - **optimisation**: :class:`OptimConfig` / :func:`make_optimizer` (AdamW), :func:`lr_factor` (warm-up, then
   constant or cosine, a pure function of the *optimizer* step, so it is never stretched by the number of
-  processes), :func:`ema_update_`, :class:`NonFiniteGuard`.
+  processes), :func:`ema_update_`, :class:`NonFiniteGuard`, and :func:`optimizer_step`: everything between the
+  micro-batches' backward passes and the next step, taken or skipped identically on every process.
 - **checkpoints**: :func:`save_checkpoint` writes a folder atomically (temp folder, fsync, ``os.replace``) and
   keeps the last K; :func:`load_checkpoint` reads it back with ``torch.load(weights_only=True)``: tensors,
   numbers, strings, lists and dicts only, never pickled objects. :func:`rng_state` / :func:`set_rng_state` store
-  torch, numpy and python RNG states in that form.
+  torch, numpy and python RNG states in that form. :func:`training_state` / :func:`restore_training_state` are the
+  recipe-independent part of a checkpoint (step, optimizer, LR schedule, scaler, guard, RNG, data positions).
 - **output folders**: :func:`prepare_output_dir` refuses a folder with results unless overwrite or resume.
 - **logging**: :class:`RunLogger` (TensorBoard when installed + a JSON-lines log), :func:`save_image_grid`.
 """
@@ -326,6 +328,57 @@ class NonFiniteGuard:
         self.skipped, self.in_a_row = int(state["skipped"]), int(state["in_a_row"])
 
 
+@dataclass
+class StepOutcome:
+    """What :func:`optimizer_step` did, for logs and progress bars."""
+
+    loss: float            # this step's loss: mean over micro-batches (already divided) and processes
+    ok: bool               # False: a non-finite loss/gradient, the step was skipped (and counted by the guard)
+    grad_norm: float       # before clipping; nan when clipping is off or the step was skipped
+    lr: float              # the learning rate this step used
+    fp16_overflow: bool    # fp16 gradients overflowed: the scaler skipped the update and lowered its scale
+
+
+def optimizer_step(params: list[torch.nn.Parameter], micro_losses: list[torch.Tensor], optimizer, lr_scheduler,
+                   scaler, guard: NonFiniteGuard, accelerator, max_grad_norm: float, step: int) -> StepOutcome:
+    """One optimizer step after the micro-batches' ``backward()`` (losses already divided by their number).
+
+    1. gradients and the loss averaged over processes, so every rank takes the same decisions below;
+    2. fp16: unscale the gradients; a non-finite loss (or gradient, without a scaler) skips the step and is counted
+       by ``guard`` (which stops the run after too many in a row); under fp16 an overflow in the *gradients* is the
+       scaler's business (it skips the update and lowers its scale), not an error;
+    3. clipping (``max_grad_norm`` > 0), AdamW (through the scaler under fp16);
+    4. scaler update and one LR-schedule step (once per optimizer step, on every process).
+    ``step`` is the 1-based number of this step, for the guard's message. EMA updates are the caller's, when ``ok``.
+    """
+    sync_gradients(params, accelerator)
+    loss = all_reduce_mean(torch.stack(micro_losses).sum(), accelerator)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    loss_ok = bool(torch.isfinite(loss))
+    grads_ok = grads_finite(params)
+    ok = guard.record(loss_ok and (grads_ok or scaler is not None), step, "loss" if not loss_ok else "gradient")
+    grad_norm = float("nan")
+    if ok:
+        if max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+    if scaler is not None:
+        scaler.update()
+    lr = lr_scheduler.get_last_lr()[0]
+    lr_scheduler.step()
+    return StepOutcome(float(loss), ok, grad_norm, lr, ok and scaler is not None and not grads_ok)
+
+
+def weights_checksums(params: Iterable[torch.nn.Parameter], accelerator) -> list[float]:
+    """Σ of every trainable weight (float64), one per process: equal on all ranks when data parallelism held."""
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+    return accelerator.gather(checksum).cpu().tolist() if accelerator.num_processes > 1 else [float(checksum)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # RNG states in weights_only-loadable form
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,6 +517,43 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
     return weights, state
 
 
+def data_positions(position: tuple[int, int], accelerator) -> torch.Tensor:
+    """Every process's data-stream position (epoch, position in its share), gathered: (W, 2) int64 on CPU."""
+    mine = torch.tensor([*position], dtype=torch.int64, device=accelerator.device)
+    if accelerator.num_processes == 1:
+        return mine.cpu().view(1, 2)
+    return accelerator.gather(mine).cpu().view(-1, 2)
+
+
+def training_state(step: int, optimizer, lr_scheduler, scaler, guard: NonFiniteGuard, positions: torch.Tensor,
+                   processes: int, **extra) -> dict:
+    """The recipe-independent part of a checkpoint's ``training_state.pt`` (weights_only-loadable); ``extra``:
+    counters and the settings a resume must match (checked by :func:`restore_training_state`)."""
+    return {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
+            "data": {"epoch": positions[:, 0].clone(), "position": positions[:, 1].clone()},
+            "nonfinite": guard.state_dict(), "processes": processes, **extra}
+
+
+def restore_training_state(path: str | os.PathLike, state: dict, optimizer, lr_scheduler, scaler,
+                           guard: NonFiniteGuard, must_match: dict[str, Any], rank: int) -> tuple[int, tuple[int, int]]:
+    """Load what :func:`training_state` saved; refuse a checkpoint whose ``must_match`` settings differ.
+
+    Returns (step, process ``rank``'s data position (epoch, position in its share)).
+    """
+    for key, value in must_match.items():
+        if state.get(key) != value:
+            raise LcmkitError(f"checkpoint {path} was made with {key}={state.get(key)}, this run has {value}; "
+                              "resume with the same setting (or start a new --out)")
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    guard.load_state_dict(state["nonfinite"])
+    set_rng_state(state["rng"])
+    return int(state["step"]), (int(state["data"]["epoch"][rank]), int(state["data"]["position"][rank]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Output folders, logging, images
 # ---------------------------------------------------------------------------------------------------------------
@@ -531,4 +621,13 @@ def save_image_grid(rows: list[list], path: str | os.PathLike) -> Path:
     tmp = path.with_name(f".tmp-{path.name}")
     save_grid([im for row in rows for im in row], tmp.with_suffix(".png"), cols=len(rows[0]))
     os.replace(tmp.with_suffix(".png"), path)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
+    """``data`` as indented JSON at ``path``, via a temp file and ``os.replace`` (never half written)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
     return path

@@ -1,0 +1,491 @@
+"""Latent consistency fine-tuning (LCF): LCM paper Algorithm 4, on a full LCM or an LCM-LoRA.
+
+No teacher: a pretrained LCM is adapted to new data (a custom dataset, a style) with the consistency loss alone.
+The recipe, per optimizer step (one micro-batch per ``grad_accum``; each process its own shard of the data):
+
+1. a batch of images → z = E(x)·scaling_factor (VAE posterior mean) and text conditioning c;
+2. per sample: ω ~ U[ω_min, ω_max] (or a fixed ω), n ~ U{0 … N−1} with N = T // k, ε ~ N(0, I), drawn in that
+   order from a generator seeded by (seed, step, micro-batch, rank) (:func:`lcmkit.train.distill.draw`), so a
+   resumed run redraws them exactly;
+3. :func:`lcmkit.losses.lcf_loss`: z_{t_{n+k}} = α_{t_{n+k}} z + σ_{t_{n+k}} ε and z_{t_n} = α_{t_n} z + σ_{t_n} ε
+   (the SAME z and ε: the data stands in for the teacher's ODE step), loss
+   d(f_θ(z_{t_{n+k}}, ω, c, t_{n+k}), f_θ⁻(z_{t_n}, ω, c, t_n));
+4. :func:`lcmkit.train.common.optimizer_step` (gradients averaged over processes, non-finite steps skipped and
+   counted, clipping, AdamW, LR schedule in optimizer steps), then θ⁻ ← μθ⁻ + (1 − μ)θ (full mode).
+
+**Full mode** (``--model`` is an LCM pipeline folder whose UNet has ``time_cond_proj_dim``): θ starts as that UNet,
+θ⁻ as a copy of it, updated by EMA (``ema`` = μ); ω enters through the w-embedding (Algorithm 4 samples ω from a
+range, as Algorithm 1). Output ``out/pipeline/``: the input pipeline (same class, same components) with θ⁻ and an
+``LCMScheduler`` whose grid is the fine-tuning grid (T // k points).
+
+**LoRA mode** (``--model`` is the base pipeline, ``--lora`` an LCM-LoRA file of any format lcmkit reads): the
+file's layers become a trainable peft adapter on the UNet (rank and alpha per layer, as in the file); the target is
+the online model without gradients (no EMA, as LCM-LoRA); guidance is baked in (no ω). Output
+``out/lora/<the input file's name>`` in the input file's format (diffusers, PEFT or kohya; a mixed file is written as
+diffusers), readable by ``lcmkit generate BASE --lora FILE`` and diffusers' ``load_lora_weights``.
+
+Mixed precision, checkpoints, resume, logs and validation grids work as in :mod:`lcmkit.train.distill`, whose data
+pipeline (:class:`~lcmkit.train.distill.DataStream`, :class:`~lcmkit.train.distill.Encoder`) is reused as is.
+Output folder ``out/``: ``config.yaml``, ``checkpoints/step-N/``, ``logs/``, ``validation/step-N.png`` (rows: LCM
+step counts; columns: prompts), ``summary.json`` and the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..denoisers import TextConditioning, has_w_embedding, unet_denoiser
+from ..errors import LcmkitError
+from ..losses import LOSS_TYPES, lcf_loss
+from ..math.schedule import alphas_cumprod_from_config
+from . import common
+from .common import OptimConfig
+from .distill import (DEFAULT_OMEGA, WORLD_STYLES, DataSource, DataStream, Encoder, Models, build_latent_cache,
+                      build_text_cache, draw, encode_text, is_world, validation_images, world_style)
+
+RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FinetuneConfig:
+    """Everything ``lcmkit finetune`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
+
+    model: str = ""                   # full LCM pipeline folder, or the base pipeline of --lora
+    data: str = ""                    # imagefolder (metadata.jsonl), webdataset shards, or world / world:outlined
+    out: str = ""                     # output folder
+    lora: str | None = None           # LCM-LoRA .safetensors for --model (LoRA mode); None = full mode
+    ema: float = 0.95                 # μ of the target θ⁻ (full mode); 0 = target is a copy of θ
+    omega: float | None = None        # fixed paper ω for the w-embedding (full mode) instead of a range
+    omega_min: float | None = None    # default 5 (SD) / 3 (SDXL), as distillation
+    omega_max: float | None = None    # default 15
+    skip: int = 20                    # skipping step k
+    loss: str = "huber"               # l2 (paper) or huber (pseudo-Huber)
+    huber_c: float = 0.001
+    resolution: int | None = None     # pixels; default the model's native size
+    crop: str = "center"              # center or random
+    flip: bool = False                # random horizontal flip
+    caption_key: str = "text"         # imagefolder caption column
+    world_samples: int = 10000        # size of the built-in world dataset (images 0 … n−1 of seed ``seed``)
+    cache_latents: bool = False       # encode every image once up front (needs crop=center, no flip)
+    cache_text: bool | None = None    # encode every caption once up front; default: on for the world
+    batch_size: int = 8               # per process, per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 1000             # optimizer steps; the LR schedule spans these
+    stop_at: int | None = None        # stop (with a checkpoint) after this step, schedule unchanged; for --resume
+    mixed_precision: str = "no"       # no, fp16, bf16
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 500         # 0 = only at the end
+    validation_prompts: list[str] = field(default_factory=list)  # default: the first batch's captions (≤ 4)
+    validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    validation_omega: float = 7.0     # ω of the full LCM's w-embedding in validation grids
+    validation_seed: int = 0
+    log_every: int = 10
+    max_nonfinite: int = 5            # stop after this many non-finite steps in a row (0 = never)
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"              # auto (accelerate's choice) or cpu
+    progress: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        if isinstance(self.optim, dict):
+            self.optim = OptimConfig(**self.optim)
+        check_training_options(self, model_key="model")
+        if self.lora is not None:
+            from ..lora_formats import check_safetensors_file
+
+            check_safetensors_file(self.lora)
+        if not 0.0 <= self.ema < 1.0:
+            raise LcmkitError(f"ema must be in [0, 1) (0.95 is the reference; 0 = no EMA), got {self.ema}")
+        if self.omega is not None and (self.omega_min is not None or self.omega_max is not None):
+            raise LcmkitError("give either a fixed --omega or --omega-min/--omega-max, not both")
+        for name in ("omega", "omega_min", "omega_max", "validation_omega"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise LcmkitError(f"{name} must be a finite number >= 0 (paper ω = guidance_scale − 1), got {v}")
+        if self.omega_min is not None and self.omega_max is not None and self.omega_min > self.omega_max:
+            raise LcmkitError(f"omega_min {self.omega_min} > omega_max {self.omega_max}; swap them")
+        if self.skip < 1:
+            raise LcmkitError(f"skip k must be >= 1 (20 is the reference), got {self.skip}")
+        if self.loss not in LOSS_TYPES:
+            raise LcmkitError(f"loss must be one of {', '.join(LOSS_TYPES)}, got {self.loss!r}")
+        if self.huber_c <= 0:
+            raise LcmkitError(f"huber_c must be > 0 (0.001 is the reference), got {self.huber_c}")
+        if not self.validation_steps or any(s < 1 for s in self.validation_steps):
+            raise LcmkitError(f"validation_steps must be positive step counts, got {self.validation_steps}")
+
+    @property
+    def mode(self) -> str:
+        return "full" if self.lora is None else "lora"
+
+
+def check_training_options(cfg, model_key: str) -> None:
+    """Checks shared by the fine-tuning recipes (this one and :mod:`lcmkit.train.style_lora`): the model folder,
+    data, output and the data / loop / precision options, each with a message that says how to fix it."""
+    for name in (model_key, "data", "out"):
+        if not getattr(cfg, name):
+            raise LcmkitError(f"--{name} is required")
+    model = Path(getattr(cfg, model_key)).expanduser()
+    if not model.is_dir():
+        raise LcmkitError(f"model folder {model} not found; pass a diffusers pipeline folder (saved with "
+                          "save_pretrained)")
+    if not (model / "model_index.json").is_file():
+        raise LcmkitError(f"model {model} is not a diffusers pipeline folder (no model_index.json)")
+    if not is_world(cfg.data) and not any(c in cfg.data for c in "*{") and not Path(cfg.data).exists():
+        raise LcmkitError(f"data {cfg.data} not found; pass an imagefolder, .tar shards, or 'world'")
+    if is_world(cfg.data) and world_style(cfg.data) not in WORLD_STYLES:
+        raise LcmkitError(f"unknown world style in {cfg.data!r}; use world, world:filled or world:outlined")
+    if cfg.resolution is not None and cfg.resolution < 8:
+        raise LcmkitError(f"resolution must be >= 8 pixels, got {cfg.resolution}")
+    if cfg.crop not in ("center", "random"):
+        raise LcmkitError(f"crop must be center or random, got {cfg.crop!r}")
+    if cfg.cache_latents and (cfg.crop != "center" or cfg.flip):
+        raise LcmkitError("cache_latents needs crop=center and flip off (a cached latent cannot be re-augmented); "
+                          "drop --cache-latents or the augmentation")
+    for name in ("batch_size", "grad_accum", "max_steps", "world_samples", "checkpoint_every", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise LcmkitError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.max_steps:
+        raise LcmkitError(f"stop_at must be in [1, max_steps={cfg.max_steps}], got {cfg.stop_at}")
+    if cfg.mixed_precision not in common.MIXED_PRECISION:
+        raise LcmkitError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.keep_checkpoints < 0 or cfg.validate_every < 0 or cfg.max_nonfinite < 0:
+        raise LcmkitError("keep_checkpoints, validate_every and max_nonfinite must be >= 0")
+    if cfg.device not in ("auto", "cpu"):
+        raise LcmkitError(f"device must be auto or cpu, got {cfg.device!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models: θ and θ⁻ (no teacher)
+# ---------------------------------------------------------------------------------------------------------------
+
+def freeze_frozen_parts(pipe, device: torch.device, mixed_precision: str) -> None:
+    """VAE and text encoders: no gradients, eval mode, on ``device`` in the weight dtype (the VAE stays float32
+    under fp16 when its config asks for upcasting)."""
+    dtype = common.weight_dtype(mixed_precision)
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+    upcast = dtype == torch.float16 and pipe.vae.config.get("force_upcast", False)
+    pipe.vae.to(device, torch.float32 if upcast else dtype)
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(device, dtype)
+
+
+def lora_file_format(path: str | Path) -> str:
+    """The format a LoRA file is written in (``diffusers``, ``peft`` or ``kohya``), key by key; a file mixing
+    formats counts as ``diffusers`` (what we write it back as)."""
+    from ..lora_formats import parse_key, read_safetensors
+
+    state, _ = read_safetensors(path)
+    formats = {parse_key(k).fmt for k in state}
+    return formats.pop() if len(formats) == 1 else "diffusers"
+
+
+def build_models(cfg: FinetuneConfig, pipe, device: torch.device) -> Models:
+    """θ (student) and θ⁻ (target) for ``cfg.mode``; in LoRA mode both are the one adapted UNet.
+
+    ``Models.teacher`` is None: LCF has no teacher.
+    """
+    from ..lora import architecture, load_into_adapters
+    from ..lora_formats import load_lora
+
+    unet = pipe.unet
+    arch = architecture(unet)
+    freeze_frozen_parts(pipe, device, cfg.mixed_precision)
+    if cfg.mode == "full":
+        if not has_w_embedding(unet):
+            raise LcmkitError(f"{cfg.model} is not a full LCM (its UNet has no guidance embedding, "
+                              "time_cond_proj_dim); for an LCM-LoRA pass the base model with --lora FILE")
+        student = unet.to(device, torch.float32).train().requires_grad_(True)
+        target = copy.deepcopy(student).requires_grad_(False).eval()
+    else:
+        if has_w_embedding(unet):
+            raise LcmkitError(f"{cfg.model} is a full LCM (its UNet has a guidance embedding); --lora expects the "
+                              "base model the LCM-LoRA was trained for (drop --lora to fine-tune this LCM)")
+        unet.requires_grad_(False).to(device, common.weight_dtype(cfg.mixed_precision))
+        load_into_adapters(unet, load_lora(cfg.lora, unet))  # float32 LoRA weights, trainable
+        student = target = unet.train()
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler.config).to(device)
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    return Models(pipe, cfg.mode, arch, None, student, target, alphas_cumprod, prediction_type, device,
+                  cfg.mixed_precision)
+
+
+def omega_range(cfg, arch: str) -> tuple[float, float]:
+    """[ω_min, ω_max] of the w-embedding draws: fixed ω, the given bounds, or the distillation defaults."""
+    lo, hi = DEFAULT_OMEGA[arch]
+    if cfg.omega is not None:
+        return cfg.omega, cfg.omega
+    lo = cfg.omega_min if cfg.omega_min is not None else lo
+    hi = cfg.omega_max if cfg.omega_max is not None else hi
+    if lo > hi:
+        raise LcmkitError(f"omega range ({lo}, {hi}) is empty (min > max); set both --omega-min and --omega-max")
+    return lo, hi
+
+
+def step_loss(models: Models, cfg: FinetuneConfig, z0: Tensor, cond: TextConditioning, omega: Tensor,
+              index: Tensor, noise: Tensor) -> Tensor:
+    """The LCF loss of one micro-batch for the draws (ω, n, ε): θ and θ⁻ with this batch's conditioning (and, full
+    mode, per-sample ω in the w-embedding) bound in, fed to :func:`lcmkit.losses.lcf_loss` under autocast."""
+    ac, pt = models.alphas_cumprod, models.prediction_type
+    w = omega.to(models.device) if models.mode == "full" else None
+    student = unet_denoiser(models.student, ac, cond, prediction_type=pt, w_omega=w)
+    target = unet_denoiser(models.target, ac, cond, prediction_type=pt, w_omega=w)
+    with common.autocast(models.device, models.mixed_precision):
+        loss, _ = lcf_loss(student, target, z0, noise.to(models.device), index.to(models.device), ac,
+                           skip=cfg.skip, loss_type=cfg.loss, huber_c=cfg.huber_c)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data (distillation's pipeline, reused) and outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+def make_data(cfg, pipe, arch: str, device: torch.device, resolution: int, rank: int, world_size: int,
+              progress: bool) -> tuple[DataSource, DataStream, Encoder]:
+    """This process's data stream and the batch encoder (latent and text caches as configured); the encoder's
+    unconditional embedding is "" (SD) / zeros (SDXL), as in distillation."""
+    source = DataSource(cfg, resolution)
+    stream = DataStream(source, cfg, resolution, rank, world_size)
+    if cfg.cache_latents:
+        stream.latent_cache = build_latent_cache(source, stream, pipe, progress)
+    cache_text = cfg.cache_text if cfg.cache_text is not None else is_world(cfg.data)
+    encoder = Encoder(pipe, arch, device, latent_cache=stream.latent_cache,
+                      text_cache=build_text_cache(source.captions(), pipe, arch) if cache_text else None)
+    if arch == "sd":
+        encoder.uncond_hidden = encode_text(pipe, "sd", [""])[0]
+    return source, stream, encoder
+
+
+def default_validation_prompts(cfg, source: DataSource, resolution: int, stream: DataStream) -> list[str]:
+    """``cfg.validation_prompts``, else the first (≤ 4, distinct) captions of the data: the same on every run."""
+    if cfg.validation_prompts:
+        return list(cfg.validation_prompts)
+    probe = DataStream(source, cfg, resolution, 0, 1, stream.latent_cache)
+    return list(dict.fromkeys(s.caption for s in probe.next_batch(min(4, len(source)))))
+
+
+def save_full_pipeline(models: Models, model_dir: str, folder: Path, num_points: int) -> None:
+    """The input pipeline (same class, its own float32 VAE / text encoders from disk) with θ⁻ as its UNet and an
+    ``LCMScheduler`` on the fine-tuning grid (``original_inference_steps`` = T // k)."""
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    from ..pipelines import _quiet_loading
+
+    scheduler = LCMScheduler.from_config(models.pipe.scheduler.config, original_inference_steps=num_points,
+                                         prediction_type=models.prediction_type)
+    unet = copy.deepcopy(models.target).to("cpu", torch.float32)
+    with _quiet_loading():
+        pipe = DiffusionPipeline.from_pretrained(model_dir, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def save_lora_like(unet, source_file: str | Path, folder: Path) -> Path:
+    """``unet``'s adapter as ``folder/<source file name>`` in the source file's format (alphas kept)."""
+    from ..lora import adapter_weights
+    from ..lora_formats import save_lora
+
+    return save_lora(adapter_weights(unet), folder / Path(source_file).name, lora_file_format(source_file))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------------------------
+
+def _setup(cfg: FinetuneConfig, device: torch.device):
+    """Pipeline + models + resolution + grid size, shared by :func:`finetune` and :func:`fixed_draw_loss`."""
+    from ..pipelines import load_pipeline, vae_scale_factor
+
+    pipe = load_pipeline(cfg.model, device="cpu", dtype=None)
+    models = build_models(cfg, pipe, device)
+    T = len(models.alphas_cumprod)
+    if cfg.skip > T:
+        raise LcmkitError(f"skip k={cfg.skip} exceeds the model's {T} timesteps")
+    factor = vae_scale_factor(pipe)
+    resolution = cfg.resolution or models.student.config.sample_size * factor
+    if resolution % factor:
+        raise LcmkitError(f"resolution {resolution} is not a multiple of the VAE scale factor {factor}")
+    return pipe, models, resolution, T // cfg.skip
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Run latent consistency fine-tuning; returns the output (``out/pipeline`` or ``out/lora/<file>``)."""
+    from tqdm.auto import tqdm
+
+    accelerator = common.setup_accelerator(cfg.mixed_precision, cpu=cfg.device == "cpu")
+    device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    out = Path(cfg.out)
+    if main:
+        common.prepare_output_dir(out, RESULT_NAMES, cfg.overwrite, cfg.resume)
+    accelerator.wait_for_everyone()
+    checkpoints = common.checkpoint_dirs(out)
+    if cfg.resume and not checkpoints and main:
+        print(f"lcmkit finetune: no checkpoint in {out}; starting from step 0")
+
+    pipe, models, resolution, num_points = _setup(cfg, device)
+    omegas = omega_range(cfg, models.arch)
+    resolved = {"mode": cfg.mode, "architecture": models.arch, "resolution": resolution,
+                "num_grid_points": num_points, "omega_range": list(omegas) if cfg.mode == "full" else None,
+                "lora_format": lora_file_format(cfg.lora) if cfg.lora else None}
+    write_config = lambda folder: common.save_config(cfg, folder, resolved)  # noqa: E731
+    if main:
+        write_config(out)
+    source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, rank, world_size,
+                                        cfg.progress and main)
+
+    params = models.trainable()
+    optimizer = common.make_optimizer(params, cfg.optim)
+    scheduler = common.make_lr_scheduler(optimizer, cfg.optim, cfg.max_steps)
+    scaler = common.make_grad_scaler(device, cfg.mixed_precision)
+    guard = common.NonFiniteGuard(cfg.max_nonfinite)
+    step, overflow = 0, 0
+    if cfg.resume and checkpoints:
+        step, overflow = _restore(checkpoints[-1], cfg, models, optimizer, scheduler, scaler, guard, stream, rank,
+                                  world_size)
+    prompts = default_validation_prompts(cfg, source, resolution, stream)
+
+    logger = common.RunLogger(out / "logs", enabled=main)
+    stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"finetune ({cfg.mode})", disable=not (cfg.progress and main),
+               dynamic_ncols=True)
+    losses: list[float] = []
+    step_times: list[float] = []
+    try:
+        while step < stop:
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            micro_losses = []
+            for micro in range(cfg.grad_accum):
+                z0, cond, _ = encoder(stream.next_batch(cfg.batch_size))
+                omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points,
+                                           common.generator_for(cfg.seed, step, micro, rank))
+                loss = step_loss(models, cfg, z0, cond, omega, index, noise) / cfg.grad_accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                micro_losses.append(loss.detach().float())
+            outcome = common.optimizer_step(params, micro_losses, optimizer, scheduler, scaler, guard, accelerator,
+                                            cfg.optim.max_grad_norm, step + 1)
+            if outcome.ok and cfg.mode == "full":
+                common.ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
+            overflow += int(outcome.fp16_overflow)
+            step += 1
+            step_times.append(time.perf_counter() - t0)
+            losses.append(outcome.loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{outcome.loss:.4g}", lr=f"{outcome.lr:.2g}")
+            if step % cfg.log_every == 0 or step == stop:
+                logger.log(step, {"loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
+                                  "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow,
+                                  "sec_per_step": step_times[-1]})
+            if step % cfg.checkpoint_every == 0 or step == stop:
+                _checkpoint(out, step, cfg, models, optimizer, scheduler, scaler, guard, overflow, stream,
+                            accelerator, write_config)
+            if main and (step == stop or (cfg.validate_every and step % cfg.validate_every == 0)):
+                rows = validation_images(models, encoder, prompts, cfg.validation_steps, cfg.validation_omega,
+                                         cfg.validation_seed, resolution, num_points)
+                common.save_image_grid(rows, out / "validation" / f"step-{step:07d}.png")
+    finally:
+        bar.close()
+        logger.close()
+
+    sums = common.weights_checksums(params, accelerator)
+    consistent = all(s == sums[0] for s in sums)
+    finished = step >= cfg.max_steps
+    result_dir = out / ("pipeline" if cfg.mode == "full" else "lora")
+    result = result_dir if cfg.mode == "full" else result_dir / Path(cfg.lora).name
+    if main:
+        if not consistent:
+            raise LcmkitError(f"processes ended with different weights (checksums {sums}); please report this")
+        if finished:
+            def write_result(folder: Path) -> None:
+                if cfg.mode == "full":
+                    save_full_pipeline(models, cfg.model, folder, num_points)
+                else:
+                    save_lora_like(models.student, cfg.lora, folder)
+                write_config(folder)
+            common.atomic_folder(result_dir, write_result)
+        common.write_json_atomic(out / "summary.json", {
+            "step": step, "max_steps": cfg.max_steps, "finished": finished, "mode": cfg.mode,
+            "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow, "processes": world_size,
+            "ranks_consistent": consistent, "weights_checksum": sums[0],
+            "sec_per_step": float(np.median(step_times)) if step_times else None, "losses": losses,
+            "result": str(result) if finished else None})
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _checkpoint(out, step, cfg, models, optimizer, scheduler, scaler, guard, overflow, stream, accelerator,
+                write_config) -> None:
+    """All processes contribute their data position; the main process writes the folder atomically."""
+    positions = common.data_positions(stream.state(), accelerator)
+    if accelerator.is_main_process:
+        if cfg.mode == "full":
+            weights = {"student": models.student.state_dict(), "target": models.target.state_dict()}
+        else:
+            weights = {"lora": dict(models.trainable_named())}
+        state = common.training_state(step, optimizer, scheduler, scaler, guard, positions,
+                                      accelerator.num_processes, fp16_overflow=overflow, mode=cfg.mode)
+        common.save_checkpoint(out, step, weights, state, write_config, cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def _load_weights(models: Models, weights: dict, path) -> None:
+    with torch.no_grad():
+        if models.mode == "full":
+            models.student.load_state_dict(weights["student"])
+            models.target.load_state_dict(weights["target"])
+        else:
+            named = dict(models.trainable_named())
+            if set(named) != set(weights["lora"]):
+                raise LcmkitError(f"checkpoint {path} holds different LoRA layers than this model")
+            for n, p in named.items():
+                p.copy_(weights["lora"][n])
+
+
+def _restore(path, cfg, models, optimizer, scheduler, scaler, guard, stream, rank, world_size) -> tuple[int, int]:
+    weights, state = common.load_checkpoint(path)
+    step, position = common.restore_training_state(path, state, optimizer, scheduler, scaler, guard,
+                                                   {"mode": cfg.mode, "processes": world_size}, rank)
+    _load_weights(models, weights, path)
+    stream.restore(*position)
+    return step, int(state["fp16_overflow"])
+
+
+@torch.no_grad()
+def fixed_draw_loss(cfg: FinetuneConfig, checkpoint=None, draws: int = 4, seed: int = 1234) -> float:
+    """The LCF loss of ``checkpoint`` (None: the starting model) on a fixed evaluation set: the first
+    ``cfg.batch_size`` samples and ``draws`` fixed (ω, n, ε) draws, averaged. Deterministic, so two checkpoints
+    can be compared (the per-step training loss swings with the random t_n)."""
+    device = torch.device("cpu") if cfg.device == "cpu" else \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe, models, resolution, num_points = _setup(cfg, device)
+    if checkpoint is not None:
+        _load_weights(models, common.load_checkpoint(checkpoint)[0], checkpoint)
+    _, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, 0, 1, False)
+    z0, cond, _ = encoder(stream.next_batch(cfg.batch_size))
+    omegas = omega_range(cfg, models.arch)
+    total = 0.0
+    for d in range(draws):
+        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points, common.generator_for(seed, d))
+        total += float(step_loss(models, cfg, z0, cond, omega, index, noise))
+    return total / draws

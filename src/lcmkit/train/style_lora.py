@@ -1,0 +1,410 @@
+"""Style LoRA: ordinary diffusion fine-tuning of a base model's UNet through a LoRA (the τ_style of task arithmetic,
+LCM-LoRA report eq. 3: θ' = θ_pre + λ1·τ_style + λ2·τ_LCM).
+
+The recipe, per optimizer step (one micro-batch per ``grad_accum``; each process its own shard of the data):
+
+1. a batch of images → z0 = E(x)·scaling_factor (VAE posterior mean) and text conditioning c; with probability
+   ``caption_dropout`` a sample's c is replaced by the unconditional one ("" for SD, zeros for SDXL), so the LoRA
+   also learns the unconditional branch classifier-free guidance uses;
+2. per sample: t ~ U{0 … T−1}, ε ~ N(0, I), the dropout coin, drawn in that order from a generator seeded by
+   (seed, step, micro-batch, rank), so a resumed run redraws them exactly;
+3. :func:`denoising_loss`: x_t = α_t z0 + σ_t ε and ‖model(x_t, t, c) − target‖², the target matching the model's
+   ``prediction_type`` (:func:`lcmkit.math.param.from_x0_eps`: ε for epsilon models, v = α_t ε − σ_t z0 for
+   v-prediction ones);
+4. :func:`lcmkit.train.common.optimizer_step`.
+
+LoRA on ``lora_targets`` (a preset of :data:`lcmkit.lora.LORA_TARGET_PRESETS`, default ``lcm-lora``, or a comma
+list of module-name suffixes), rank/alpha ``lora_rank``/``lora_alpha``, B = 0 at the start (the adapted UNet equals
+the base). Output: ``--out FILE.safetensors`` in the LCM-LoRA file format (diffusers keys ``unet.<module>.lora_A/B``,
+rank and alpha in the header), read by ``lcmkit generate BASE --lora FILE`` and diffusers' ``load_lora_weights``.
+
+Run folder (``run_dir``, default ``<FILE without .safetensors>.run/`` beside it): ``config.yaml``,
+``checkpoints/step-N/``, ``logs/``, ``validation/step-N.png`` (rows: the base model, then with the LoRA, DDIM with
+CFG; columns: prompts, fixed seeds), ``summary.json``. The rest (mixed precision, resume, data) as
+:mod:`lcmkit.train.finetune` and :mod:`lcmkit.train.distill`, whose pieces this reuses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..denoisers import TextConditioning, has_w_embedding, unet_denoiser, unet_output
+from ..errors import LcmkitError
+from ..math.param import from_x0_eps
+from ..math.schedule import alpha_sigma, alphas_cumprod_from_config, append_dims
+from . import common
+from .common import OptimConfig
+from .finetune import check_training_options, default_validation_prompts, freeze_frozen_parts, make_data
+
+RESULT_NAMES = ("summary.json", "validation")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class StyleLoraConfig:
+    """Everything ``lcmkit lora train`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
+
+    model: str = ""                   # base diffusers pipeline folder: SD 1.x/2.x (eps or v) or SDXL
+    data: str = ""                    # imagefolder (metadata.jsonl), webdataset shards, or world / world:outlined
+    out: str = ""                     # the LoRA file to write (.safetensors)
+    run_dir: str | None = None        # checkpoints, logs, grids; default <out without .safetensors>.run
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_targets: str = "lcm-lora"    # preset (lcm-lora, attention) or comma-separated module-name suffixes
+    caption_dropout: float = 0.0      # probability of training a sample on the unconditional embedding
+    resolution: int | None = None     # pixels; default the model's native size
+    crop: str = "center"              # center or random
+    flip: bool = False                # random horizontal flip
+    caption_key: str = "text"         # imagefolder caption column
+    world_samples: int = 10000        # size of the built-in world dataset (images 0 … n−1 of seed ``seed``)
+    cache_latents: bool = False       # encode every image once up front (needs crop=center, no flip)
+    cache_text: bool | None = None    # encode every caption once up front; default: on for the world
+    batch_size: int = 8               # per process, per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 1000             # optimizer steps; the LR schedule spans these
+    stop_at: int | None = None        # stop (with a checkpoint) after this step, schedule unchanged; for --resume
+    mixed_precision: str = "no"       # no, fp16, bf16
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 500         # 0 = only at the end
+    validation_prompts: list[str] = field(default_factory=list)  # default: the first batch's captions (≤ 4)
+    validation_steps: int = 25        # DDIM steps of the validation grid
+    validation_guidance: float = 7.5  # diffusers guidance_scale of the validation grid (ω = g − 1)
+    validation_seed: int = 0
+    log_every: int = 10
+    max_nonfinite: int = 5            # stop after this many non-finite steps in a row (0 = never)
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"              # auto (accelerate's choice) or cpu
+    progress: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        if isinstance(self.optim, dict):
+            self.optim = OptimConfig(**self.optim)
+        check_training_options(self, model_key="model")
+        if Path(self.out).suffix != ".safetensors":
+            raise LcmkitError(f"--out names the LoRA file and must end in .safetensors, got {self.out}")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise LcmkitError(f"lora_rank must be >= 1 and lora_alpha > 0 (got {self.lora_rank}, {self.lora_alpha})")
+        target_modules(self.lora_targets)
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise LcmkitError(f"caption_dropout is a probability in [0, 1], got {self.caption_dropout}")
+        if self.validation_steps < 1:
+            raise LcmkitError(f"validation_steps must be >= 1, got {self.validation_steps}")
+        if not (math.isfinite(self.validation_guidance) and self.validation_guidance >= 1):
+            raise LcmkitError(f"validation_guidance is diffusers' guidance_scale, >= 1; got {self.validation_guidance}")
+
+    @property
+    def run_folder(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(self.out).with_suffix(".run")
+
+
+def target_modules(spec: str) -> tuple[str, ...]:
+    """A preset name of :data:`lcmkit.lora.LORA_TARGET_PRESETS` or a comma list of module-name suffixes."""
+    from ..lora import LORA_TARGET_PRESETS
+
+    if spec in LORA_TARGET_PRESETS:
+        return LORA_TARGET_PRESETS[spec]
+    names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    if not names:
+        raise LcmkitError(f"lora_targets {spec!r} is no preset ({', '.join(LORA_TARGET_PRESETS)}) and no comma "
+                          "list of module names (e.g. to_q,to_k,to_v,to_out.0)")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss and the draws
+# ---------------------------------------------------------------------------------------------------------------
+
+def denoising_loss(unet, z0: Tensor, noise: Tensor, t: Tensor, cond: TextConditioning, alphas_cumprod: Tensor,
+                   prediction_type: str) -> Tensor:
+    """The diffusion (noise-prediction) loss: ‖model(x_t, t, c) − target‖², x_t = α_t z0 + σ_t ε (DDPM, Ho et al.
+    2020; v-prediction, Salimans & Ho 2022). target: ε, v = α_t ε − σ_t z0, or z0, after ``prediction_type``.
+
+    z0, noise (B, C, H, W); t (B,) long. Mean over every element, in float32.
+    """
+    alpha_t, sigma_t = (append_dims(v, z0.ndim).to(z0.device, torch.float32) for v in alpha_sigma(alphas_cumprod, t))
+    z0, noise = z0.float(), noise.float()
+    x_t = alpha_t * z0 + sigma_t * noise
+    target = from_x0_eps(z0, noise, alpha_t, sigma_t, prediction_type)
+    return F.mse_loss(unet_output(unet, x_t, t, cond).float(), target)
+
+
+def draw(batch: int, shape: tuple, num_train_timesteps: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """t ~ U{0 … T−1} (B,), ε ~ N(0, I) (B, C, H, W), u ~ U[0, 1) (B,) for caption dropout, in that order, on CPU."""
+    t = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    return t, noise, u
+
+
+def drop_captions(cond: TextConditioning, uncond: TextConditioning, drop: Tensor) -> TextConditioning:
+    """Per sample: the unconditional conditioning where ``drop`` (B,) bool is True, else the caption's."""
+    def pick(c, u):
+        if c is None:
+            return None
+        mask = drop.to(c.device).view(-1, *([1] * (c.ndim - 1)))
+        return torch.where(mask, u.to(c.dtype), c)
+    return TextConditioning(pick(cond.encoder_hidden_states, uncond.encoder_hidden_states),
+                            pick(cond.text_embeds, uncond.text_embeds), cond.time_ids)
+
+
+@dataclass
+class StyleModels:
+    pipe: object
+    arch: str
+    unet: torch.nn.Module          # the base UNet with the trainable adapter
+    alphas_cumprod: Tensor         # (T,) float64, on the device
+    prediction_type: str
+    device: torch.device
+    mixed_precision: str
+
+    def trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
+
+
+def build_models(cfg: StyleLoraConfig, pipe, device: torch.device, generator: torch.Generator) -> StyleModels:
+    """Freeze the base model, cast it to the weight dtype, add the LoRA (float32, B = 0, A from ``generator``)."""
+    from ..lora import architecture, init_lora_A_, lora_config
+
+    unet = pipe.unet
+    if has_w_embedding(unet):
+        raise LcmkitError(f"{cfg.model} is a full LCM (its UNet has a guidance embedding); train the style LoRA on "
+                          "the base model and combine it with the LCM-LoRA (lcmkit lora combine / generate --lora)")
+    freeze_frozen_parts(pipe, device, cfg.mixed_precision)
+    unet.requires_grad_(False).to(device, common.weight_dtype(cfg.mixed_precision))
+    try:
+        unet.add_adapter(lora_config(target_modules(cfg.lora_targets), cfg.lora_rank, cfg.lora_alpha))
+    except ValueError as e:  # peft: no module matched
+        raise LcmkitError(f"lora_targets {cfg.lora_targets!r} matched no layer of this UNet ({e})") from e
+    init_lora_A_(unet, generator)
+    for p in unet.parameters():
+        if p.requires_grad:  # the LoRA weights train in float32 whatever the base dtype
+            p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return StyleModels(pipe, architecture(unet), unet, alphas_cumprod_from_config(pipe.scheduler.config).to(device),
+                       pipe.scheduler.config.get("prediction_type", "epsilon"), device, cfg.mixed_precision)
+
+
+def step_loss(models: StyleModels, cfg: StyleLoraConfig, z0: Tensor, cond: TextConditioning,
+              uncond: TextConditioning, t: Tensor, noise: Tensor, u: Tensor) -> Tensor:
+    """One micro-batch's loss for the draws (t, ε, u), captions dropped where u < ``caption_dropout``."""
+    cond = drop_captions(cond, uncond, u < cfg.caption_dropout)
+    with common.autocast(models.device, models.mixed_precision):
+        return denoising_loss(models.unet, z0, noise.to(models.device), t.to(models.device), cond,
+                              models.alphas_cumprod, models.prediction_type)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation and output
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def validation_images(models: StyleModels, prompts: list[str], cfg: StyleLoraConfig, resolution: int) -> list[list]:
+    """Two rows, the base model then base + LoRA: DDIM with CFG (``validation_guidance``, negative prompt "" /
+    zeros as :func:`lcmkit.pipelines.generate`), one column per prompt, prompt i always from seed + i."""
+    from ..pipelines import (decode_latents, encode_prompt, encode_unconditional, initial_latents, sample_teacher,
+                             teacher_scheduler, teacher_timesteps, to_pil)
+
+    pipe, unet = models.pipe, models.unet
+    cond = encode_prompt(pipe, prompts, resolution, resolution)
+    uncond = encode_unconditional(pipe, None, len(prompts), resolution, resolution, cond)
+    denoiser = unet_denoiser(unet, models.alphas_cumprod, cond, prediction_type=models.prediction_type,
+                             uncond=uncond, omega=cfg.validation_guidance - 1.0)
+    rows = []
+    was_training = unet.training
+    unet.eval()
+    try:
+        for adapters in (False, True):
+            unet.enable_adapters() if adapters else unet.disable_adapters()
+            generators = [torch.Generator(models.device).manual_seed(cfg.validation_seed + i)
+                          for i in range(len(prompts))]
+            x = initial_latents(pipe, generators, resolution, resolution, torch.float32, models.device)
+            scheduler = teacher_scheduler(pipe, "ddim")
+            timesteps = teacher_timesteps(scheduler, cfg.validation_steps, 1.0)
+            with common.autocast(models.device, models.mixed_precision):
+                z0 = sample_teacher(scheduler, denoiser, x, timesteps)
+            rows.append(to_pil(decode_latents(pipe, z0)))
+    finally:
+        unet.enable_adapters()
+        unet.train(was_training)
+    return rows
+
+
+def save_style_lora(unet, path: Path) -> Path:
+    """The adapter as a LoRA file in diffusers' format (``unet.<module>.lora_A/B.weight``, alphas in the header)."""
+    from ..lora import adapter_weights
+    from ..lora_formats import save_lora
+
+    return save_lora(adapter_weights(unet), path, "diffusers")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------------------------
+
+def _setup(cfg: StyleLoraConfig, device: torch.device):
+    from ..pipelines import load_pipeline, vae_scale_factor
+
+    pipe = load_pipeline(cfg.model, device="cpu", dtype=None)
+    models = build_models(cfg, pipe, device, common.generator_for(cfg.seed, 0xA11CE))
+    factor = vae_scale_factor(pipe)
+    resolution = cfg.resolution or models.unet.config.sample_size * factor
+    if resolution % factor:
+        raise LcmkitError(f"resolution {resolution} is not a multiple of the VAE scale factor {factor}")
+    return pipe, models, resolution
+
+
+def train_style_lora(cfg: StyleLoraConfig) -> Path:
+    """Train a style LoRA on ``cfg.data``; returns the LoRA file (``cfg.out``)."""
+    from tqdm.auto import tqdm
+
+    accelerator = common.setup_accelerator(cfg.mixed_precision, cpu=cfg.device == "cpu")
+    device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    run, out = cfg.run_folder, Path(cfg.out)
+    if main:
+        if out.exists() and not (cfg.overwrite or cfg.resume):
+            raise LcmkitError(f"{out} exists; pass --overwrite to replace it, --resume to continue its run, or "
+                              "choose another --out")
+        common.prepare_output_dir(run, RESULT_NAMES, cfg.overwrite, cfg.resume)
+    accelerator.wait_for_everyone()
+    checkpoints = common.checkpoint_dirs(run)
+    if cfg.resume and not checkpoints and main:
+        print(f"lcmkit lora train: no checkpoint in {run}; starting from step 0")
+
+    pipe, models, resolution = _setup(cfg, device)
+    T = len(models.alphas_cumprod)
+    resolved = {"architecture": models.arch, "resolution": resolution, "prediction_type": models.prediction_type,
+                "target_modules": list(target_modules(cfg.lora_targets)), "run_dir": str(run)}
+    write_config = lambda folder: common.save_config(cfg, folder, resolved)  # noqa: E731
+    if main:
+        write_config(run)
+    source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, rank, world_size,
+                                        cfg.progress and main)
+
+    named = models.trainable_named()
+    params = [p for _, p in named]
+    optimizer = common.make_optimizer(params, cfg.optim)
+    scheduler = common.make_lr_scheduler(optimizer, cfg.optim, cfg.max_steps)
+    scaler = common.make_grad_scaler(device, cfg.mixed_precision)
+    guard = common.NonFiniteGuard(cfg.max_nonfinite)
+    step, overflow = 0, 0
+    if cfg.resume and checkpoints:
+        weights, state = common.load_checkpoint(checkpoints[-1])
+        step, position = common.restore_training_state(
+            checkpoints[-1], state, optimizer, scheduler, scaler, guard,
+            {"processes": world_size, "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha)}, rank)
+        _load_lora_weights(models, weights["lora"], checkpoints[-1])
+        stream.restore(*position)
+        overflow = int(state["fp16_overflow"])
+    prompts = default_validation_prompts(cfg, source, resolution, stream)
+
+    logger = common.RunLogger(run / "logs", enabled=main)
+    stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="lora train", disable=not (cfg.progress and main),
+               dynamic_ncols=True)
+    losses: list[float] = []
+    step_times: list[float] = []
+    try:
+        while step < stop:
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            micro_losses = []
+            for micro in range(cfg.grad_accum):
+                z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
+                t, noise, u = draw(z0.shape[0], tuple(z0.shape), T, common.generator_for(cfg.seed, step, micro, rank))
+                loss = step_loss(models, cfg, z0, cond, uncond, t, noise, u) / cfg.grad_accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                micro_losses.append(loss.detach().float())
+            outcome = common.optimizer_step(params, micro_losses, optimizer, scheduler, scaler, guard, accelerator,
+                                            cfg.optim.max_grad_norm, step + 1)
+            overflow += int(outcome.fp16_overflow)
+            step += 1
+            step_times.append(time.perf_counter() - t0)
+            losses.append(outcome.loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{outcome.loss:.4g}", lr=f"{outcome.lr:.2g}")
+            if step % cfg.log_every == 0 or step == stop:
+                logger.log(step, {"loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
+                                  "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow,
+                                  "sec_per_step": step_times[-1]})
+            if step % cfg.checkpoint_every == 0 or step == stop:
+                positions = common.data_positions(stream.state(), accelerator)
+                if main:
+                    state = common.training_state(step, optimizer, scheduler, scaler, guard, positions, world_size,
+                                                  fp16_overflow=overflow, lora_rank=cfg.lora_rank,
+                                                  lora_alpha=float(cfg.lora_alpha))
+                    common.save_checkpoint(run, step, {"lora": dict(models.trainable_named())}, state, write_config,
+                                           cfg.keep_checkpoints)
+                accelerator.wait_for_everyone()
+            if main and (step == stop or (cfg.validate_every and step % cfg.validate_every == 0)):
+                rows = validation_images(models, prompts, cfg, resolution)
+                common.save_image_grid(rows, run / "validation" / f"step-{step:07d}.png")
+    finally:
+        bar.close()
+        logger.close()
+
+    sums = common.weights_checksums(params, accelerator)
+    consistent = all(s == sums[0] for s in sums)
+    finished = step >= cfg.max_steps
+    if main:
+        if not consistent:
+            raise LcmkitError(f"processes ended with different weights (checksums {sums}); please report this")
+        if finished:  # written beside, then moved over --out: never half a file where a good one was
+            tmp = out.with_name(f".tmp-{out.name}")
+            save_style_lora(models.unet, tmp)
+            tmp.replace(out)
+        common.write_json_atomic(run / "summary.json", {
+            "step": step, "max_steps": cfg.max_steps, "finished": finished, "nonfinite_skipped": guard.skipped,
+            "fp16_overflow": overflow, "processes": world_size, "ranks_consistent": consistent,
+            "weights_checksum": sums[0], "sec_per_step": float(np.median(step_times)) if step_times else None,
+            "losses": losses, "result": str(out) if finished else None})
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _load_lora_weights(models: StyleModels, weights: dict[str, Tensor], path) -> None:
+    named = dict(models.trainable_named())
+    if set(named) != set(weights):
+        raise LcmkitError(f"checkpoint {path} holds different LoRA layers than this model (other lora_targets?)")
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(weights[n])
+
+
+@torch.no_grad()
+def fixed_draw_loss(cfg: StyleLoraConfig, checkpoint=None, draws: int = 4, seed: int = 1234) -> float:
+    """The denoising loss of ``checkpoint`` (None: the untrained LoRA, i.e. the base model) on the first
+    ``cfg.batch_size`` samples and ``draws`` fixed (t, ε) draws, captions kept; averaged. Deterministic."""
+    device = torch.device("cpu") if cfg.device == "cpu" else \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe, models, resolution = _setup(cfg, device)
+    if checkpoint is not None:
+        _load_lora_weights(models, common.load_checkpoint(checkpoint)[0]["lora"], checkpoint)
+    _, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, 0, 1, False)
+    z0, cond, _ = encoder(stream.next_batch(cfg.batch_size))
+    T = len(models.alphas_cumprod)
+    total = 0.0
+    for d in range(draws):
+        t, noise, _ = draw(z0.shape[0], tuple(z0.shape), T, common.generator_for(seed, d))
+        with common.autocast(models.device, models.mixed_precision):
+            total += float(denoising_loss(models.unet, z0, noise.to(device), t.to(device), cond,
+                                          models.alphas_cumprod, models.prediction_type))
+    return total / draws
