@@ -1,0 +1,394 @@
+"""``lcmkit bench speed``: end-to-end seconds per image and UNet evaluations, LCM / LCM-LoRA vs the teacher, and
+lcmkit's library path vs diffusers' own pipelines on the same model.
+
+End to end = text encoding + every sampling step + VAE decode, for one image (float arrays out, no PNG encode).
+Methods per model (``lcmkit.pipelines.generate`` unless named ``diffusers-…``):
+
+- ``teacher``: DPM-Solver++ (2M) 25 steps with CFG at guidance 7.5 → 25 batched [uncond; cond] calls = 50 UNet
+  evaluations; the ceiling of any LCM speed-up is 50 / N;
+- ``lcm-N``: the full LCM (w-embedding, one forward per step) at guidance 7.5 → N evaluations;
+- ``lcm-lora-N``: the teacher with the LCM-LoRA applied on the fly at guidance 1 (baked in) → N evaluations;
+- ``diffusers-lcm-N``: ``LatentConsistencyModelPipeline`` on the same full LCM;
+- ``diffusers-lcm-lora-N``: ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) with ``LCMScheduler``
+  and the same LoRA file through ``load_lora_weights``.
+
+Forward hooks (:mod:`.hooks`) count UNet calls and evaluations and split each run's time into text encoder, UNet,
+VAE decoder and the rest. "The rest" divided by the UNet's time is the per-step overhead fraction (sampler
+arithmetic, scheduler bookkeeping, and for lcmkit's ``loras=`` path the LoRA file read per call).
+
+Timing: all methods of a model run interleaved, ``repeats`` rounds with the order rotated each round; medians are
+reported, and each lcmkit/diffusers ratio is the median of the per-round paired ratios. The LoRA pair runs in a
+second interleaved phase: diffusers' ``load_lora_weights`` wraps the UNet's layers (PEFT), so while it is loaded
+lcmkit's runs pass through the (disabled) wrappers too — a small handicap for lcmkit, none for diffusers.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LcmkitError
+from . import machine
+from .hooks import ForwardMeter, pipeline_meters
+from .subjects import Subject, describe, load_subject
+
+TEACHER = ("dpm-solver++", 25, 7.5)
+RESULT_NAMES = ("speed.json", "speed.md", "speed.png")
+PROMPT = "a red circle on blue"
+
+
+@dataclass
+class SpeedOptions:
+    models: list[str] = field(default_factory=lambda: ["world"])
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    compare_steps: int = 4             # step count of the lcmkit vs diffusers pairs
+    teacher_steps: int = TEACHER[1]
+    guidance: float = TEACHER[2]       # teacher CFG and full-LCM w-embedding (diffusers' guidance_scale)
+    lora_guidance: float = 1.0         # LCM-LoRA: guidance baked in, no CFG
+    repeats: int = 3
+    warmup: bool | None = None         # default: warm up unless one UNet forward takes over a second
+    device: str = "auto"
+    dtype: str | None = None           # default float16 on CUDA, float32 on CPU
+    compile: bool = False
+    seed: int = 0
+    prompt: str = PROMPT
+    world_teacher: str | None = None
+    world_lcm: str | None = None
+    world_lora: str | None = None
+    estimate_only: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One measured run
+# ---------------------------------------------------------------------------------------------------------------
+
+def measure(pipe, call, device) -> dict:
+    """Run ``call()`` once with meters on ``pipe``: seconds in total and per part, UNet calls and evaluations."""
+    sync = torch.device(device).type == "cuda"
+    with pipeline_meters(pipe, sync=sync) as m:
+        images, total = machine.timed(call, device)
+    parts = {"unet": m["unet"].seconds, "text": m["text"].seconds, "vae": m["vae"].seconds}
+    other = total - sum(parts.values())
+    return {"seconds": total, "unet_seconds": parts["unet"], "text_seconds": parts["text"],
+            "vae_seconds": parts["vae"], "other_seconds": other, "unet_calls": m["unet"].calls,
+            "unet_evaluations": m["unet"].samples, "image": np.asarray(images)[0]}
+
+
+def lcmkit_run(pipe, options: SpeedOptions, resolution: int, sampler: str, steps: int, guidance: float, loras=()):
+    from ..pipelines import generate
+
+    def call():
+        return generate(pipe, options.prompt, steps=steps, guidance=guidance, seed=options.seed, sampler=sampler,
+                        height=resolution, width=resolution, loras=loras, progress=False, output_type="np")
+    return call
+
+
+def diffusers_run(pipe, options: SpeedOptions, resolution: int, steps: int, guidance: float, device):
+    def call():
+        g = torch.Generator(device).manual_seed(options.seed)
+        return pipe(options.prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                    height=resolution, width=resolution, output_type="np").images
+    return call
+
+
+def diffusers_lora_pipeline(teacher):
+    """The teacher's components (shared, not copied) in a pipeline of the same class with ``LCMScheduler``."""
+    from diffusers import LCMScheduler
+
+    pipe = type(teacher)(**teacher.components)
+    pipe.scheduler = LCMScheduler.from_config(teacher.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plan, estimate, run
+# ---------------------------------------------------------------------------------------------------------------
+
+def plan(subject: Subject, options: SpeedOptions, device) -> dict[str, tuple]:
+    """method name → (pipe whose parts are metered, call, expected UNet evaluations) for the first phase."""
+    r, teacher = subject.resolution, subject.teacher
+    sampler, steps, g = TEACHER[0], options.teacher_steps, options.guidance
+    cfg_factor = 2 if g > 1 else 1  # CFG: one batched [uncond; cond] call = 2 evaluations
+    runs = {"teacher": (teacher, lcmkit_run(teacher, options, r, sampler, steps, g), cfg_factor * steps)}
+    for n in options.steps:
+        if subject.lcm is not None:
+            runs[f"lcm-{n}"] = (subject.lcm, lcmkit_run(subject.lcm, options, r, "lcm", n, g), n)
+        runs[f"lcm-lora-{n}"] = (teacher, lcmkit_run(teacher, options, r, "lcm", n, options.lora_guidance,
+                                                     [str(subject.lora)]), n)
+    if subject.lcm is not None:
+        n = options.compare_steps
+        runs[f"diffusers-lcm-{n}"] = (subject.lcm, diffusers_run(subject.lcm, options, r, n, g, device), n)
+    return runs
+
+
+def unet_forward_seconds(subject: Subject, device) -> float:
+    """One batch-1 UNet forward at the subject's resolution (also warms the UNet up)."""
+    from ..denoisers import TextConditioning, unet_output
+    from ..pipelines import encode_prompt
+
+    pipe = subject.teacher
+    unet = pipe.unet
+    with torch.inference_mode():
+        cond = encode_prompt(pipe, [""], subject.resolution, subject.resolution)
+        size = subject.resolution // _factor(pipe)
+        x = torch.randn(1, unet.config.in_channels, size, size, device=device, dtype=unet.dtype)
+        t = torch.tensor([999], device=device)
+        _, seconds = machine.timed(lambda: unet_output(unet, x, t, TextConditioning(*_fields(cond))), device)
+    return seconds
+
+
+def _factor(pipe) -> int:
+    from ..pipelines import vae_scale_factor
+    return vae_scale_factor(pipe)
+
+
+def _fields(cond):
+    return cond.encoder_hidden_states, cond.text_embeds, cond.time_ids
+
+
+def estimate(evaluations: dict[str, int], forward_s: float, rounds: int) -> float:
+    """Seconds the UNet alone will take: evaluations × one forward × rounds (CFG pairs counted as 2)."""
+    return sum(evaluations.values()) * forward_s * rounds
+
+
+def run_phase(runs: dict[str, tuple], options: SpeedOptions, device, warmup: bool) -> dict[str, list[dict]]:
+    calls = {name: (lambda p=pipe, c=call: measure(p, c, device)) for name, (pipe, call, _) in runs.items()}
+    return machine.interleaved(calls, options.repeats, warmup=warmup)
+
+
+def lora_phase(subject: Subject, options: SpeedOptions, device, warmup: bool) -> dict[str, list[dict]]:
+    """lcmkit ``loras=`` vs diffusers ``load_lora_weights`` on the same UNet, interleaved.
+
+    diffusers' LoRA is loaded before each of its runs and unloaded after, outside the timed call: its PEFT
+    wrappers would otherwise sit in the shared UNet during lcmkit's runs (and lcmkit's per-key loader refuses
+    layers that are already PEFT-wrapped). lcmkit's time includes reading the LoRA file, as ``generate`` does
+    on every call; diffusers' does not: a handicap for lcmkit only.
+    """
+    n, r = options.compare_steps, subject.resolution
+    pipe = diffusers_lora_pipeline(subject.teacher)
+    d_call = diffusers_run(pipe, options, r, n, options.lora_guidance, device)
+
+    def diffusers_measure():
+        pipe.load_lora_weights(str(subject.lora.parent), weight_name=subject.lora.name, adapter_name="lcm")
+        try:
+            return measure(pipe, d_call, device)
+        finally:
+            pipe.unload_lora_weights()
+
+    k_call = lcmkit_run(subject.teacher, options, r, "lcm", n, options.lora_guidance, [str(subject.lora)])
+    calls = {"lcmkit": lambda: measure(subject.teacher, k_call, device), "diffusers": diffusers_measure}
+    return machine.interleaved(calls, options.repeats, warmup=warmup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------------------------------------------
+
+def summarise(samples: list[dict]) -> dict:
+    """Medians over the repeats; UNet counts are the same every repeat (checked)."""
+    calls = {s["unet_calls"] for s in samples}
+    evals = {s["unet_evaluations"] for s in samples}
+    if len(calls) != 1 or len(evals) != 1:
+        raise LcmkitError(f"UNet call counts differ between repeats: {sorted(calls)} / {sorted(evals)}")
+    out = {"seconds_per_image": machine.median([s["seconds"] for s in samples]),
+           "seconds": [s["seconds"] for s in samples], "noise": machine.spread([s["seconds"] for s in samples]),
+           "unet_calls": calls.pop(), "unet_evaluations": evals.pop()}
+    for part in ("unet", "text", "vae", "other"):
+        out[f"{part}_seconds"] = machine.median([s[f"{part}_seconds"] for s in samples])
+    out["overhead_fraction_of_unet"] = machine.median([s["other_seconds"] / s["unet_seconds"] for s in samples])
+    return out
+
+
+def paired_ratio(a: list[dict], b: list[dict]) -> dict:
+    """Median over rounds of a's seconds / b's seconds (rounds pair runs made close together in time)."""
+    ratios = [x["seconds"] / y["seconds"] for x, y in zip(a, b)]
+    ratio = machine.median(ratios)
+    noise = machine.spread(ratios)
+    diff = float(np.abs(a[-1]["image"].astype(np.float64) - b[-1]["image"].astype(np.float64)).max())
+    return {"ratio": ratio, "per_round": ratios, "noise": noise, "at_most_1_within_noise": ratio <= 1.0 + noise,
+            "same_image_max_abs_diff": diff}
+
+
+def overhead_fit(methods: dict, family: str) -> dict:
+    """Split lcmkit's time outside the UNet into per call + per step: least squares of ``other_seconds`` against N
+    over ``<family>-N``; the per-step part as a fraction of one step's UNet time is the overhead that scales."""
+    points = sorted((int(k[len(family) + 1:]), m) for k, m in methods.items()
+                    if k.startswith(family + "-") and k[len(family) + 1:].isdigit())
+    n = np.array([p[0] for p in points], dtype=np.float64)
+    other = np.array([p[1]["other_seconds"] for p in points])
+    unet_per_step = machine.median([p[1]["unet_seconds"] / p[0] for p in points])
+    per_step, per_call = np.polyfit(n, other, 1)
+    return {"per_call_seconds": float(per_call), "per_step_seconds": float(per_step),
+            "unet_seconds_per_step": unet_per_step, "per_step_fraction_of_unet": float(per_step) / unet_per_step}
+
+
+def model_result(subject: Subject, options: SpeedOptions, main: dict, lora: dict, forward_s: float,
+                 expected: dict[str, int]) -> dict:
+    methods = {name: summarise(samples) for name, samples in main.items()}
+    for name, m in methods.items():
+        m["expected_unet_evaluations"] = expected[name]
+    t = methods["teacher"]["seconds_per_image"]
+    speedup = {name: {"speedup": t / m["seconds_per_image"],
+                      "ceiling": methods["teacher"]["unet_evaluations"] / m["unet_evaluations"]}
+               for name, m in methods.items() if name != "teacher"}
+    n = options.compare_steps
+    pairs = {"lcm-lora": dict(paired_ratio(lora["lcmkit"], lora["diffusers"]),
+                              lcmkit=summarise(lora["lcmkit"]), diffusers=summarise(lora["diffusers"]))}
+    if f"diffusers-lcm-{n}" in main and f"lcm-{n}" in main:
+        pairs["lcm"] = paired_ratio(main[f"lcm-{n}"], main[f"diffusers-lcm-{n}"])
+    lcm4 = methods.get("lcm-4") or methods.get("lcm-lora-4")
+    overhead = {family: overhead_fit(methods, family) for family in ("lcm", "lcm-lora")
+                if sum(k.startswith(family + "-") and k[len(family) + 1:].isdigit() for k in methods) >= 2}
+    return dict(describe(subject), unet_forward_seconds=forward_s, methods=methods, speedup=speedup,
+                lcmkit_vs_diffusers=pairs, overhead=overhead,
+                speedup_lcm4_vs_teacher_dpmpp25_cfg=None if lcm4 is None else t / lcm4["seconds_per_image"],
+                lcmkit_over_diffusers_time_ratio=max(p["ratio"] for p in pairs.values()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+def prepare(subject: Subject, options: SpeedOptions, device, dtype) -> None:
+    pipes = [subject.teacher] + ([subject.lcm] if subject.lcm is not None else [])
+    for pipe in pipes:
+        pipe.to(device)
+        if pipe.unet.dtype != dtype:
+            pipe.to(dtype)
+        pipe.set_progress_bar_config(disable=True)
+        if options.compile:  # forward only: the meters' hooks stay outside the compiled graph
+            pipe.unet.forward = torch.compile(pipe.unet.forward)
+
+
+def resolve(options: SpeedOptions):
+    from ..pipelines import resolve_device, resolve_dtype
+
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def bench_speed(options: SpeedOptions, out_dir: str | Path, command: str, log=print) -> dict:
+    """Measure every model in ``options.models``; write speed.json/.md/.png into ``out_dir``; return the result."""
+    device, dtype = resolve(options)
+    if options.compare_steps not in options.steps:
+        options.steps = sorted(set(options.steps) | {options.compare_steps})
+    result = {"bench": "speed", "command": command, "machine": machine.machine_info(device),
+              "options": asdict(options), "dtype": str(dtype), "models": {}}
+    with tempfile.TemporaryDirectory(prefix="lcmkit-bench-") as work:
+        for name in options.models:
+            log(f"[speed] building {name} …")
+            subject = load_subject(name, Path(work), options)
+            prepare(subject, options, device, dtype)
+            forward_s = unet_forward_seconds(subject, device)
+            runs = plan(subject, options, device)
+            expected = {k: v for k, (_, _, v) in runs.items()}
+            warmup = options.warmup if options.warmup is not None else forward_s < 1.0
+            rounds = options.repeats + int(warmup)
+            total = estimate(expected, forward_s, rounds) + 2 * options.compare_steps * forward_s * rounds
+            log(f"[speed] {name}: one UNet forward {forward_s:.3g} s → about {total:.0f} s of UNet time "
+                f"for {rounds} round(s) of {len(runs) + 2} runs")
+            if options.estimate_only:
+                result["models"][name] = dict(describe(subject), unet_forward_seconds=forward_s,
+                                              estimated_seconds=total)
+                continue
+            main = run_phase(runs, options, device, warmup)
+            lora = lora_phase(subject, options, device, warmup)
+            result["models"][name] = model_result(subject, options, main, lora, forward_s, expected)
+            del subject
+    add_headline(result)
+    write_outputs(result, Path(out_dir))
+    return result
+
+
+def add_headline(result: dict) -> None:
+    """Top-level keys from the first measured model (the reference); the ratio is the worst pair overall."""
+    measured = {k: v for k, v in result["models"].items() if "methods" in v}
+    result["reference_model"] = next(iter(measured), None)
+    ref = measured.get(result["reference_model"], {})
+    result["speedup_lcm4_vs_teacher_dpmpp25_cfg"] = ref.get("speedup_lcm4_vs_teacher_dpmpp25_cfg")
+    result["lcmkit_over_diffusers_time_ratio"] = max((m["lcmkit_over_diffusers_time_ratio"]
+                                                      for m in measured.values()), default=None)
+    fits = ref.get("overhead", {})
+    fit = fits.get("lcm") or fits.get("lcm-lora")
+    result["lcmkit_per_step_overhead_fraction_of_unet"] = None if fit is None else fit["per_step_fraction_of_unet"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+def markdown(result: dict) -> str:
+    text = machine.markdown_header("lcmkit bench speed", result["machine"], result["command"])
+    text += (f"Reference model `{result.get('reference_model')}`: speed-up of LCM 4 steps over the teacher "
+             f"(DPM-Solver++ 25 steps, CFG 7.5): **{_fmt(result.get('speedup_lcm4_vs_teacher_dpmpp25_cfg'))}**; "
+             f"lcmkit / diffusers time (worst pair): **{_fmt(result.get('lcmkit_over_diffusers_time_ratio'))}**; "
+             f"lcmkit's per-step overhead outside the UNet: "
+             f"**{_pct(result.get('lcmkit_per_step_overhead_fraction_of_unet'))}** of one step's UNet time "
+             f"(target < 2%).\n\n")
+    for name, m in result["models"].items():
+        text += f"## {name} ({m['resolution']}², UNet {m['unet_params'] / 1e6:.1f}M parameters)\n\n"
+        text += f"Weights: {m['weights']}. One UNet forward: {m['unet_forward_seconds']:.3g} s.\n\n"
+        if "methods" not in m:
+            text += f"Estimate only: about {m['estimated_seconds']:.0f} s of UNet time.\n\n"
+            continue
+        rows = []
+        for k, v in m["methods"].items():
+            s = m["speedup"].get(k, {"speedup": 1.0, "ceiling": 1.0})
+            rows.append([k, v["seconds_per_image"], v["noise"], v["unet_evaluations"], s["speedup"], s["ceiling"],
+                         v["unet_seconds"], v["text_seconds"], v["vae_seconds"], _pct(v["overhead_fraction_of_unet"])])
+        text += machine.table(["method", "s/image", "± (half range)", "UNet evals", "speed-up", "ceiling",
+                               "UNet s", "text s", "VAE s", "overhead / UNet"], rows) + "\n"
+        pair_rows = [[k, p["ratio"], p["noise"], p["at_most_1_within_noise"], p["same_image_max_abs_diff"]]
+                     for k, p in m["lcmkit_vs_diffusers"].items()]
+        text += machine.table(["lcmkit / diffusers", "time ratio", "± (half range)", "≤ 1 within noise",
+                               "max |Δ image|"], pair_rows) + "\n"
+        fit_rows = [[k, f["per_call_seconds"], f["per_step_seconds"], f["unet_seconds_per_step"],
+                     _pct(f["per_step_fraction_of_unet"])] for k, f in m["overhead"].items()]
+        text += machine.table(["lcmkit time outside the UNet", "per call s", "per step s", "UNet s per step",
+                               "per step / UNet"], fit_rows) + "\n"
+    return text
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = {k: v for k, v in result["models"].items() if "methods" in v}
+    fig, axes = plt.subplots(1, max(len(measured), 1), figsize=(6 * max(len(measured), 1), 4), squeeze=False)
+    for ax, (name, m) in zip(axes[0], measured.items()):
+        names = list(m["methods"])
+        secs = [m["methods"][k]["seconds_per_image"] for k in names]
+        bars = ax.bar(range(len(names)), secs, color=["tab:gray" if k == "teacher" else "tab:blue" for k in names])
+        for bar, k in zip(bars, names):
+            label = f"×{m['speedup'][k]['speedup']:.1f}" if k in m["speedup"] else "1×"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("seconds per image")
+        ax.set_title(f"{name}: speed-up over the teacher (DPM-Solver++ 25, CFG)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out_dir: Path) -> None:
+    machine.write_json(out_dir / "speed.json", result)
+    (out_dir / "speed.md").write_text(markdown(result))
+    plot(result, out_dir / "speed.png")

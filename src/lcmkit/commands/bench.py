@@ -1,0 +1,161 @@
+"""``lcmkit bench speed | distill | quality``: benchmarks written as JSON + Markdown + PNG (benchmarks/README.md).
+
+Each writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``--out`` (default ``benchmarks/results``),
+recording the machine and the exact command. ``--smoke`` runs the same code on tiny random models in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_OUT = "benchmarks/results"
+
+
+def _list(kind):
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
+
+
+def _common(p) -> None:
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--smoke", action="store_true", help="tiny random models, seconds: checks the bench itself")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: speed, distillation cost, quality (the paper's Table 1)",
+                       description="Benchmarks written as JSON + Markdown + PNG, with the machine and command.")
+    bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    _register_speed(bench)
+    _register_distill(bench)
+    _register_quality(bench)
+
+
+def _register_speed(bench) -> None:
+    p = bench.add_parser("speed", help="seconds per image and UNet evaluations; LCM vs teacher; lcmkit vs diffusers")
+    _common(p)
+    p.add_argument("--models", type=_list(str), default=["world"],
+                   help="world, sd15, sdxl (random full-size weights; slow on CPU), comma-separated (default world)")
+    p.add_argument("--steps", type=_list(int), default=[1, 2, 4, 8], help="LCM step counts (default 1,2,4,8)")
+    p.add_argument("--teacher-steps", type=int, default=25, help="teacher DPM-Solver++ steps (default 25)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; 1 for sd15/sdxl)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
+                   help="skip the warm-up run (default: warm up when one UNet forward takes under a second)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="default float16 on CUDA, float32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet forward (GPU)")
+    p.add_argument("--estimate-only", action="store_true", help="time one UNet forward per model, print, stop")
+    p.add_argument("--world-teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
+    p.add_argument("--world-lcm", help="distilled full LCM of the world teacher (pipeline folder)")
+    p.add_argument("--world-lora", help="distilled LCM-LoRA of the world teacher (file or lora/ folder)")
+    p.set_defaults(run=run_speed)
+
+
+def _register_distill(bench) -> None:
+    p = bench.add_parser("distill", help="seconds per distillation step by phase, peak memory, LoRA parameter counts")
+    _common(p)
+    p.add_argument("--models", type=_list(str), default=["world"], help="world, sd15 (comma-separated)")
+    p.add_argument("--modes", type=_list(str), default=["full", "lora"], help="full, lora")
+    p.add_argument("--solvers", type=_list(str), default=["ddim", "dpm-solver", "dpm-solver++"])
+    p.add_argument("--steps", type=int, default=None, help="measured steps per configuration (default 3; sd15 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="per step (default 16 world, 1 sd15)")
+    p.add_argument("--world-teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run configurations in this process (no fresh subprocess: peak memory is then cumulative)")
+    p.set_defaults(run=run_distill)
+
+
+def _register_quality(bench) -> None:
+    p = bench.add_parser("quality", help="the LCM paper's Table 1 and ablations on the built-in world")
+    _common(p)
+    p.add_argument("--teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
+    p.add_argument("--lcm", help="distilled full LCM (pipeline folder)")
+    p.add_argument("--lora", help="distilled LCM-LoRA (file or lora/ folder)")
+    p.add_argument("--num", type=int, default=1000, help="generations per row (default 1000)")
+    p.add_argument("--n-real", type=int, default=2000, help="real images for world-FID (default 2000)")
+    p.add_argument("--parts", type=_list(str), default=["table", "skip", "guidance"],
+                   help="table, skip, guidance (comma-separated; default all)")
+    p.add_argument("--budget", type=int, default=1000, help="distillation steps per skip-ablation run")
+    p.add_argument("--evals", type=int, default=4, help="checkpoints evaluated per skip-ablation run")
+    p.add_argument("--skips", type=_list(int), default=[1, 5, 10, 20, 50])
+    p.add_argument("--solvers", type=_list(str), default=["ddim", "dpm-solver", "dpm-solver++"])
+    p.add_argument("--omegas", type=_list(float), default=[2.0, 4.5, 7.5, 10.5, 14.0],
+                   help="paper ω for the guidance ablation (guidance_scale = ω + 1)")
+    p.add_argument("--distill-batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_quality)
+
+
+def _threads(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif args.smoke:
+        torch.set_num_threads(1)
+
+
+def run_speed(args) -> int:
+    from ..bench.machine import command_line
+    from ..bench.speed import SpeedOptions, bench_speed
+    from ..errors import LcmkitError
+
+    _threads(args)
+    if args.smoke:
+        options = SpeedOptions(models=["tiny"], steps=[1, 2, 4], repeats=args.repeats or 2, device="cpu")
+    else:
+        big = any(m in ("sd15", "sdxl") for m in args.models)
+        options = SpeedOptions(models=args.models, steps=args.steps, repeats=args.repeats or (1 if big else 3),
+                               device=args.device, dtype=args.dtype, compile=args.compile,
+                               world_teacher=args.world_teacher, world_lcm=args.world_lcm, world_lora=args.world_lora,
+                               estimate_only=args.estimate_only, warmup=args.warmup)
+    options.teacher_steps = args.teacher_steps
+    if options.repeats < 1 or any(n < 1 for n in options.steps) or options.teacher_steps < 1:
+        raise LcmkitError("--repeats, --steps and --teacher-steps must be positive")
+    result = bench_speed(options, args.out, command_line())
+    print(f"speed-up LCM 4 steps vs teacher: {result['speedup_lcm4_vs_teacher_dpmpp25_cfg']}; "
+          f"lcmkit/diffusers time ratio: {result['lcmkit_over_diffusers_time_ratio']}; wrote {args.out}/speed.*")
+    return 0
+
+
+def run_distill(args) -> int:
+    from ..bench.distill import DistillBenchOptions, bench_distill
+    from ..bench.machine import command_line
+
+    _threads(args)
+    if args.smoke:
+        options = DistillBenchOptions(models=["tiny"], modes=args.modes, solvers=args.solvers, steps=args.steps or 2,
+                                      batch_size=args.batch_size or 2, device="cpu", subprocess=not args.in_process,
+                                      threads=1)
+    else:
+        options = DistillBenchOptions(models=args.models, modes=args.modes, solvers=args.solvers, steps=args.steps,
+                                      batch_size=args.batch_size, device=args.device, world_teacher=args.world_teacher,
+                                      subprocess=not args.in_process, threads=args.threads)
+    result = bench_distill(options, args.out, command_line())
+    print(f"LCM-LoRA trainable parameters: " + ", ".join(
+        f"{k} {v['trainable_params'] / 1e6:.1f}M" for k, v in result["lora_trainable_params"].items())
+        + f"; wrote {args.out}/distill.*")
+    return 0
+
+
+def run_quality(args) -> int:
+    from ..bench.machine import command_line
+    from ..bench.quality import QualityOptions, bench_quality
+
+    _threads(args)
+    options = QualityOptions(teacher=args.teacher, lcm=args.lcm, lora=args.lora, num=args.num, n_real=args.n_real,
+                             parts=args.parts, budget=args.budget, evals=args.evals, skips=args.skips,
+                             solvers=args.solvers, omegas=args.omegas, distill_batch_size=args.distill_batch_size,
+                             seed=args.seed, device=args.device)
+    if args.smoke:
+        options = options.smoke()
+    result = bench_quality(options, args.out, command_line())
+    for claim in result["claims"]:
+        print(f"[{claim['verdict']}] {claim['claim']}")
+    print(f"wrote {args.out}/quality.*, ablation_skip.*, ablation_guidance.*")
+    return 0
