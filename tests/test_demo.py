@@ -1,0 +1,28 @@
+"""lcmkit demo wiring on a tiny random teacher: distil, evaluate every column, write the grid and report."""
+
+import json
+
+from lcmkit.cli import main
+from lcmkit.demo import DemoConfig, columns, run_demo
+
+
+def test_columns():
+    labels = [c[0] for c in columns("lora")]
+    assert labels == ["teacher DPM-Solver++ 25", "teacher DDIM 4", "LCM-LoRA 1", "LCM-LoRA 2", "LCM-LoRA 4"]
+    assert all(s.guidance == 1.0 for _, which, s in columns("lora") if which == "student")  # guidance baked in
+    assert all(s.guidance == 7.5 for _, which, s in columns("full"))  # w-embedding takes ω = 6.5
+
+
+def test_demo_end_to_end_on_tiny_teacher(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    cfg = DemoConfig(out=str(out), teacher=str(tiny_sd_dir), max_steps=2, batch_size=2, num=4, grid_prompts=2)
+    run_demo(cfg, progress=False)
+    report = json.loads((out / "report.json").read_text())
+    assert [r["column"] for r in report["rows"]] == [c[0] for c in columns("lora")]
+    assert all(0 <= r["accuracy"] <= 1 and r["seconds_per_image"] > 0 for r in report["rows"])
+    assert (out / "grid.png").stat().st_size > 0
+    assert (out / "distill" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert "| LCM-LoRA 4 |" in (out / "report.md").read_text()
+    # a finished demo is not overwritten without --overwrite
+    assert main(["demo", "--out", str(out), "--teacher", str(tiny_sd_dir), "--steps", "2"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
