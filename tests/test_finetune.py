@@ -266,11 +266,12 @@ def test_resume_is_exact(recipe, tiny_lcm_dir, tiny_sd_dir, tmp_path):
     kw = dict(max_steps=4, batch_size=2, world_samples=5, grad_accum=2, warmup_steps=1, lr_schedule="cosine",
               checkpoint_every=1)
     if recipe == "lcf-full":
-        make = lambda name, **k: lcf_cfg(tiny_lcm_dir, tmp_path / name, ema=0.9, cache_latents=True, **kw, **k)  # noqa: E731
+        def make(name, **k):
+            return lcf_cfg(tiny_lcm_dir, tmp_path / name, ema=0.9, cache_latents=True, **kw, **k)
         run, folder = finetune, lambda name: tmp_path / name  # noqa: E731
     else:
-        make = lambda name, **k: style_cfg(tiny_sd_dir, tmp_path / f"{name}.safetensors", caption_dropout=0.5,  # noqa: E731
-                                           **kw, **k)
+        def make(name, **k):
+            return style_cfg(tiny_sd_dir, tmp_path / f"{name}.safetensors", caption_dropout=0.5, **kw, **k)
         run, folder = train_style_lora, lambda name: tmp_path / f"{name}.run"  # noqa: E731
     run(make("straight"))
     run(make("split", stop_at=2))

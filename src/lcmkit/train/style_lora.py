@@ -144,7 +144,8 @@ def denoising_loss(unet, z0: Tensor, noise: Tensor, t: Tensor, cond: TextConditi
     return F.mse_loss(unet_output(unet, x_t, t, cond).float(), target)
 
 
-def draw(batch: int, shape: tuple, num_train_timesteps: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def draw(batch: int, shape: tuple, num_train_timesteps: int,
+         generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """t ~ U{0 … T−1} (B,), ε ~ N(0, I) (B, C, H, W), u ~ U[0, 1) (B,) for caption dropout, in that order, on CPU."""
     t = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
