@@ -1,4 +1,4 @@
-"""What produced a benchmark result (machine, versions, command), noise-robust timing, and result files.
+"""What produced a benchmark result (machine, versions), noise-robust timing, and result files.
 
 Every result file records :func:`machine_info` and the exact command line, so a number can be traced to the
 hardware and software that made it. Timings on a shared machine are noisy: methods are interleaved (one run
@@ -11,9 +11,7 @@ import datetime
 import json
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -45,12 +43,6 @@ def machine_info(device: torch.device | None = None) -> dict:
     if device is not None:
         info["device"] = str(device)
     return info
-
-
-def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command as typed: ``lcmkit bench …`` with every argument shell-quoted."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return " ".join(["lcmkit", *map(shlex.quote, argv)])
 
 
 def synchronize(device: torch.device | str | None) -> None:

@@ -55,8 +55,8 @@ class QualityOptions:
 
     def smoke(self) -> "QualityOptions":
         """Tiny random models (built in a temp folder), 4 generations per row, 2-step distillations."""
-        return replace(self, teacher=None, lcm=None, lora=None, num=4, n_real=8, teacher_steps=[1, 2],
-                       lcm_steps=[1, 2], budget=2, evals=1, skips=[1, 50], solvers=["ddim", "dpm-solver++"],
+        return replace(self, teacher=None, lcm=None, lora=None, num=4, n_real=8, teacher_steps=[2],
+                       lcm_steps=[2], budget=2, evals=1, skips=[1, 50], solvers=["ddim", "dpm-solver++"],
                        omegas=[2.0, 7.5], ablation_steps=2, distill_batch_size=2, world_samples=4, batch_size=4,
                        device="cpu", is_smoke=True)
 

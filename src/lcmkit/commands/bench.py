@@ -53,7 +53,7 @@ def _register_speed(bench) -> None:
     p.add_argument("--world-teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
     p.add_argument("--world-lcm", help="distilled full LCM of the world teacher (pipeline folder)")
     p.add_argument("--world-lora", help="distilled LCM-LoRA of the world teacher (file or lora/ folder)")
-    p.set_defaults(run=run_speed)
+    p.set_defaults(run=run_speed, bench_parser=p)
 
 
 def _register_distill(bench) -> None:
@@ -67,7 +67,7 @@ def _register_distill(bench) -> None:
     p.add_argument("--world-teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
     p.add_argument("--in-process", action="store_true",
                    help="run configurations in this process (no fresh subprocess: peak memory is then cumulative)")
-    p.set_defaults(run=run_distill)
+    p.set_defaults(run=run_distill, bench_parser=p)
 
 
 def _register_quality(bench) -> None:
@@ -88,7 +88,30 @@ def _register_quality(bench) -> None:
                    help="paper ω for the guidance ablation (guidance_scale = ω + 1)")
     p.add_argument("--distill-batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=run_quality)
+    p.set_defaults(run=run_quality, bench_parser=p)
+
+
+def command(args) -> str:
+    """The command that reproduces this run: ``lcmkit bench NAME`` and every option whose value is not the default
+    (rebuilt from the parsed options, so it is the same whether the CLI or a test called ``main``)."""
+    import shlex
+
+    parser = args.bench_parser
+    words = ["lcmkit", "bench", args.bench]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        value = getattr(args, action.dest, None)
+        if value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:  # store_true / store_false
+            words.append(flag)
+        else:
+            text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
+                if isinstance(value, list) else str(value)
+            words += [flag, text]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _threads(args) -> None:
@@ -101,7 +124,6 @@ def _threads(args) -> None:
 
 
 def run_speed(args) -> int:
-    from ..bench.machine import command_line
     from ..bench.speed import SpeedOptions, bench_speed
     from ..errors import LcmkitError
 
@@ -117,7 +139,7 @@ def run_speed(args) -> int:
     options.teacher_steps = args.teacher_steps
     if options.repeats < 1 or any(n < 1 for n in options.steps) or options.teacher_steps < 1:
         raise LcmkitError("--repeats, --steps and --teacher-steps must be positive")
-    result = bench_speed(options, args.out, command_line())
+    result = bench_speed(options, args.out, command(args))
     print(f"speed-up LCM 4 steps vs teacher: {result['speedup_lcm4_vs_teacher_dpmpp25_cfg']}; "
           f"lcmkit/diffusers time ratio: {result['lcmkit_over_diffusers_time_ratio']}; wrote {args.out}/speed.*")
     return 0
@@ -125,7 +147,6 @@ def run_speed(args) -> int:
 
 def run_distill(args) -> int:
     from ..bench.distill import DistillBenchOptions, bench_distill
-    from ..bench.machine import command_line
 
     _threads(args)
     if args.smoke:
@@ -136,7 +157,7 @@ def run_distill(args) -> int:
         options = DistillBenchOptions(models=args.models, modes=args.modes, solvers=args.solvers, steps=args.steps,
                                       batch_size=args.batch_size, device=args.device, world_teacher=args.world_teacher,
                                       subprocess=not args.in_process, threads=args.threads)
-    result = bench_distill(options, args.out, command_line())
+    result = bench_distill(options, args.out, command(args))
     print(f"LCM-LoRA trainable parameters: " + ", ".join(
         f"{k} {v['trainable_params'] / 1e6:.1f}M" for k, v in result["lora_trainable_params"].items())
         + f"; wrote {args.out}/distill.*")
@@ -144,7 +165,6 @@ def run_distill(args) -> int:
 
 
 def run_quality(args) -> int:
-    from ..bench.machine import command_line
     from ..bench.quality import QualityOptions, bench_quality
 
     _threads(args)
@@ -154,7 +174,7 @@ def run_quality(args) -> int:
                              seed=args.seed, device=args.device)
     if args.smoke:
         options = options.smoke()
-    result = bench_quality(options, args.out, command_line())
+    result = bench_quality(options, args.out, command(args))
     for claim in result["claims"]:
         print(f"[{claim['verdict']}] {claim['claim']}")
     print(f"wrote {args.out}/quality.*, ablation_skip.*, ablation_guidance.*")

@@ -1,0 +1,159 @@
+"""lcmkit bench: every bench in --smoke mode on tiny random models writes well-formed JSON with its stable keys;
+UNet evaluations counted by forward hooks; the LCM-LoRA preset's parameter counts on SD 1.5 and SDXL; the
+distillation step's forward check and the paper-claim verdicts on hand-made rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lcmkit.bench import configs
+from lcmkit.bench.distill import check_forwards
+from lcmkit.bench.hooks import count_unet_evaluations
+from lcmkit.bench.quality import claim_ddim_large_k, claim_k1_slow, claim_lcm_vs_dpmpp
+from lcmkit.cli import main
+from lcmkit.errors import LcmkitError
+from lcmkit.pipelines import generate
+
+torch.set_num_threads(1)
+
+MACHINE_KEYS = {"cpu", "cpu_count", "torch_threads", "torch", "diffusers", "gpu", "date"}
+
+
+def _load(path):
+    data = json.loads(path.read_text())
+    assert MACHINE_KEYS <= set(data["machine"])
+    assert data["command"].startswith("lcmkit bench")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------------------
+# counting and parameter counts
+# --------------------------------------------------------------------------------------------------------------
+
+def test_unet_evaluations_teacher_cfg_and_lcm():
+    pipe = configs.build_pipeline(configs.TINY)
+    lcm = configs.lcm_pipeline_from(pipe, configs.build_unet(configs.TINY, full_lcm=True))
+    run = lambda p, **kw: lambda: generate(p, "a red circle", height=32, width=32, progress=False,  # noqa: E731
+                                           output_type="np", **kw)
+    teacher = count_unet_evaluations(pipe, run(pipe, sampler="dpm-solver++", steps=25, guidance=7.5))
+    assert teacher == {"unet_calls": 25, "unet_evaluations": 50}  # 25 batched [uncond; cond] forwards
+    for n in (1, 2, 4, 8):
+        counted = count_unet_evaluations(lcm, run(lcm, sampler="lcm", steps=n, guidance=7.5))
+        assert counted == {"unet_calls": n, "unet_evaluations": n}
+
+
+@pytest.mark.parametrize("name, expected", [("sd15", 67.3e6), ("sdxl", 196.8e6)])
+def test_lcm_lora_parameter_counts(name, expected):
+    counted = configs.lora_trainable_parameters(configs.ARCHITECTURES[name])
+    assert abs(counted["trainable_params"] - expected) <= 0.3e6
+    assert counted["unet_params"] == pytest.approx({"sd15": 859.5e6, "sdxl": 2567.5e6}[name], rel=1e-3)
+
+
+def test_check_forwards_refuses_a_second_computation():
+    ok = {"teacher": [4, 4], "target": [2], "student": [2], "backward": [], "optimizer": [], "other": []}
+    assert check_forwards(ok, "dpm-solver++", 2) == {"teacher": 2, "target": 1, "student": 1}
+    with pytest.raises(LcmkitError, match="computed twice"):
+        check_forwards(dict(ok, backward=[2]), "dpm-solver++", 2)  # e.g. a recomputed student forward
+    with pytest.raises(LcmkitError):
+        check_forwards(ok, "ddim", 2)  # DDIM makes one teacher forward, not two
+
+
+# --------------------------------------------------------------------------------------------------------------
+# smoke runs of the three benches
+# --------------------------------------------------------------------------------------------------------------
+
+def test_bench_speed_smoke(tmp_path):
+    assert main(["bench", "speed", "--smoke", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    data = _load(tmp_path / "speed.json")
+    assert data["speedup_lcm4_vs_teacher_dpmpp25_cfg"] > 0
+    assert data["lcmkit_over_diffusers_time_ratio"] > 0
+    tiny = data["models"]["tiny"]
+    methods = tiny["methods"]
+    assert methods["teacher"]["unet_evaluations"] == 50
+    for n in (1, 2, 4):
+        assert methods[f"lcm-{n}"]["unet_evaluations"] == n
+        assert methods[f"lcm-lora-{n}"]["unet_evaluations"] == n
+        assert tiny["speedup"][f"lcm-{n}"]["ceiling"] == 50 / n
+    assert methods["diffusers-lcm-4"]["unet_evaluations"] == 4
+    for pair in tiny["lcmkit_vs_diffusers"].values():
+        assert pair["same_image_max_abs_diff"] < 1e-4  # same model, same seed: the same image
+    assert all(m["seconds_per_image"] > 0 for m in methods.values())
+    assert (tmp_path / "speed.md").read_text().startswith("# lcmkit bench speed")
+    assert (tmp_path / "speed.png").stat().st_size > 0
+
+
+def test_bench_distill_smoke(tmp_path):
+    argv = ["bench", "distill", "--smoke", "--in-process", "--solvers", "ddim,dpm-solver++", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    data = _load(tmp_path / "distill.json")
+    assert {(c["mode"], c["solver"]) for c in data["configurations"]} == {
+        (m, s) for m in ("full", "lora") for s in ("ddim", "dpm-solver++")}
+    for c in data["configurations"]:
+        assert c["seconds_per_step"] > 0 and set(c["phases"]) >= {"teacher", "target", "student", "backward",
+                                                                   "optimizer", "other"}
+        assert c["unet_forwards_per_step"] == {"teacher": 1 if c["solver"] == "ddim" else 2, "target": 1,
+                                               "student": 1}
+    lora = data["lora_trainable_params"]
+    assert lora["sd15"]["matches_reference"] and lora["sdxl"]["matches_reference"]
+    assert (tmp_path / "distill.md").exists() and (tmp_path / "distill.png").exists()
+
+
+def test_bench_distill_configuration_in_a_fresh_process():
+    from lcmkit.bench.distill import DistillBenchOptions, run_configuration, specs
+
+    spec = specs(DistillBenchOptions(models=["tiny"], modes=["lora"], solvers=["ddim"], steps=1, batch_size=1,
+                                     device="cpu", threads=1))[0]
+    result = run_configuration(spec, isolated=True)
+    assert result["memory_isolated"] and result["memory"]["peak_during_steps_mb"] > 0
+
+
+@pytest.mark.slow
+def test_bench_quality_smoke(tmp_path):
+    assert main(["bench", "quality", "--smoke", "--out", str(tmp_path)]) == 0
+    keys = {"method", "solver", "steps", "guidance", "accuracy", "world_fid", "n"}
+    for name in ("quality", "ablation_skip", "ablation_guidance"):
+        data = _load(tmp_path / f"{name}.json")
+        assert data["rows"] and all(keys <= set(r) for r in data["rows"])
+        assert (tmp_path / f"{name}.png").exists()
+    quality = json.loads((tmp_path / "quality.json").read_text())
+    assert {r["method"] for r in quality["rows"]} == {"teacher", "lcm-lora", "lcm"}
+    assert all(c["verdict"] in ("agree", "disagree", "not measured") for c in quality["claims"])
+    skip = json.loads((tmp_path / "ablation_skip.json").read_text())["rows"]
+    assert {(r["skip"], r["solver"]) for r in skip} == {(1, "ddim"), (50, "ddim"), (1, "dpm-solver++"),
+                                                        (50, "dpm-solver++")}
+    assert "Agreement with the LCM paper" in (tmp_path / "quality.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# claims judged from numbers
+# --------------------------------------------------------------------------------------------------------------
+
+def _row(method, solver, steps, fid, acc, **extra):
+    return dict(method=method, solver=solver, steps=steps, guidance=7.5, accuracy=acc, world_fid=fid, n=10, **extra)
+
+
+def test_claims_follow_the_numbers():
+    table = [_row("lcm", "lcm", 2, 10.0, 0.8), _row("teacher", "dpm-solver++", 2, 70.0, 0.2)]
+    assert claim_lcm_vs_dpmpp(table)["verdict"] == "agree"
+    table[0]["world_fid"] = 50.0  # ahead, but not far ahead
+    assert claim_lcm_vs_dpmpp(table)["verdict"] == "disagree"
+    assert claim_lcm_vs_dpmpp(table[1:])["verdict"] == "not measured"
+
+    skip = [_row("lcm", s, 4, fid, 0.5, skip=k, train_steps=t) for s, k, t, fid in [
+        ("ddim", 1, 100, 40.0), ("ddim", 20, 100, 20.0), ("ddim", 50, 100, 35.0),
+        ("dpm-solver", 1, 100, 45.0), ("dpm-solver", 20, 100, 18.0), ("dpm-solver", 50, 100, 22.0),
+        ("ddim", 1, 50, 10.0)]]  # an earlier checkpoint: only the final one counts
+    assert claim_k1_slow(skip)["verdict"] == "agree"
+    assert claim_ddim_large_k(skip)["verdict"] == "agree"
+    skip[2]["world_fid"] = 15.0
+    assert claim_ddim_large_k(skip)["verdict"] == "disagree"
+
+
+def test_bad_bench_arguments(tmp_path, capsys):
+    assert main(["bench", "distill", "--smoke", "--in-process", "--modes", "half", "--out", str(tmp_path)]) == 2
+    assert "unknown mode" in capsys.readouterr().err
+    assert main(["bench", "quality", "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "world teacher not found" in capsys.readouterr().err
