@@ -151,3 +151,32 @@ def test_combine_refuses_a_pickle_without_opening_it(tiny_sd_dir, tmp_path, caps
     assert main(["lora", "combine", str(tiny_sd_dir), "--lora", f"{evil}:0.8", "--out", str(tmp_path / "o")]) == 2
     assert "pickle" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_on_the_fly_lora_on_top_of_a_peft_adapter(tiny_sd_pipe, tmp_path):
+    """A UNet that diffusers/peft already wrapped (a LoRA loaded the diffusers way) still takes lcmkit's LoRAs:
+    the hook goes on the wrapped base layer. With peft's adapter disabled the result is exactly lcmkit's LoRA
+    alone; with it enabled both apply; leaving the block restores the peft-only model."""
+    import torch
+    from peft import LoraConfig
+
+    unet = tiny_sd_pipe.unet
+    x = torch.randn(1, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    h = torch.randn(1, 4, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "l.safetensors"
+    save_lora(random_lora(pipeline_models(tiny_sd_pipe), seed=3, text=False), path, "diffusers")
+    with torch.no_grad():
+        with apply_loras(tiny_sd_pipe, [(path, 1.0)]):
+            ours_alone = unet(x, t, h).sample
+        unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"],
+                                    init_lora_weights=False))
+        peft_only = unet(x, t, h).sample
+        with apply_loras(tiny_sd_pipe, [(path, 1.0)]):
+            both = unet(x, t, h).sample
+            unet.disable_adapters()
+            ours_under_wrapper = unet(x, t, h).sample
+            unet.enable_adapters()
+        assert torch.equal(unet(x, t, h).sample, peft_only)
+    torch.testing.assert_close(ours_under_wrapper, ours_alone, atol=1e-6, rtol=1e-5)
+    assert (both - peft_only).abs().max() > 1e-3 and (both - ours_alone).abs().max() > 1e-3

@@ -293,6 +293,14 @@ class ModuleIndex:
         return None
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain Linear/Conv2d inside a layer another LoRA library already wrapped (peft keeps it as
+    ``base_layer``); a hook or merge on it adds to whatever the wrapper adds."""
+    while hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Module):
+        module = module.base_layer
+    return module
+
+
 def resolve(ref: KeyRef, indexes: Mapping[str, ModuleIndex]) -> str:
     """``"<component>.<real module path>"`` for a parsed key; raises naming the key when it matches nothing."""
     if ref.component is not None:
@@ -372,6 +380,7 @@ def fit_to_module(key: str, down: Tensor, up: Tensor, module: nn.Module) -> tupl
     A 1x1 ``Conv2d`` may arrive with 2-D factors and a ``Linear`` with (·, ·, 1, 1) factors (SD 1.x's proj_in
     is a 1x1 conv, SD 2.x's a linear): those are reshaped, as they are the same map.
     """
+    module = unwrap(module)
     if down.ndim not in (2, 4) or up.ndim not in (2, 4) or down.shape[0] != up.shape[1]:
         raise LcmkitError(f"LoRA key {key!r}: down {tuple(down.shape)} and up {tuple(up.shape)} do not form a "
                           "low-rank pair")

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LcmkitError
-from .lora_formats import LoraLayer, LoraWeights, fit_to_module, load_lora, pipeline_models, split_name
+from .lora_formats import (LoraLayer, LoraWeights, fit_to_module, load_lora, pipeline_models, split_name,
+                           unwrap)
 
 
 def lora_delta(layer: LoraLayer) -> Tensor:
@@ -158,7 +159,7 @@ def attach_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeig
             continue
         for name, layer in weights.items():
             component, path = split_name(name)
-            module = models[component].get_submodule(path)
+            module = unwrap(models[component].get_submodule(path))
             down, up = fit_to_module(name, layer.down, layer.up, module)
             ref = module.weight
             branch = branches.setdefault(name, _Branch(module))
