@@ -9,6 +9,7 @@ bad input.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -19,8 +20,35 @@ from .errors import LcmkitError
 COMMANDS = ["generate", "world", "eval", "distill", "finetune", "lora", "bench", "demo"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``lcmkit CMD: error: ...; see --help``) and exit code 2, like every
+    other bad input (argparse's default prints the multi-line usage first). Subparsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+#: errno → what a failed write means for the user (disk full, read-only, no permission)
+WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def os_error_message(e: OSError) -> str | None:
+    """One line for an OSError the user can act on (disk full, unwritable path), or None for anything else."""
+    if e.errno not in WRITE_ERRORS:
+        return None
+    where = f" writing {e.filename}" if e.filename else ""
+    return (f"{WRITE_ERRORS[e.errno]}{where}; free space or fix permissions, then run again (training runs: "
+            "with --resume, which continues from the last complete checkpoint)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lcmkit", description="Latent Consistency Models and LCM-LoRA: few-step Stable Diffusion."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -36,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not os.environ.get("LCMKIT_DEBUG"):
+        # library warnings (torchvision fallbacks, dtype notes) would turn a one-line error into several lines
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -44,17 +76,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except LcmkitError as e:
-        print(f"lcmkit {args.command}: error: {e}", file=sys.stderr)
+        print(f"lcmkit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # disk full, read-only or unwritable output: say so in words; others are unexpected
+        message = os_error_message(e)
+        if message is None or os.environ.get("LCMKIT_DEBUG"):
+            return _internal_error(args.command, e)
+        print(f"lcmkit {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"lcmkit {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # unexpected: one line by default, the traceback with LCMKIT_DEBUG=1
-        if os.environ.get("LCMKIT_DEBUG"):
-            raise
-        print(f"lcmkit {args.command}: internal error: {type(e).__name__}: {e} (set LCMKIT_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
+        return _internal_error(args.command, e)
+
+
+def _internal_error(command: str, e: Exception) -> int:
+    if os.environ.get("LCMKIT_DEBUG"):
+        raise e
+    text = " ".join(str(e).split())  # one line, whatever the exception's message holds
+    print(f"lcmkit {command}: internal error: {type(e).__name__}: {text} (set LCMKIT_DEBUG=1 for the traceback)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

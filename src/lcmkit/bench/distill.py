@@ -261,9 +261,11 @@ def run_configuration(spec: dict, isolated: bool) -> dict:
     proc = subprocess.run([sys.executable, "-m", "lcmkit.bench.distill", json.dumps(spec)], capture_output=True,
                           text=True)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        # the child's own user-facing error, without its traceback; else the last lines of what it printed
+        errors = [line.split(": ", 1)[1] for line in lines if line.startswith("lcmkit.errors.LcmkitError: ")]
         raise LcmkitError(f"distill bench configuration {spec['model']}/{spec['mode']}/{spec['solver']} failed: "
-                          + " | ".join(tail))
+                          + (errors[-1] if errors else " | ".join(lines[-3:])))
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]), memory_isolated=True)
 
 

@@ -52,11 +52,19 @@ def _register_train_classifier(world_sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="training images, init and batches (default 0)")
     p.add_argument("--eval-seed", type=int, default=10_000, help="seed of the fresh accuracy check (default 10000)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace a classifier already in --out")
 
     def run(args) -> int:
         import torch
 
+        from lcmkit.errors import LcmkitError
         from lcmkit.evaluate.classifier import train_classifier
+
+        if min(args.steps, args.batch_size, args.images) < 1:
+            raise LcmkitError("--steps, --batch-size and --images must be positive")
+        if (Path(args.out) / "model.safetensors").exists() and not args.overwrite:
+            raise LcmkitError(f"{args.out} already holds a classifier (model.safetensors); pass --overwrite to "
+                              "replace it or choose another --out")
 
         if args.threads:
             torch.set_num_threads(args.threads)

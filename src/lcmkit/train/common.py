@@ -508,7 +508,11 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
     from safetensors.torch import load_file
 
     path = Path(path)
-    weights = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    try:  # a damaged or replaced weights file (even a pickle named .safetensors) fails to parse, never unpickles
+        weights = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    except Exception as e:
+        raise LcmkitError(f"checkpoint {path} has an unreadable weights file ({type(e).__name__}: {e}); delete "
+                          "it to resume from the one before") from e
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -573,7 +577,14 @@ def prepare_output_dir(out_dir: str | os.PathLike, result_names: Iterable[str], 
         for n in present:
             target = out / n
             shutil.rmtree(target) if target.is_dir() else target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    # pre-flight: fail now, in words, rather than at the first checkpoint after hours of training
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".tmp-write-check-"):
+            pass
+    except OSError as e:
+        raise LcmkitError(f"output folder {out} cannot be written ({e.strerror or e}); choose another --out or "
+                          "fix its permissions") from e
     return out
 
 

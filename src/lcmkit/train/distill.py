@@ -36,6 +36,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,6 +374,14 @@ class DataSource:
 
             return world.all_prompts()
         return sorted({r.caption.strip() for r in self.dataset.records if r.caption and r.caption.strip()})
+
+    def report(self) -> dict:
+        """Bad-data accounting for the summary: skipped samples (and shard problems) by reason, images converted
+        to RGB by original mode, samples looked at (over all passes, this process)."""
+        ds = self.dataset
+        if ds is None:
+            return {"data_skipped": {}, "data_converted": {}, "data_seen": 0}
+        return {"data_skipped": dict(ds.skipped), "data_converted": dict(ds.converted), "data_seen": ds.seen}
 
     def count_bad(self, reason: str) -> None:
         if self.dataset is None:
@@ -782,7 +791,11 @@ def distill(cfg: DistillConfig) -> Path:
                    "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow, "processes": world_size,
                    "ranks_consistent": consistent, "weights_checksum": sums[0],
                    "sec_per_step": float(np.median(step_times)) if step_times else None, "losses": losses,
-                   "result": str(result) if step >= cfg.max_steps else None}
+                   "result": str(result) if step >= cfg.max_steps else None, **source.report()}
+        if summary["data_skipped"]:  # bad data never stops a run below the threshold, but it is always reported
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary["data_skipped"].items()))
+            print(f"lcmkit distill: skipped {sum(summary['data_skipped'].values())} unusable samples/shards "
+                  f"({reasons}); see {out / 'summary.json'}", file=sys.stderr)
         tmp = out / ".tmp-summary.json"
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, out / "summary.json")
