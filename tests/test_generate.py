@@ -191,6 +191,13 @@ def test_cli_writes_images_and_grid(tiny_lcm_dir, tmp_path, capsys):
     for name in ("img-0.png", "img-1.png", "img-grid.png"):
         assert (tmp_path / name).is_file() and name in out
     assert Image.open(tmp_path / "img-grid.png").size == (128, 64)
+    # results already there: refused without --overwrite, replaced with it
+    again = ("--prompt", PROMPT, "--steps", 1, "--guidance", 4, "--height", 64, "--width", 64,
+             "--out", tmp_path / "img.png", "--num-images", 2)
+    rc, _, err = _cli(capsys, tiny_lcm_dir, *again)
+    assert rc == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _cli(capsys, tiny_lcm_dir, *again, "--overwrite")
+    assert rc == 0, err
 
 
 def _bad_cases(lcm_dir, tmp):

@@ -494,8 +494,10 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
         pipe = pipe_or_path
         check_pipeline(pipe)
         device = pipe.unet.device if str(device) == "auto" else resolve_device(device)
-        pipe.to(device)
-        if resolve_dtype(dtype) is not None:
+        # moving a pipeline walks every module (~15 ms even when nothing moves): only when something must
+        if pipe.unet.device != device or pipe.vae.device != device:
+            pipe.to(device)
+        if resolve_dtype(dtype) is not None and pipe.unet.dtype != resolve_dtype(dtype):
             pipe.to(resolve_dtype(dtype))
     if not isinstance(prompt, str):
         prompts = list(prompt)

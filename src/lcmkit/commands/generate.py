@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--out", required=True, help="output PNG file (with several images: FILE-i.png + FILE-grid.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace output PNGs that already exist")
     p.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--sampler", choices=SAMPLERS, default="lcm",
                    help="lcm / tcd (few-step), or the teacher baselines ddim / dpm-solver / dpm-solver++")
@@ -69,6 +70,10 @@ def validate(args) -> None:
         raise LcmkitError(f"--out must be a .png file, got {args.out}")
     if not out.parent.is_dir():
         raise LcmkitError(f"output folder {out.parent} does not exist; create it first")
+    paths, grid = output_paths(out, args.num_images)
+    existing = [p for p in [*paths, grid] if p is not None and p.exists()]
+    if existing and not args.overwrite:
+        raise LcmkitError(f"{existing[0]} already exists; pass --overwrite to replace it")
     for spec in args.lora:
         check_lora_file(parse_lora(spec)[0])
     if not Path(args.model).expanduser().exists() and args.model.startswith((".", "/", "~")):

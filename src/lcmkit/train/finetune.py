@@ -296,7 +296,7 @@ def save_full_pipeline(models: Models, model_dir: str, folder: Path, num_points:
                                          prediction_type=models.prediction_type)
     unet = copy.deepcopy(models.target).to("cpu", torch.float32)
     with _quiet_loading():
-        pipe = DiffusionPipeline.from_pretrained(model_dir, unet=unet, scheduler=scheduler)
+        pipe = DiffusionPipeline.from_pretrained(model_dir, unet=unet, scheduler=scheduler, use_safetensors=True)
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
