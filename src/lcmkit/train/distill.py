@@ -726,31 +726,13 @@ def distill(cfg: DistillConfig) -> Path:
                 loss = loss / cfg.grad_accum
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 micro_losses.append(loss.detach().float())
-            # gradients and loss averaged over processes: every rank takes the same decisions below
-            common.sync_gradients(params, accelerator)
-            step_loss = common.all_reduce_mean(torch.stack(micro_losses).sum(), accelerator)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            loss_ok = bool(torch.isfinite(step_loss))
-            grads_ok = common.grads_finite(params)
-            # fp16: an overflow in the *gradients* is the scaler's business (skip + smaller scale), not an error
-            ok = guard.record(loss_ok and (grads_ok or scaler is not None), step + 1,
-                              "loss" if not loss_ok else "gradient")
-            grad_norm = float("nan")
-            if ok:
-                if cfg.optim.max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
-                if scaler is not None:
-                    overflow += int(not grads_ok)
-                    scaler.step(optimizer)
-                else:
-                    optimizer.step()
-                if cfg.mode == "full":
-                    common.ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
-            if scaler is not None:
-                scaler.update()
-            lr_used = scheduler.get_last_lr()[0]
-            scheduler.step()
+            # sync, non-finite guard, clipping, AdamW, LR step: the sequence every lcmkit recipe shares
+            outcome = common.optimizer_step(params, micro_losses, optimizer, scheduler, scaler, guard, accelerator,
+                                            cfg.optim.max_grad_norm, step + 1)
+            if outcome.ok and cfg.mode == "full":  # θ⁻ ← μθ⁻ + (1 − μ)θ
+                common.ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
+            overflow += int(outcome.fp16_overflow)
+            step_loss, lr_used, grad_norm = outcome.loss, outcome.lr, outcome.grad_norm
             step += 1
             step_times.append(time.perf_counter() - t0)
             losses.append(float(step_loss))
@@ -772,8 +754,7 @@ def distill(cfg: DistillConfig) -> Path:
         logger.close()
 
     # the result (main process), and a check that every process holds the same weights
-    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(device)
-    sums = accelerator.gather(checksum).cpu().tolist() if world_size > 1 else [float(checksum)]
+    sums = common.weights_checksums(params, accelerator)
     consistent = all(s == sums[0] for s in sums)
     result = out / ("pipeline" if cfg.mode == "full" else "lora")
     if main:
