@@ -10,13 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+from ._training import add_training_args, overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,10 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Distil a Stable-Diffusion-family teacher into a few-step LCM (LCM paper, "
                                    "Algorithm 1) or an LCM-LoRA. Flags override the --config YAML file.")
     a = p.add_argument
-    a("--config", default=None, help="YAML file with any of the options below")
     a("--teacher", help="teacher diffusers pipeline folder (SD 1.x/2.x eps or v, SDXL)")
-    a("--data", help="imagefolder with metadata.jsonl, webdataset .tar shards (file/folder/glob/{a..b}), "
-                     "or world / world:outlined")
     a("--out", help="output folder (refused if it has results, unless --resume or --overwrite)")
     a("--mode", choices=("full", "lora"), help="full: w-embedding LCM + EMA target; lora: LCM-LoRA (default)")
     a("--lora-rank", type=int, help="LoRA rank (default 64)")
@@ -40,40 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--skip", type=int, help="skipping step k (default 20)")
     a("--loss", choices=("l2", "huber"), help="distance (default huber)")
     a("--huber-c", type=float, help="pseudo-Huber c (default 0.001)")
-    a("--resolution", type=int, help="training pixels (default: the teacher's native size)")
-    a("--crop", choices=("center", "random"), help="square crop (default center)")
-    a("--flip", type=_bool, help="random horizontal flip, true/false (default false)")
-    a("--caption-key", help="imagefolder caption column (default text)")
-    a("--world-samples", type=int, help="size of the built-in world dataset (default 10000)")
-    a("--cache-latents", type=_bool, help="encode every image once with the VAE posterior mean (default false)")
-    a("--cache-text", type=_bool, help="encode every caption once (default: true for the world)")
-    a("--batch-size", type=int, help="per process and micro-batch (default 8)")
-    a("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    a("--max-steps", type=int, help="optimizer steps (default 1000)")
-    a("--stop-at", type=int, help="stop with a checkpoint after this step (schedule unchanged; continue with --resume)")
-    a("--mixed-precision", choices=("no", "fp16", "bf16"), help="(default no)")
-    a("--gradient-checkpointing", type=_bool, help="trade compute for memory (default false)")
-    a("--seed", type=int, help="seed of the data order, world images, omega/noise draws, LoRA init (default 0)")
-    a("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
-    a("--keep-checkpoints", type=int, help="how many checkpoints to keep (default 3; 0 = all)")
-    a("--validate-every", type=int, help="steps between validation grids (default 500; 0 = at the end only)")
-    a("--validation-prompts", nargs="+", help="prompts of the validation grid (default: first captions)")
     a("--validation-steps", type=int, nargs="+", help="LCM step counts, one grid row each (default 1 2 4)")
     a("--validation-omega", type=float, help="omega of the full LCM's w-embedding in grids (default 7)")
-    a("--log-every", type=int, help="steps between log lines (default 10)")
-    a("--max-nonfinite", type=int, help="stop after this many non-finite steps in a row (default 5)")
-    a("--resume", action="store_true", default=None, help="continue from the latest checkpoint in --out")
-    a("--overwrite", action="store_true", default=None, help="delete the results already in --out")
-    a("--device", choices=("auto", "cpu"), help="(default auto)")
-    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    a("--lr", type=float, help="AdamW learning rate (default 1e-4)")
-    a("--adam-beta1", type=float)
-    a("--adam-beta2", type=float)
-    a("--weight-decay", type=float, help="(default 0)")
-    a("--adam-eps", type=float)
-    a("--warmup-steps", type=int, help="linear warm-up, optimizer steps (default 100)")
-    a("--lr-schedule", choices=("constant", "cosine"), help="after warm-up (default constant)")
-    a("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 = off)")
+    add_training_args(p)
     p.set_defaults(run=run)
 
 
@@ -81,8 +41,7 @@ def run(args) -> int:
     from lcmkit.train.common import build_config
     from lcmkit.train.distill import DistillConfig, distill
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
-    cfg = build_config(DistillConfig, args.config, overrides)
+    cfg = build_config(DistillConfig, args.config, overrides(args))
     result = distill(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # one line, also under torchrun / accelerate launch
         print(result)

@@ -106,7 +106,7 @@ def run_combine(args) -> int:
 
 # --- train (owner: the LoRA training recipe) ------------------------------------------------------------------
 def _register_train(lora_sub) -> None:
-    from .finetune import add_training_args
+    from ._training import add_training_args
 
     p = lora_sub.add_parser(
         "train", help="train a style LoRA on a base model (diffusion loss), in the LCM-LoRA file format",
@@ -135,7 +135,7 @@ def run_train(args) -> int:
     from lcmkit.train.common import build_config
     from lcmkit.train.style_lora import StyleLoraConfig, train_style_lora
 
-    from .finetune import overrides
+    from ._training import overrides
 
     result = train_style_lora(build_config(StyleLoraConfig, args.config, overrides(args)))
     if int(os.environ.get("RANK", "0")) == 0:

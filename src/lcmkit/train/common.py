@@ -31,7 +31,7 @@ import random
 import shutil
 import tempfile
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -293,6 +293,43 @@ def ema_update_(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], 
 def grads_finite(params: Iterable[torch.nn.Parameter]) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+@dataclass
+class TrainingOptions:
+    """The options every lcmkit training recipe shares (data, loop, checkpoints, validation, precision, AdamW).
+
+    ``DistillConfig``, ``FinetuneConfig`` and ``StyleLoraConfig`` add their own fields to these; YAML keys and CLI
+    flags (:func:`lcmkit.commands._training.add_training_args`) have the same names (``-`` for ``_``).
+    """
+
+    data: str = ""                    # imagefolder (metadata.jsonl), webdataset shards, or world / world:outlined
+    resolution: int | None = None     # pixels; default the model's native size
+    crop: str = "center"              # center or random
+    flip: bool = False                # random horizontal flip (off: captions may say left/right)
+    caption_key: str = "text"         # imagefolder caption column
+    world_samples: int = 10000        # size of the built-in world dataset (images 0 … n−1 of seed ``seed``)
+    cache_latents: bool = False       # encode every image once up front (needs crop=center, no flip)
+    cache_text: bool | None = None    # encode every caption once up front; default: on for the world
+    batch_size: int = 8               # per process, per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 1000             # optimizer steps; the LR schedule spans these
+    stop_at: int | None = None        # stop (with a checkpoint) after this step, schedule unchanged; for --resume
+    mixed_precision: str = "no"       # no, fp16, bf16
+    gradient_checkpointing: bool = False
+    seed: int = 0                     # data order, world images, every training draw, LoRA init
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 500         # 0 = only at the end
+    validation_prompts: list[str] = field(default_factory=list)  # default: the first batch's captions (≤ 4)
+    validation_seed: int = 0
+    log_every: int = 10
+    max_nonfinite: int = 5            # stop after this many non-finite steps in a row (0 = never)
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"              # auto (accelerate's choice) or cpu
+    progress: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 @dataclass

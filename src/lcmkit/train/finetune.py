@@ -59,11 +59,10 @@ RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(common.TrainingOptions):
     """Everything ``lcmkit finetune`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
 
     model: str = ""                   # full LCM pipeline folder, or the base pipeline of --lora
-    data: str = ""                    # imagefolder (metadata.jsonl), webdataset shards, or world / world:outlined
     out: str = ""                     # output folder
     lora: str | None = None           # LCM-LoRA .safetensors for --model (LoRA mode); None = full mode
     ema: float = 0.95                 # μ of the target θ⁻ (full mode); 0 = target is a copy of θ
@@ -73,34 +72,8 @@ class FinetuneConfig:
     skip: int = 20                    # skipping step k
     loss: str = "huber"               # l2 (paper) or huber (pseudo-Huber)
     huber_c: float = 0.001
-    resolution: int | None = None     # pixels; default the model's native size
-    crop: str = "center"              # center or random
-    flip: bool = False                # random horizontal flip
-    caption_key: str = "text"         # imagefolder caption column
-    world_samples: int = 10000        # size of the built-in world dataset (images 0 … n−1 of seed ``seed``)
-    cache_latents: bool = False       # encode every image once up front (needs crop=center, no flip)
-    cache_text: bool | None = None    # encode every caption once up front; default: on for the world
-    batch_size: int = 8               # per process, per micro-batch
-    grad_accum: int = 1
-    max_steps: int = 1000             # optimizer steps; the LR schedule spans these
-    stop_at: int | None = None        # stop (with a checkpoint) after this step, schedule unchanged; for --resume
-    mixed_precision: str = "no"       # no, fp16, bf16
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    validate_every: int = 500         # 0 = only at the end
-    validation_prompts: list[str] = field(default_factory=list)  # default: the first batch's captions (≤ 4)
     validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     validation_omega: float = 7.0     # ω of the full LCM's w-embedding in validation grids
-    validation_seed: int = 0
-    log_every: int = 10
-    max_nonfinite: int = 5            # stop after this many non-finite steps in a row (0 = never)
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"              # auto (accelerate's choice) or cpu
-    progress: bool = True
-    optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self):
         if isinstance(self.optim, dict):

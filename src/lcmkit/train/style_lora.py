@@ -52,45 +52,18 @@ RESULT_NAMES = ("summary.json", "validation")
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class StyleLoraConfig:
+class StyleLoraConfig(common.TrainingOptions):
     """Everything ``lcmkit lora train`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
 
     model: str = ""                   # base diffusers pipeline folder: SD 1.x/2.x (eps or v) or SDXL
-    data: str = ""                    # imagefolder (metadata.jsonl), webdataset shards, or world / world:outlined
     out: str = ""                     # the LoRA file to write (.safetensors)
     run_dir: str | None = None        # checkpoints, logs, grids; default <out without .safetensors>.run
     lora_rank: int = 16
     lora_alpha: float = 16.0
     lora_targets: str = "lcm-lora"    # preset (lcm-lora, attention) or comma-separated module-name suffixes
     caption_dropout: float = 0.0      # probability of training a sample on the unconditional embedding
-    resolution: int | None = None     # pixels; default the model's native size
-    crop: str = "center"              # center or random
-    flip: bool = False                # random horizontal flip
-    caption_key: str = "text"         # imagefolder caption column
-    world_samples: int = 10000        # size of the built-in world dataset (images 0 … n−1 of seed ``seed``)
-    cache_latents: bool = False       # encode every image once up front (needs crop=center, no flip)
-    cache_text: bool | None = None    # encode every caption once up front; default: on for the world
-    batch_size: int = 8               # per process, per micro-batch
-    grad_accum: int = 1
-    max_steps: int = 1000             # optimizer steps; the LR schedule spans these
-    stop_at: int | None = None        # stop (with a checkpoint) after this step, schedule unchanged; for --resume
-    mixed_precision: str = "no"       # no, fp16, bf16
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    validate_every: int = 500         # 0 = only at the end
-    validation_prompts: list[str] = field(default_factory=list)  # default: the first batch's captions (≤ 4)
     validation_steps: int = 25        # DDIM steps of the validation grid
     validation_guidance: float = 7.5  # diffusers guidance_scale of the validation grid (ω = g − 1)
-    validation_seed: int = 0
-    log_every: int = 10
-    max_nonfinite: int = 5            # stop after this many non-finite steps in a row (0 = never)
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"              # auto (accelerate's choice) or cpu
-    progress: bool = True
-    optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self):
         if isinstance(self.optim, dict):
