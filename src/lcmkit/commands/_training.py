@@ -1,4 +1,4 @@
-"""The command-line options every lcmkit training recipe shares (distill, finetune, lora train).
+"""Shared argparse pieces: the options every training recipe shares (distill, finetune, lora train), list types.
 
 Names match the fields of :class:`lcmkit.train.common.TrainingOptions` and :class:`~lcmkit.train.common.OptimConfig`
 (``-`` for ``_``), so a flag, a YAML key and a config field are one thing. Unset flags stay None and do not
@@ -8,6 +8,16 @@ override the YAML file.
 from __future__ import annotations
 
 import argparse
+
+
+def comma_list(kind):
+    """argparse type: ``"1,2,4"`` → ``[1, 2, 4]`` of ``kind``."""
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
 
 
 def _bool(text: str) -> bool:

@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+from ._training import comma_list
+
 DEFAULT_OUT = "benchmarks/results"
-
-
-def _list(kind):
-    def parse(text: str):
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
-    return parse
 
 
 def _common(p) -> None:
@@ -39,9 +32,9 @@ def register(sub) -> None:
 def _register_speed(bench) -> None:
     p = bench.add_parser("speed", help="seconds per image and UNet evaluations; LCM vs teacher; lcmkit vs diffusers")
     _common(p)
-    p.add_argument("--models", type=_list(str), default=["world"],
+    p.add_argument("--models", type=comma_list(str), default=["world"],
                    help="world, sd15, sdxl (random full-size weights; slow on CPU), comma-separated (default world)")
-    p.add_argument("--steps", type=_list(int), default=[1, 2, 4, 8], help="LCM step counts (default 1,2,4,8)")
+    p.add_argument("--steps", type=comma_list(int), default=[1, 2, 4, 8], help="LCM step counts (default 1,2,4,8)")
     p.add_argument("--teacher-steps", type=int, default=25, help="teacher DPM-Solver++ steps (default 25)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; 1 for sd15/sdxl)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
@@ -59,9 +52,9 @@ def _register_speed(bench) -> None:
 def _register_distill(bench) -> None:
     p = bench.add_parser("distill", help="seconds per distillation step by phase, peak memory, LoRA parameter counts")
     _common(p)
-    p.add_argument("--models", type=_list(str), default=["world"], help="world, sd15 (comma-separated)")
-    p.add_argument("--modes", type=_list(str), default=["full", "lora"], help="full, lora")
-    p.add_argument("--solvers", type=_list(str), default=["ddim", "dpm-solver", "dpm-solver++"])
+    p.add_argument("--models", type=comma_list(str), default=["world"], help="world, sd15 (comma-separated)")
+    p.add_argument("--modes", type=comma_list(str), default=["full", "lora"], help="full, lora")
+    p.add_argument("--solvers", type=comma_list(str), default=["ddim", "dpm-solver", "dpm-solver++"])
     p.add_argument("--steps", type=int, default=None, help="measured steps per configuration (default 3; sd15 2)")
     p.add_argument("--batch-size", type=int, default=None, help="per step (default 16 world, 1 sd15)")
     p.add_argument("--world-teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
@@ -78,13 +71,13 @@ def _register_quality(bench) -> None:
     p.add_argument("--lora", help="distilled LCM-LoRA (file or lora/ folder)")
     p.add_argument("--num", type=int, default=1000, help="generations per row (default 1000)")
     p.add_argument("--n-real", type=int, default=2000, help="real images for world-FID (default 2000)")
-    p.add_argument("--parts", type=_list(str), default=["table", "skip", "guidance"],
+    p.add_argument("--parts", type=comma_list(str), default=["table", "skip", "guidance"],
                    help="table, skip, guidance (comma-separated; default all)")
     p.add_argument("--budget", type=int, default=1000, help="distillation steps per skip-ablation run")
     p.add_argument("--evals", type=int, default=4, help="checkpoints evaluated per skip-ablation run")
-    p.add_argument("--skips", type=_list(int), default=[1, 5, 10, 20, 50])
-    p.add_argument("--solvers", type=_list(str), default=["ddim", "dpm-solver", "dpm-solver++"])
-    p.add_argument("--omegas", type=_list(float), default=[2.0, 4.5, 7.5, 10.5, 14.0],
+    p.add_argument("--skips", type=comma_list(int), default=[1, 5, 10, 20, 50])
+    p.add_argument("--solvers", type=comma_list(str), default=["ddim", "dpm-solver", "dpm-solver++"])
+    p.add_argument("--omegas", type=comma_list(float), default=[2.0, 4.5, 7.5, 10.5, 14.0],
                    help="paper ω for the guidance ablation (guidance_scale = ω + 1)")
     p.add_argument("--distill-batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

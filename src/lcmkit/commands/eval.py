@@ -6,17 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..errors import LcmkitError
+from ._training import comma_list
 
 SAMPLERS = ("lcm", "tcd", "ddim", "dpm-solver", "dpm-solver++")
-
-
-def _list(kind):
-    def parse(text: str):
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
-    return parse
 
 
 def register(sub) -> None:
@@ -24,10 +16,10 @@ def register(sub) -> None:
                        description="Generate --num images per setting for prompts spread over the world's 540 "
                                    "captions and score them with the shipped attribute classifier.")
     p.add_argument("model", help="diffusers pipeline folder")
-    p.add_argument("--sampler", type=_list(str), default=["lcm"],
+    p.add_argument("--sampler", type=comma_list(str), default=["lcm"],
                    help="sampler(s), comma-separated: lcm, tcd, ddim, dpm-solver, dpm-solver++ (default lcm)")
-    p.add_argument("--steps", type=_list(int), default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4,8")
-    p.add_argument("--guidance", type=_list(float), default=[7.5],
+    p.add_argument("--steps", type=comma_list(int), default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4,8")
+    p.add_argument("--guidance", type=comma_list(float), default=[7.5],
                    help="guidance scale(s), diffusers convention (ω = g − 1); default 7.5")
     p.add_argument("--num", type=int, default=1000, help="generations per setting (default 1000)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="LoRA(s) applied on the fly")

@@ -79,4 +79,50 @@ def _register_train_classifier(world_sub) -> None:
 
 # --- train-teacher (owner: train/world_teacher.py) ----------------------------------------------------------
 def _register_train_teacher(world_sub) -> None:
-    pass
+    p = world_sub.add_parser(
+        "train-teacher", help="train the world's teacher (a tiny Stable Diffusion) and save it as a pipeline folder",
+        description="Train the VAE, then the UNet + text encoder on cached latents; resumable; writes "
+                    "OUT/pipeline (a StableDiffusionPipeline folder), OUT/loss.png, OUT/config.json, OUT/training.json.",
+    )
+    p.add_argument("--out", required=True, help="output folder (checkpoints, caches, pipeline, plots)")
+    p.add_argument("--vae-steps", type=int, default=4000, help="VAE training steps (default 4000)")
+    p.add_argument("--vae-decoder-steps", type=int, default=0, help="decoder-only polish steps (default 0)")
+    p.add_argument("--vae-batch-size", type=int, default=64, help="VAE batch size (default 64)")
+    p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate (default 1e-3)")
+    p.add_argument("--unet-steps", type=int, default=10_000, help="UNet + text encoder steps (default 10000)")
+    p.add_argument("--batch-size", type=int, default=128, help="UNet batch size (default 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate (default 1e-3)")
+    p.add_argument("--num-images", type=int, default=60_000, help="filled images rendered and cached (default 60000)")
+    p.add_argument("--unet-channels", default="96,192", help="UNet block widths, comma-separated (default 96,192)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default 0.999)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--outlined-images", type=int, default=20_000,
+                   help="outlined images added to the VAE's training set (default 20000)")
+    p.add_argument("--no-vae-bf16", action="store_true", help="train the VAE in float32, not bfloat16 autocast")
+    p.add_argument("--unet-bf16", action="store_true", help="train the UNet under bfloat16 autocast")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args) -> int:
+        from ..errors import LcmkitError
+        from ..train.world_teacher import TrainConfig, UNetConfig, train_teacher
+
+        try:
+            channels = tuple(int(c) for c in args.unet_channels.split(","))
+        except ValueError:
+            raise LcmkitError(f"--unet-channels takes comma-separated integers, got {args.unet_channels!r}")
+        cfg = TrainConfig(
+            out=args.out, vae_steps=args.vae_steps, vae_decoder_steps=args.vae_decoder_steps,
+            vae_batch_size=args.vae_batch_size, vae_lr=args.vae_lr, unet_steps=args.unet_steps,
+            batch_size=args.batch_size, lr=args.lr, num_images=args.num_images,
+            unet=UNetConfig(block_out_channels=channels), ema_decay=args.ema_decay,
+            outlined_images=args.outlined_images, checkpoint_every=args.checkpoint_every, threads=args.threads,
+            vae_bf16=not args.no_vae_bf16, unet_bf16=args.unet_bf16, seed=args.seed,
+        )
+        pipeline = train_teacher(cfg, resume=args.resume, progress=not args.no_progress)
+        print(f"saved the teacher pipeline to {pipeline}")
+        return 0
+
+    p.set_defaults(run=run)
