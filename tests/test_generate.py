@@ -248,3 +248,16 @@ def test_prompt_list_batches_and_image_i_depends_only_on_prompt_i_and_seed(tiny_
     assert not np.allclose(batch[0], batch[1])
     with pytest.raises(LcmkitError):
         generate(tiny_sd_pipe, prompts, num_images=2, **kw)
+
+
+def test_teacher_ddim_never_clips_latents(tiny_sd_pipe):
+    """A folder whose scheduler config does not mention clip_sample (e.g. a DPM-Solver config) must not get
+    DDIM's pixel-space default clip_sample=True: scaled latents are not in [-1, 1]."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from lcmkit.pipelines import teacher_scheduler
+    config = {k: v for k, v in tiny_sd_pipe.scheduler.config.items() if k not in ("clip_sample", "set_alpha_to_one")}
+    tiny_sd_pipe.scheduler = DPMSolverMultistepScheduler.from_config(config)
+    assert DDIMScheduler.from_config(tiny_sd_pipe.scheduler.config).config.clip_sample  # the trap
+    ddim = teacher_scheduler(tiny_sd_pipe, "ddim")
+    assert ddim.config.clip_sample is False and ddim.config.set_alpha_to_one is False

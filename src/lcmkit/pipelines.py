@@ -391,6 +391,10 @@ def teacher_scheduler(pipe, sampler: str):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     config = dict(pipe.scheduler.config, prediction_type="epsilon")
+    # latent diffusion never clips x̂0: DDIM's default clip_sample=True would clamp unit-variance latents to
+    # [-1, 1] whenever the folder's config (e.g. a DPM-Solver one) does not say otherwise; SD's configs say False
+    config["clip_sample"] = False
+    config.setdefault("set_alpha_to_one", False)
     if sampler == "ddim":
         return DDIMScheduler.from_config(config)
     if sampler == "dpm-solver++":
