@@ -14,7 +14,7 @@ Methods per model (``lcmkit.pipelines.generate`` unless named ``diffusers-…``)
 
 Forward hooks (:mod:`.hooks`) count UNet calls and evaluations and split each run's time into text encoder, UNet,
 VAE decoder and the rest. "The rest" divided by the UNet's time is the per-step overhead fraction (sampler
-arithmetic, scheduler bookkeeping, and for lcmkit's ``loras=`` path the LoRA file read per call).
+arithmetic, scheduler bookkeeping).
 
 Timing: all methods of a model run interleaved, ``repeats`` rounds with the order rotated each round; medians are
 reported, and each lcmkit/diffusers ratio is the median of the per-round paired ratios. The LoRA pair runs in a
@@ -164,10 +164,9 @@ def run_phase(runs: dict[str, tuple], options: SpeedOptions, device, warmup: boo
 def lora_phase(subject: Subject, options: SpeedOptions, device, warmup: bool) -> dict[str, list[dict]]:
     """lcmkit ``loras=`` vs diffusers ``load_lora_weights`` on the same UNet, interleaved.
 
-    diffusers' LoRA is loaded before each of its runs and unloaded after, outside the timed call: its PEFT
-    wrappers would otherwise sit in the shared UNet during lcmkit's runs (and lcmkit's per-key loader refuses
-    layers that are already PEFT-wrapped). lcmkit's time includes reading the LoRA file, as ``generate`` does
-    on every call; diffusers' does not: a handicap for lcmkit only.
+    Both attach the LoRA once, outside the timed call, as a library user generating many images would:
+    diffusers with ``load_lora_weights`` (unloaded after each of its runs, so its PEFT wrappers never sit in the
+    shared UNet during lcmkit's runs), lcmkit with ``applied_loras`` (per-key conversion, forward hooks).
     """
     n, r = options.compare_steps, subject.resolution
     pipe = diffusers_lora_pipeline(subject.teacher)
@@ -180,8 +179,15 @@ def lora_phase(subject: Subject, options: SpeedOptions, device, warmup: bool) ->
         finally:
             pipe.unload_lora_weights()
 
-    k_call = lcmkit_run(subject.teacher, options, r, "lcm", n, options.lora_guidance, [str(subject.lora)])
-    calls = {"lcmkit": lambda: measure(subject.teacher, k_call, device), "diffusers": diffusers_measure}
+    k_call = lcmkit_run(subject.teacher, options, r, "lcm", n, options.lora_guidance)
+
+    def lcmkit_measure():
+        from ..pipelines import applied_loras
+
+        with applied_loras(subject.teacher, [str(subject.lora)]):
+            return measure(subject.teacher, k_call, device)
+
+    calls = {"lcmkit": lcmkit_measure, "diffusers": diffusers_measure}
     return machine.interleaved(calls, options.repeats, warmup=warmup)
 
 
