@@ -85,18 +85,20 @@ def _register_train_teacher(world_sub) -> None:
                     "OUT/pipeline (a StableDiffusionPipeline folder), OUT/loss.png, OUT/config.json, OUT/training.json.",
     )
     p.add_argument("--out", required=True, help="output folder (checkpoints, caches, pipeline, plots)")
-    p.add_argument("--vae-steps", type=int, default=4000, help="VAE training steps (default 4000)")
+    p.add_argument("--vae-steps", type=int, default=1500, help="VAE training steps (default 1500)")
     p.add_argument("--vae-decoder-steps", type=int, default=0, help="decoder-only polish steps (default 0)")
-    p.add_argument("--vae-batch-size", type=int, default=64, help="VAE batch size (default 64)")
+    p.add_argument("--vae-batch-size", type=int, default=32, help="VAE batch size (default 32)")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate (default 1e-3)")
-    p.add_argument("--unet-steps", type=int, default=10_000, help="UNet + text encoder steps (default 10000)")
-    p.add_argument("--batch-size", type=int, default=128, help="UNet batch size (default 128)")
+    p.add_argument("--unet-steps", type=int, default=7000, help="UNet + text encoder steps (default 7000)")
+    p.add_argument("--batch-size", type=int, default=64, help="UNet batch size (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate (default 1e-3)")
-    p.add_argument("--num-images", type=int, default=60_000, help="filled images rendered and cached (default 60000)")
-    p.add_argument("--unet-channels", default="96,192", help="UNet block widths, comma-separated (default 96,192)")
+    p.add_argument("--num-images", type=int, default=40_000, help="filled images rendered and cached (default 40000)")
+    p.add_argument("--unet-channels", default="64,128", help="UNet block widths, comma-separated (default 64,128)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default 0.999)")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default 250)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch intra-op CPU threads (default 2); use 1 on a machine other jobs keep busy: "
+                        "threads that wait for each other on busy cores can run ~10x slower")
     p.add_argument("--outlined-images", type=int, default=20_000,
                    help="outlined images added to the VAE's training set (default 20000)")
     p.add_argument("--no-vae-bf16", action="store_true", help="train the VAE in float32, not bfloat16 autocast")

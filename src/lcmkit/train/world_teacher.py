@@ -1,0 +1,742 @@
+"""Train the shapes world's teacher: a tiny Stable Diffusion made of real diffusers/transformers classes.
+
+The teacher is the same four components as Stable Diffusion 1.x, only small, so every code path that serves
+real SD (loading, CFG, schedulers, distillation) also serves the built-in world:
+
+- ``AutoencoderKL``: 32x32x3 pixels <-> 8x8x4 latents (two downsamplings, x4). ``scaling_factor`` is set from
+  the data: 1 / std of the cached latents, so scaled latents have unit variance as in SD.
+- ``CLIPTextModel`` with a word-level tokenizer saved as a standard fast tokenizer (``tokenizer.json``). Prompts
+  are wrapped in ``<|startoftext|> ... <|endoftext|>`` and padded to ``model_max_length`` like SD; "" works.
+- ``UNet2DConditionModel`` with cross-attention at the 8x8 and 4x4 resolutions.
+- DDPM ``scaled_linear`` schedule (beta 0.00085 -> 0.012, T = 1000), epsilon prediction.
+
+Training runs in two phases, both resumable from atomic checkpoints:
+
+1. the VAE alone (MSE + a tiny KL + an optional edge term), on filled *and* outlined images so that later
+   style fine-tunes can reuse it;
+2. the UNet and the text encoder jointly on cached latents (each image encoded once with the posterior mean),
+   with caption dropout (-> "") for classifier-free guidance, min-SNR-gamma loss weighting, warm-up + cosine
+   learning rate, and an EMA of both networks; the EMA weights are what gets saved.
+
+The result is a standard ``StableDiffusionPipeline`` folder (safetensors, no safety checker).
+Conventions: images are float tensors in [-1, 1], shape (B, 3, 32, 32); latents (B, 4, 8, 8), already multiplied
+by ``scaling_factor`` wherever they meet the UNet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import world
+from ..errors import LcmkitError
+
+#: Special tokens of the word-level tokenizer (CLIP's names, so SD-style code finds what it expects).
+BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"
+#: Words outside the world's captions that later recipes may use (style fine-tunes); embeddings start random.
+EXTRA_WORDS = ("filled", "outlined", "style")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Component configs and builders
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class VaeConfig:
+    """``AutoencoderKL`` size. Three blocks = two downsamplings: 32x32 pixels -> 8x8 latents."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+
+
+@dataclass
+class TextConfig:
+    """``CLIPTextModel`` size. ``max_length`` covers the longest caption (12 words) plus BOS/EOS."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_length: int = 16
+
+
+@dataclass
+class UNetConfig:
+    """``UNet2DConditionModel`` size. Every block with cross-attention; the last block does not downsample."""
+
+    block_out_channels: tuple[int, ...] = (64, 128)
+    layers_per_block: int = 1
+    attention_heads: int = 4
+    norm_num_groups: int = 32
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train_teacher`` needs; written into every checkpoint and into ``config.json``."""
+
+    out: str = "runs/world-teacher"
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    num_images: int = 40_000  # filled images rendered once; the UNet trains on their cached latents
+    outlined_images: int = 20_000  # extra outlined images in the VAE's training set (for style fine-tunes)
+    vae_steps: int = 1500
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    vae_edge_weight: float = 0.1
+    unet_steps: int = 7000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 300
+    min_lr_ratio: float = 0.1  # cosine decays the learning rate to lr * min_lr_ratio
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0  # 0 disables min-SNR weighting
+    caption_dropout: float = 0.1
+    vae_decoder_steps: int = 0  # decoder-only polish on the frozen encoder's latents, after caching them
+    checkpoint_every: int = 250
+    seed: int = 0
+    threads: int = 2
+    # bfloat16 autocast, weights stay float32: ~1.4x faster for the VAE's 32x32 convolutions on AVX512-BF16
+    # CPUs; slower than float32 for the UNet's 8x8 feature maps, so off there by default.
+    vae_bf16: bool = True
+    unet_bf16: bool = False
+
+    def __post_init__(self):
+        for name, cls in (("vae", VaeConfig), ("text", TextConfig), ("unet", UNetConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):  # loaded from JSON
+                setattr(self, name, cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}))
+        if len(self.vae.block_out_channels) != 3:
+            raise LcmkitError("vae.block_out_channels needs 3 entries (two downsamplings: 32x32 -> 8x8)")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise LcmkitError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        for name in ("vae_steps", "vae_decoder_steps", "unet_steps", "outlined_images"):
+            if getattr(self, name) < 0:
+                raise LcmkitError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("batch_size", "vae_batch_size", "num_images", "checkpoint_every", "threads"):
+            if getattr(self, name) <= 0:
+                raise LcmkitError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; keys this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def world_vocabulary() -> list[str]:
+    """Every word of the world's captions (sorted), then :data:`EXTRA_WORDS`."""
+    words = sorted({w for prompt in world.all_prompts() for w in prompt.split(" ")})
+    return words + [w for w in EXTRA_WORDS if w not in words]
+
+
+def build_tokenizer(max_length: int = 16):
+    """A word-level fast tokenizer that behaves like SD's CLIP tokenizer for world captions.
+
+    Lower-cases, splits on whitespace, adds ``<|startoftext|>``/``<|endoftext|>`` and pads with ``<|pad|>`` to
+    ``model_max_length`` when asked (``padding="max_length"``, as ``StableDiffusionPipeline`` does). Unknown words
+    map to ``<|unk|>``. ``save_pretrained`` writes a standard ``tokenizer.json``.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([BOS, EOS, PAD, UNK, *world_vocabulary()])}
+    core = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        model_max_length=max_length, padding_side="right",
+    )
+
+
+def build_vae(cfg: VaeConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, sample_size=world.IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def build_text_encoder(cfg: TextConfig, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_length,
+        projection_dim=cfg.hidden_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(cfg: UNetConfig, latent_channels: int, cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=world.IMAGE_SIZE // 4, in_channels=latent_channels, out_channels=latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=cfg.attention_heads,  # diffusers: = head count
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def scheduler_config() -> dict:
+    """The DDPM schedule SD 1.x trains with (reference section 1): scaled_linear 0.00085 -> 0.012, T = 1000, eps."""
+    return dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False,
+        timestep_spacing="leading",
+    )
+
+
+def build_scheduler(kind: str = "dpm-solver++"):
+    """The pipeline's default scheduler (``dpm-solver++``) or the training one (``ddpm``), same schedule."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    if kind == "ddpm":
+        return DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"})
+    if kind == "dpm-solver++":
+        cfg = {k: v for k, v in scheduler_config().items() if k not in ("clip_sample", "set_alpha_to_one")}
+        return DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++", solver_order=2)
+    raise LcmkitError(f"unknown scheduler {kind!r}; expected ddpm or dpm-solver++")
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, 32, 32, 3) -> float (B, 3, 32, 32) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def tensor_to_images(x: torch.Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def render_cached(cache_dir: Path, n: int, seed: int, style: str) -> tuple[np.ndarray, np.ndarray]:
+    """``world.sample(n, seed, style)`` as (images uint8, spec index into ``world.all_specs()``), cached as .npz."""
+    path = cache_dir / f"world-{style}-seed{seed}-n{n}.npz"
+    if path.exists():
+        data = np.load(path)
+        return data["images"], data["spec_index"]
+    images, specs = world.sample(n, seed=seed, style=style)
+    order = {world.caption(s): i for i, s in enumerate(world.all_specs())}
+    spec_index = np.array([order[world.caption(s)] for s in specs], dtype=np.int64)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, images=images, spec_index=spec_index)
+    os.replace(tmp, path)
+    return images, spec_index
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> (B, model_max_length) int64 ids, padded exactly as ``StableDiffusionPipeline`` pads them."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------------------
+def edge_l1(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 between horizontal and vertical finite differences: penalises blurred edges that MSE forgives."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return (dx(x_hat) - dx(x)).abs().mean() + (dy(x_hat) - dy(x)).abs().mean()
+
+
+def vae_loss(vae, x: torch.Tensor, generator: torch.Generator, kl_weight: float, edge_weight: float):
+    """Reconstruction loss of a sampled latent: MSE + ``edge_weight`` * edge L1 + ``kl_weight`` * KL per element.
+
+    Returns ``(loss, terms)`` with ``terms`` the unweighted parts as floats.
+    """
+    posterior = vae.encode(x).latent_dist
+    x_hat = vae.decode(posterior.sample(generator=generator)).sample
+    mse = F.mse_loss(x_hat, x)
+    edge = edge_l1(x_hat, x)
+    kl = posterior.kl().mean() / posterior.mean[0].numel()
+    loss = mse + edge_weight * edge + kl_weight * kl
+    return loss, {"mse": mse.item(), "edge": edge.item(), "kl": kl.item()}
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights for epsilon prediction (Hang et al. 2023): min(SNR_t, gamma) / SNR_t."""
+    snr = alphas_cumprod[t] / (1.0 - alphas_cumprod[t])
+    return torch.clamp(snr, max=gamma) / snr if gamma > 0 else torch.ones_like(snr)
+
+
+def diffusion_loss(unet, text_encoder, z0: torch.Tensor, input_ids: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   generator: torch.Generator, min_snr_gamma: float) -> torch.Tensor:
+    """Epsilon-prediction loss at uniform t: z_t = alpha_t z0 + sigma_t eps, || eps_hat(z_t, t, c) - eps ||^2.
+
+    ``z0`` are scaled latents (B, 4, 8, 8); ``input_ids`` (B, L) already carry the caption dropout.
+    """
+    b = z0.shape[0]
+    t = torch.randint(0, alphas_cumprod.numel(), (b,), generator=generator)
+    eps = torch.randn(z0.shape, generator=generator)
+    a = alphas_cumprod[t].sqrt().view(b, 1, 1, 1)
+    s = (1.0 - alphas_cumprod[t]).sqrt().view(b, 1, 1, 1)
+    z_t = a * z0 + s * eps
+    context = text_encoder(input_ids)[0]  # (B, L, D) last hidden state, as SD uses it
+    eps_hat = unet(z_t, t, encoder_hidden_states=context).sample
+    per_sample = (eps_hat - eps).pow(2).mean(dim=(1, 2, 3))
+    return (min_snr_weight(alphas_cumprod, t, min_snr_gamma) * per_sample).mean()
+
+
+def learning_rate(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up for ``warmup`` steps, then cosine from ``base`` to ``base * min_ratio`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# EMA and checkpoints
+# --------------------------------------------------------------------------------------------------------------
+class Ema:
+    """Exponential moving average of a module's floating-point state; decay warms up as (1 + n) / (10 + n)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        current = module.state_dict()
+        keys = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [current[k].detach() for k in keys], 1.0 - decay)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        module.load_state_dict(self.shadow, strict=False)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, fsync the file, then ``os.replace`` it onto ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def save_checkpoint(ckpt_root: Path, phase: str, step: int, weights: dict[str, dict[str, torch.Tensor]],
+                    state: dict) -> Path:
+    """Write ``checkpoint-{phase}-{step}/`` (one safetensors per entry of ``weights``, ``state.pt``), then point
+    ``latest.json`` at it atomically and delete older checkpoints. A crash leaves the previous one intact."""
+    folder = ckpt_root / f"checkpoint-{phase}-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, tensors in weights.items():
+        _save_safetensors(tensors, folder / f"{name}.safetensors")
+    atomic_write(folder / "state.pt", lambda tmp: torch.save(state, tmp))
+    pointer = {"folder": folder.name, "phase": phase, "step": step}
+    atomic_write(ckpt_root / "latest.json", lambda tmp: tmp.write_text(json.dumps(pointer)))
+    for old in ckpt_root.glob("checkpoint-*"):
+        if old.is_dir() and old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(ckpt_root: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict] | None:
+    """``(pointer, weights, state)`` of the latest checkpoint, or None. ``state.pt`` loads with weights_only."""
+    pointer_path = ckpt_root / "latest.json"
+    if not pointer_path.exists():
+        return None
+    pointer = json.loads(pointer_path.read_text())
+    folder = ckpt_root / pointer["folder"]
+    weights = {p.stem: _load_safetensors(p) for p in folder.glob("*.safetensors")}
+    state = torch.load(folder / "state.pt", weights_only=True)
+    return pointer, weights, state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving the pipeline and plotting
+# --------------------------------------------------------------------------------------------------------------
+def save_pipeline(out_dir: Path, vae, text_encoder, tokenizer, unet, float16: tuple[str, ...] = ("vae",)) -> None:
+    """Save a standard ``StableDiffusionPipeline`` folder (safetensors, no safety checker, DPM-Solver++).
+
+    Components named in ``float16`` (diffusers models only: ``vae``, ``unet``) are stored in float16 to keep the
+    folder small; diffusers loads them back as float32 unless the caller asks for another ``torch_dtype``.
+    """
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    if set(float16) - {"vae", "unet"}:
+        raise LcmkitError(f"float16 storage is only for vae and unet, got {float16}")
+    vae = copy.deepcopy(vae).to(torch.float16) if "vae" in float16 else vae
+    unet = copy.deepcopy(unet).to(torch.float16) if "unet" in float16 else unet
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
+    """One panel per curve (raw and a running mean), log-scale y; written with the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (name, values) in zip(axes[0], curves.items()):
+        v = np.asarray(values)
+        k = max(1, len(v) // 50)
+        smooth = np.convolve(v, np.ones(k) / k, mode="valid")
+        ax.plot(v, alpha=0.3, lw=0.5)
+        ax.plot(np.arange(k - 1, len(v)), smooth, lw=1.5)
+        ax.set_yscale("log")
+        ax.set_title(f"{name} loss")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class Components:
+    """The teacher's networks and their EMAs (the EMAs are what gets saved)."""
+
+    tokenizer: object
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    ema_text_encoder: Ema
+    ema_unet: Ema
+
+    @classmethod
+    def build(cls, cfg: TrainConfig) -> "Components":
+        tokenizer = build_tokenizer(cfg.text.max_length)
+        vae = build_vae(cfg.vae)
+        text_encoder = build_text_encoder(cfg.text, tokenizer)
+        unet = build_unet(cfg.unet, cfg.vae.latent_channels, cfg.text.hidden_size)
+        return cls(tokenizer, vae, text_encoder, unet, Ema(text_encoder, cfg.ema_decay), Ema(unet, cfg.ema_decay))
+
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {
+            "vae": self.vae.state_dict(), "text_encoder": self.text_encoder.state_dict(),
+            "unet": self.unet.state_dict(), "ema_text_encoder": self.ema_text_encoder.shadow,
+            "ema_unet": self.ema_unet.shadow,
+        }
+
+    def load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.vae.load_state_dict(weights["vae"])
+        self.text_encoder.load_state_dict(weights["text_encoder"])
+        self.unet.load_state_dict(weights["unet"])
+        self.ema_text_encoder.shadow = weights["ema_text_encoder"]
+        self.ema_unet.shadow = weights["ema_unet"]
+
+    def ema_copies(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """Fresh text encoder and UNet holding the EMA weights (the training copies stay untouched)."""
+        import copy
+
+        text_encoder, unet = copy.deepcopy(self.text_encoder), copy.deepcopy(self.unet)
+        self.ema_text_encoder.copy_to(text_encoder)
+        self.ema_unet.copy_to(unet)
+        return text_encoder.eval(), unet.eval()
+
+
+@dataclass
+class RunState:
+    """Resumable progress: phase ("vae", "decoder", "unet", "done"), step within it, losses, seconds spent per phase."""
+
+    phase: str = "vae"
+    step: int = 0
+    losses: dict = field(default_factory=lambda: {"vae": [], "decoder": [], "unet": []})
+    seconds: dict = field(default_factory=lambda: {"render": 0.0, "vae": 0.0, "latents": 0.0, "decoder": 0.0,
+                                                   "unet": 0.0})
+    scaling_factor: float = 1.0
+
+
+class Trainer:
+    """The recipe. ``run()`` renders the data, trains the VAE, caches latents, optionally polishes the decoder,
+    trains the UNet and text encoder, and saves the pipeline. Every ``checkpoint_every`` steps (and at the end of
+    each phase) it checkpoints; ``resume=True`` picks up from the latest checkpoint at the same step, with the same
+    optimizer, EMA and random-generator state, so a resumed run reproduces the losses of an uninterrupted one.
+    Sets torch's intra-op thread count to ``cfg.threads`` (process-wide)."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print):
+        self.cfg, self.progress, self.log = cfg, progress, log
+        self.out = Path(cfg.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.cache = self.out / "cache"
+        if (self.ckpt_root / "latest.json").exists() and not resume:
+            raise LcmkitError(f"{self.out} already holds a training run; pass --resume to continue it "
+                              "or choose another --out")
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)  # initial weights
+        self.parts = Components.build(cfg)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.state = RunState()
+        self.vae_opt = torch.optim.AdamW(self.parts.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        self.unet_opt = torch.optim.AdamW(
+            [*self.parts.unet.parameters(), *self.parts.text_encoder.parameters()], lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+        )
+        self.alphas_cumprod = build_scheduler("ddpm").alphas_cumprod.float()
+        self.parts.vae.to(memory_format=torch.channels_last)
+        self._resumed: dict = {}
+        if resume:
+            self._resume()
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        found = load_checkpoint(self.ckpt_root)
+        if found is None:
+            self.log(f"no checkpoint under {self.ckpt_root}; starting from scratch")
+            return
+        pointer, weights, state = found
+        self.parts.load_weights(weights)
+        self.vae_opt.load_state_dict(state["vae_opt"])
+        self.unet_opt.load_state_dict(state["unet_opt"])
+        self.generator.set_state(state["generator"])
+        self.state = RunState(**state["run"])
+        self._resumed = state
+        self.log(f"resumed {pointer['folder']} (phase {self.state.phase}, step {self.state.step})")
+
+    def checkpoint(self) -> None:
+        state = {
+            "vae_opt": self.vae_opt.state_dict(), "unet_opt": self.unet_opt.state_dict(),
+            "generator": self.generator.get_state(), "run": asdict(self.state), "config": self.cfg.to_dict(),
+        }
+        if hasattr(self, "decoder_opt"):
+            state["decoder_opt"] = self.decoder_opt.state_dict()
+        save_checkpoint(self.ckpt_root, self.state.phase, self.state.step, self.parts.weights(), state)
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def render(self) -> None:
+        start = time.time()
+        self.images, self.spec_index = render_cached(self.cache, self.cfg.num_images, self.cfg.seed, "filled")
+        if self.cfg.outlined_images:
+            outlined, _ = render_cached(self.cache, self.cfg.outlined_images, self.cfg.seed + 1, "outlined")
+            self.vae_images = np.concatenate([self.images, outlined])
+        else:
+            self.vae_images = self.images
+        self.state.seconds["render"] += time.time() - start
+
+    def _batch(self, n_items: int, batch_size: int) -> torch.Tensor:
+        return torch.randint(0, n_items, (batch_size,), generator=self.generator)
+
+    # -- phase 1: VAE -----------------------------------------------------------------------------------------
+    def train_vae(self) -> None:
+        cfg, vae = self.cfg, self.parts.vae
+        vae.train()
+        for step in self._steps("vae", cfg.vae_steps):
+            for group in self.vae_opt.param_groups:
+                group["lr"] = learning_rate(step, cfg.vae_lr, min(200, cfg.warmup_steps), cfg.vae_steps, 0.05)
+            x = images_to_tensor(self.vae_images[self._batch(len(self.vae_images), cfg.vae_batch_size).numpy()])
+            with self._autocast(cfg.vae_bf16):
+                loss, terms = vae_loss(vae, x.contiguous(memory_format=torch.channels_last), self.generator,
+                                       cfg.vae_kl_weight, cfg.vae_edge_weight)
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            self.vae_opt.step()
+            self._record("vae", terms["mse"])
+        vae.eval()
+
+    def train_decoder(self) -> None:
+        """Polish the decoder on the frozen encoder's posterior means: the latents the UNet learns stay valid."""
+        cfg, vae = self.cfg, self.parts.vae
+        opt = torch.optim.AdamW(vae.decoder.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        if "decoder_opt" in self._resumed:
+            opt.load_state_dict(self._resumed["decoder_opt"])
+        self.decoder_opt = opt
+        vae.decoder.train()
+        for step in self._steps("decoder", cfg.vae_decoder_steps):
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, 0.5 * cfg.vae_lr, 100, cfg.vae_decoder_steps, 0.05)
+            x = images_to_tensor(self.vae_images[self._batch(len(self.vae_images), cfg.vae_batch_size).numpy()])
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mean
+            with self._autocast(cfg.vae_bf16):
+                x_hat = vae.decode(z).sample
+                mse = F.mse_loss(x_hat.float(), x)
+                loss = mse + cfg.vae_edge_weight * edge_l1(x_hat.float(), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
+            opt.step()
+            self._record("decoder", mse.item())
+        vae.eval()
+
+    @staticmethod
+    def _autocast(enabled: bool):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+    # -- latents ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_latents(self) -> None:
+        """Encode every filled image once (posterior mean); set ``scaling_factor`` = 1 / std of the latents."""
+        path = self.cache / "latents.pt"
+        if path.exists():
+            self.latents = torch.load(path, weights_only=True)
+        else:
+            start = time.time()
+            self.parts.vae.eval()
+            chunks = [self.parts.vae.encode(images_to_tensor(self.images[i:i + 1000])).latent_dist.mean
+                      for i in range(0, len(self.images), 1000)]
+            self.latents = torch.cat(chunks)
+            atomic_write(path, lambda tmp: torch.save(self.latents, tmp))
+            self.state.seconds["latents"] += time.time() - start
+        self.state.scaling_factor = float(1.0 / self.latents.std())
+        self.parts.vae.register_to_config(scaling_factor=self.state.scaling_factor)
+        self.input_ids = tokenize(self.parts.tokenizer, world.all_prompts())  # (540, L)
+        self.empty_ids = tokenize(self.parts.tokenizer, [""])  # (1, L)
+
+    # -- phase 2: UNet + text encoder -------------------------------------------------------------------------
+    def train_unet(self) -> None:
+        cfg, parts = self.cfg, self.parts
+        parts.unet.train()
+        parts.text_encoder.train()
+        params = [*parts.unet.parameters(), *parts.text_encoder.parameters()]
+        for step in self._steps("unet", cfg.unet_steps):
+            for group in self.unet_opt.param_groups:
+                group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.unet_steps, cfg.min_lr_ratio)
+            idx = self._batch(len(self.latents), cfg.batch_size)
+            z0 = self.latents[idx] * self.state.scaling_factor
+            ids = self.input_ids[torch.from_numpy(self.spec_index)[idx]]
+            drop = torch.rand(len(idx), generator=self.generator) < cfg.caption_dropout
+            ids = torch.where(drop[:, None], self.empty_ids, ids)  # "" for classifier-free guidance
+            with self._autocast(cfg.unet_bf16):
+                loss = diffusion_loss(parts.unet, parts.text_encoder, z0, ids, self.alphas_cumprod, self.generator,
+                                      cfg.min_snr_gamma)
+            self.unet_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.unet_opt.step()
+            parts.ema_unet.update(parts.unet, step)
+            parts.ema_text_encoder.update(parts.text_encoder, step)
+            self._record("unet", loss.item())
+
+    # -- shared loop machinery --------------------------------------------------------------------------------
+    def _steps(self, phase: str, total: int):
+        """Yield the remaining step numbers of ``phase`` with a progress bar; checkpoint periodically."""
+        from tqdm import tqdm
+
+        start_step = self.state.step if self.state.phase == phase else 0
+        self.state.phase, self.state.step = phase, start_step
+        bar = tqdm(total=total, initial=start_step, desc=phase, disable=not self.progress, mininterval=5,
+                   dynamic_ncols=True)
+        self._bar, tick = bar, time.time()
+        for step in range(start_step, total):
+            yield step
+            now = time.time()
+            self.state.seconds[phase] += now - tick
+            tick = now
+            self.state.step = step + 1
+            bar.update(1)
+            if self.state.step % self.cfg.checkpoint_every == 0 or self.state.step == total:
+                self.checkpoint()
+                self.on_checkpoint(phase)
+                tick = time.time()
+        bar.close()
+
+    def _record(self, phase: str, loss: float, **postfix) -> None:
+        self.state.losses[phase].append(loss)
+        if self.state.step % 20 == 0:
+            recent = self.state.losses[phase][-20:]
+            self._bar.set_postfix(loss=f"{sum(recent) / len(recent):.4g}", refresh=False)
+
+    def on_checkpoint(self, phase: str) -> None:
+        """After each checkpoint: refresh the loss plot; in the UNet phase also save the EMA pipeline."""
+        plot_losses(self.state.losses, self.out / "loss.png")
+        if phase == "unet":
+            self.save(self.out / "pipeline")
+
+    def save(self, folder: Path) -> None:
+        text_encoder, unet = self.parts.ema_copies()
+        save_pipeline(folder, self.parts.vae, text_encoder, self.parts.tokenizer, unet)
+
+    def write_summary(self) -> dict:
+        parts = self.parts
+        summary = {
+            "config": self.cfg.to_dict(),
+            "parameters": {"vae": count_parameters(parts.vae), "text_encoder": count_parameters(parts.text_encoder),
+                           "unet": count_parameters(parts.unet)},
+            "scaling_factor": self.state.scaling_factor,
+            "seconds": self.state.seconds,
+            "final_loss": {k: float(np.mean(v[-100:])) for k, v in self.state.losses.items() if v},
+        }
+        atomic_write(self.out / "training.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+        return summary
+
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.out / "config.json", lambda tmp: tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2)))
+        self.render()
+        if self.state.phase == "vae":
+            self.train_vae()
+        self.encode_latents()
+        if self.state.phase in ("vae", "decoder"):
+            self.train_decoder()
+        if self.state.phase in ("vae", "decoder", "unet"):
+            self.train_unet()
+        self.state.phase = "done"
+        self.save(self.out / "pipeline")
+        plot_losses(self.state.losses, self.out / "loss.png")
+        self.write_summary()
+        return self.out / "pipeline"
+
+
+def train_teacher(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) the world teacher under ``cfg.out``; returns the saved pipeline folder."""
+    return Trainer(cfg, resume=resume, progress=progress).run()
