@@ -79,6 +79,14 @@ def test_tiny_components_build_with_sd_shapes(tmp_path):
     assert parts.unet(z, torch.tensor([10, 999]), encoder_hidden_states=context).sample.shape == z.shape
 
 
+def test_unet_cross_attention_only_at_8x8_and_4x4():
+    unet = wt.build_unet(wt.UNetConfig((16, 32, 32), norm_num_groups=8), latent_channels=4, cross_attention_dim=32)
+    assert unet.config.down_block_types == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert unet.config.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    out = unet(torch.zeros(1, 4, 8, 8), 500, encoder_hidden_states=torch.zeros(1, 16, 32)).sample
+    assert out.shape == (1, 4, 8, 8)
+
+
 def test_scheduler_is_sd_scaled_linear():
     sched = wt.build_scheduler("ddpm")
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2

@@ -72,12 +72,17 @@ class TextConfig:
 
 @dataclass
 class UNetConfig:
-    """``UNet2DConditionModel`` size. Every block with cross-attention; the last block does not downsample."""
+    """``UNet2DConditionModel`` size: one level per width (8x8, 4x4, 2x2, ...; the last does not downsample).
+
+    The first ``attention_levels`` levels (and the mid block) have self- and cross-attention; deeper ones are
+    plain ResNet blocks.
+    """
 
     block_out_channels: tuple[int, ...] = (64, 128)
     layers_per_block: int = 1
     attention_heads: int = 4
     norm_num_groups: int = 32
+    attention_levels: int = 2
 
 
 @dataclass
@@ -197,9 +202,12 @@ def build_unet(cfg: UNetConfig, latent_channels: int, cross_attention_dim: int):
     from diffusers import UNet2DConditionModel
 
     n = len(cfg.block_out_channels)
+    attn = [i < cfg.attention_levels for i in range(n)]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
     return UNet2DConditionModel(
         sample_size=world.IMAGE_SIZE // 4, in_channels=latent_channels, out_channels=latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        down_block_types=down, up_block_types=up,
         block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
         cross_attention_dim=cross_attention_dim, attention_head_dim=cfg.attention_heads,  # diffusers: = head count
         norm_num_groups=cfg.norm_num_groups,
