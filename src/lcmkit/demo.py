@@ -31,7 +31,7 @@ class DemoConfig:
     out: str = "demo"
     mode: str = "lora"            # lora (LCM-LoRA) or full (LCM with w-embedding)
     teacher: str = str(WORLD_TEACHER)
-    max_steps: int = 600          # distillation steps (fits the 10-minute budget on 2 CPU cores at batch 32)
+    max_steps: int = 1200         # distillation steps (fits the 10-minute budget on 2 CPU cores at batch 32)
     batch_size: int = 32
     lr: float = 1e-3
     num: int = 300                # generations per column for the report's metrics
