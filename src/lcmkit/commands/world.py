@@ -86,10 +86,11 @@ def _register_train_teacher(world_sub) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (checkpoints, caches, pipeline, plots)")
     p.add_argument("--vae-steps", type=int, default=1500, help="VAE training steps (default 1500)")
-    p.add_argument("--vae-decoder-steps", type=int, default=0, help="decoder-only polish steps (default 0)")
+    p.add_argument("--vae-decoder-steps", type=int, default=1500,
+                   help="decoder-only polish steps on the frozen encoder's latents (default 1500)")
     p.add_argument("--vae-batch-size", type=int, default=32, help="VAE batch size (default 32)")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate (default 1e-3)")
-    p.add_argument("--unet-steps", type=int, default=7000, help="UNet + text encoder steps (default 7000)")
+    p.add_argument("--unet-steps", type=int, default=9000, help="UNet + text encoder steps (default 9000)")
     p.add_argument("--batch-size", type=int, default=64, help="UNet batch size (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate (default 1e-3)")
     p.add_argument("--num-images", type=int, default=40_000, help="filled images rendered and cached (default 40000)")

@@ -10,11 +10,12 @@ real SD (loading, CFG, schedulers, distillation) also serves the built-in world:
 - ``UNet2DConditionModel`` with cross-attention at the 8x8 and 4x4 resolutions.
 - DDPM ``scaled_linear`` schedule (beta 0.00085 -> 0.012, T = 1000), epsilon prediction.
 
-Training runs in two phases, both resumable from atomic checkpoints:
+Training runs in three phases, all resumable from atomic checkpoints:
 
-1. the VAE alone (MSE + a tiny KL + an optional edge term), on filled *and* outlined images so that later
-   style fine-tunes can reuse it;
-2. the UNet and the text encoder jointly on cached latents (each image encoded once with the posterior mean),
+1. the VAE alone (MSE + a tiny KL + an edge term), on filled *and* outlined images so that later style
+   fine-tunes can reuse it;
+2. the decoder alone on the frozen encoder's posterior means (the latents the UNet learns stay valid);
+3. the UNet and the text encoder jointly on cached latents (each image encoded once with the posterior mean),
    with caption dropout (-> "") for classifier-free guidance, min-SNR-gamma loss weighting, warm-up + cosine
    learning rate, and an EMA of both networks; the EMA weights are what gets saved.
 
@@ -100,7 +101,7 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     vae_edge_weight: float = 0.1
-    unet_steps: int = 7000
+    unet_steps: int = 9000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 300
@@ -109,7 +110,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0  # 0 disables min-SNR weighting
     caption_dropout: float = 0.1
-    vae_decoder_steps: int = 0  # decoder-only polish on the frozen encoder's latents, after caching them
+    vae_decoder_steps: int = 1500  # decoder-only polish on the frozen encoder's latents, after caching them
     checkpoint_every: int = 250
     seed: int = 0
     threads: int = 2
