@@ -120,6 +120,9 @@ def run_speed(args) -> int:
     from ..bench.speed import SpeedOptions, bench_speed
     from ..errors import LcmkitError
 
+    if args.repeats is not None and args.repeats < 1:  # `or` below would turn 0 into the default
+        raise LcmkitError(f"--repeats must be positive, got {args.repeats}")
+
     _threads(args)
     if args.smoke:
         options = SpeedOptions(models=["tiny"], steps=[1, 2, 4], repeats=args.repeats or 2, device="cpu")
