@@ -75,3 +75,16 @@ def overrides(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "lora_command")}
 
 
+
+
+def add_consistency_args(p: argparse.ArgumentParser) -> None:
+    """ω range, skip k, distance and LCM validation grids: the options of both consistency recipes
+    (``lcmkit distill`` and ``lcmkit finetune``); names as their config fields."""
+    a = p.add_argument
+    a("--omega-min", type=float, help="omega ~ U[min, max] per sample (default 5 SD / 3 SDXL)")
+    a("--omega-max", type=float, help="(default 15)")
+    a("--skip", type=int, help="skipping step k (default 20)")
+    a("--loss", choices=("l2", "huber"), help="distance (default huber)")
+    a("--huber-c", type=float, help="pseudo-Huber c (default 0.001)")
+    a("--validation-steps", type=int, nargs="+", help="LCM step counts, one grid row each (default 1 2 4)")
+    a("--validation-omega", type=float, help="omega of the full LCM's w-embedding in grids (default 7)")

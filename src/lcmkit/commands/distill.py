@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ._training import add_training_args, overrides
+from ._training import add_consistency_args, add_training_args, overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,14 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--lora-alpha", type=float, help="LoRA alpha (default 64)")
     a("--ema", type=float, help="target EMA rate mu, full mode (default 0.95; 0 = copy of the online weights)")
     a("--omega", type=float, help="fixed paper guidance omega (= guidance_scale - 1)")
-    a("--omega-min", type=float, help="omega ~ U[min, max] per sample (default 5 SD / 3 SDXL)")
-    a("--omega-max", type=float, help="(default 15)")
     a("--solver", choices=("ddim", "dpm-solver", "dpm-solver++"), help="teacher ODE solver (default ddim)")
-    a("--skip", type=int, help="skipping step k (default 20)")
-    a("--loss", choices=("l2", "huber"), help="distance (default huber)")
-    a("--huber-c", type=float, help="pseudo-Huber c (default 0.001)")
-    a("--validation-steps", type=int, nargs="+", help="LCM step counts, one grid row each (default 1 2 4)")
-    a("--validation-omega", type=float, help="omega of the full LCM's w-embedding in grids (default 7)")
+    add_consistency_args(p)
     add_training_args(p)
     p.set_defaults(run=run)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ._training import add_training_args, overrides
+from ._training import add_consistency_args, add_training_args, overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,13 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--out", help="output folder (refused if it has results, unless --resume or --overwrite)")
     a("--ema", type=float, help="target EMA rate mu, full LCM (default 0.95; 0 = copy of the online weights)")
     a("--omega", type=float, help="fixed paper guidance omega for the w-embedding (= guidance_scale - 1)")
-    a("--omega-min", type=float, help="omega ~ U[min, max] per sample (default 5 SD / 3 SDXL)")
-    a("--omega-max", type=float, help="(default 15)")
-    a("--skip", type=int, help="skipping step k (default 20)")
-    a("--loss", choices=("l2", "huber"), help="distance (default huber)")
-    a("--huber-c", type=float, help="pseudo-Huber c (default 0.001)")
-    a("--validation-steps", type=int, nargs="+", help="LCM step counts, one grid row each (default 1 2 4)")
-    a("--validation-omega", type=float, help="omega of the full LCM's w-embedding in grids (default 7)")
+    add_consistency_args(p)
     add_training_args(p)
     p.set_defaults(run=run)
 
