@@ -293,3 +293,13 @@ def test_yaml_config_and_cli_override(tiny_sd_dir, tmp_path):
                         "optim:\n  lr: 0.002\n  warmup_steps: 7\nomega-min: 2\n")
     cfg = common.build_config(DistillConfig, cfg_file, {"skip": 40, "warmup_steps": None})
     assert (cfg.skip, cfg.optim.lr, cfg.optim.warmup_steps, cfg.omega_min) == (40, 0.002, 7, 2)
+
+
+def test_saved_config_is_accepted_back(tiny_sd_dir, tmp_path):
+    """The config.yaml a run saves (with its ``resolved:`` record) is a valid ``--config`` for a resume or a rerun."""
+    cfg = common.build_config(DistillConfig, None, {"teacher": str(tiny_sd_dir), "data": "world",
+                                                     "out": str(tmp_path / "o"), "skip": 10, "lr": 3e-4})
+    saved = common.save_config(cfg, tmp_path, {"architecture": "sd", "num_grid_points": 50})
+    assert "resolved:" in saved.read_text()
+    again = common.build_config(DistillConfig, saved, {"max_steps": 5})
+    assert (again.skip, again.optim.lr, again.max_steps, again.teacher) == (10, 3e-4, 5, str(tiny_sd_dir))

@@ -68,6 +68,11 @@ def config_keys(cls) -> dict[str, str | None]:
     return keys
 
 
+#: section of a saved config.yaml with the values the run derived (architecture, grid, ...); ignored on reading,
+#: so a saved config can be handed back with ``--config``
+RESOLVED_KEY = "resolved"
+
+
 def _flatten(raw: dict, cls, source: str) -> dict[str, Any]:
     """YAML dict (sections nested or not, ``-`` or ``_`` in keys) → flat {key: value}."""
     keys, sections = config_keys(cls), _sections(cls)
@@ -105,7 +110,9 @@ def build_config(cls, yaml_path: str | os.PathLike | None = None, overrides: dic
 
     Validation happens in the dataclasses' ``__post_init__`` and raises :class:`LcmkitError`.
     """
-    flat = _flatten(load_yaml(yaml_path), cls, str(yaml_path)) if yaml_path else {}
+    raw = load_yaml(yaml_path) if yaml_path else {}
+    raw.pop(RESOLVED_KEY, None)  # what save_config wrote for the record: derived values, not settings
+    flat = _flatten(raw, cls, str(yaml_path)) if yaml_path else {}
     flat.update(_flatten({k: v for k, v in (overrides or {}).items() if v is not None}, cls, "the command line"))
     keys, sections = config_keys(cls), _sections(cls)
     top = {k: v for k, v in flat.items() if keys[k] is None}
@@ -140,7 +147,7 @@ def save_config(cfg, folder: str | os.PathLike, extra: dict | None = None) -> Pa
 
     data = config_to_dict(cfg)
     if extra:
-        data["resolved"] = extra
+        data[RESOLVED_KEY] = extra
     path = Path(folder) / CONFIG_FILE
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
