@@ -127,6 +127,37 @@ def test_bench_quality_smoke(tmp_path):
     assert "Agreement with the LCM paper" in (tmp_path / "quality.md").read_text()
 
 
+@pytest.mark.slow
+def test_bench_style_smoke(tmp_path):
+    assert main(["bench", "style", "--smoke", "--out", str(tmp_path)]) == 0
+    data = _load(tmp_path / "style.json")
+    names = [r["name"] for r in data["rows"]]
+    assert names == ["real", "lcm", "lcf", "style-lora", "lcm-lora", "combined 0.5", "combined 1"]
+    assert all(0.0 <= r["style_rate"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0 for r in data["rows"])
+    combined = [r for r in data["rows"] if "lambda_style" in r]
+    assert [len(r["loras"]) for r in combined] == [2, 2] and combined[0]["loras"][0]["weight"] == 0.5
+    assert {b["bar"] for b in data["bars"]} == {"LCF", "task arithmetic"}
+    for name in ("style.md", "style.png", "style_grid.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_style_bars_judge_the_measured_rows():
+    from lcmkit.bench.style import bars
+
+    def row(name, acc, rate, **kw):
+        return dict(name=name, accuracy=acc, style_rate=rate, **kw)
+
+    rows = [row("real", 1.0, 0.98), row("lcm", 1.0, 0.0), row("lcf", 0.9, 0.8), row("lcm-lora", 0.8, 0.0),
+            row("combined 0.4", 0.79, 0.5, lambda_style=0.4), row("combined 0.8", 0.70, 0.9, lambda_style=0.8),
+            row("combined 1.2", 0.5, 0.99, lambda_style=1.2)]
+    lcf, ta = bars(rows)
+    assert lcf["met"] and abs(lcf["style_rate_needed"] - 0.8 * 0.98) < 1e-12   # 0.8 >= 0.784, 0.9 >= 0.85
+    assert ta["row"] == "combined 0.8" and ta["met"]                           # 0.9 >= 0.784, 0.70 >= 0.68
+    rows[5] = row("combined 0.8", 0.60, 0.9, lambda_style=0.8)
+    assert not bars(rows)[1]["met"]
+    assert bars(rows[:2]) == []                                                 # nothing to judge: no bar
+
+
 # --------------------------------------------------------------------------------------------------------------
 # claims judged from numbers
 # --------------------------------------------------------------------------------------------------------------

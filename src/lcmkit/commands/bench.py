@@ -1,4 +1,4 @@
-"""``lcmkit bench speed | distill | quality``: benchmarks written as JSON + Markdown + PNG (benchmarks/README.md).
+"""``lcmkit bench speed | distill | quality | style``: benchmarks written as JSON + Markdown + PNG (benchmarks/README.md).
 
 Each writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``--out`` (default ``benchmarks/results``),
 recording the machine and the exact command. ``--smoke`` runs the same code on tiny random models in seconds.
@@ -27,6 +27,7 @@ def register(sub) -> None:
     _register_speed(bench)
     _register_distill(bench)
     _register_quality(bench)
+    _register_style(bench)
 
 
 def _register_speed(bench) -> None:
@@ -82,6 +83,24 @@ def _register_quality(bench) -> None:
     p.add_argument("--distill-batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_quality, bench_parser=p)
+
+
+def _register_style(bench) -> None:
+    p = bench.add_parser("style", help="a new style on the world: LCF, and style LoRA + LCM-LoRA task arithmetic")
+    _common(p)
+    p.add_argument("--teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
+    p.add_argument("--lcm", help="distilled full LCM (pipeline folder), before fine-tuning")
+    p.add_argument("--lcf", help="the same LCM after `lcmkit finetune` on the outlined set (pipeline folder)")
+    p.add_argument("--style-lora", help="style LoRA of the teacher (`lcmkit lora train`; file or folder)")
+    p.add_argument("--lcm-lora", help="LCM-LoRA of the teacher (file or lora/ folder)")
+    p.add_argument("--lambdas", type=comma_list(float), default=[0.4, 0.6, 0.8, 1.0, 1.2],
+                   help="style LoRA weights λ1 to sweep (default 0.4,0.6,0.8,1.0,1.2)")
+    p.add_argument("--lcm-lora-weight", type=float, default=1.0, help="λ2 (default 1)")
+    p.add_argument("--steps", type=int, default=4, help="LCM steps (default 4)")
+    p.add_argument("--num", type=int, default=1000, help="generations per row (default 1000)")
+    p.add_argument("--n-real", type=int, default=2000, help="real images for world-FID (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_style, bench_parser=p)
 
 
 def command(args) -> str:
@@ -174,4 +193,22 @@ def run_quality(args) -> int:
     for claim in result["claims"]:
         print(f"[{claim['verdict']}] {claim['claim']}")
     print(f"wrote {args.out}/quality.*, ablation_skip.*, ablation_guidance.*")
+    return 0
+
+
+def run_style(args) -> int:
+    from ..bench.style import StyleOptions, bench_style
+
+    _threads(args)
+    options = StyleOptions(teacher=args.teacher, lcm=args.lcm, lcf=args.lcf, style_lora=args.style_lora,
+                           lcm_lora=args.lcm_lora, lambdas=args.lambdas, lcm_lora_weight=args.lcm_lora_weight,
+                           steps=args.steps, num=args.num, n_real=args.n_real, seed=args.seed, device=args.device)
+    if args.smoke:
+        options = options.smoke()
+    result = bench_style(options, args.out, command(args))
+    for bar in result["bars"]:
+        print(f"[{'met' if bar['met'] else 'not met'}] {bar['bar']} ({bar['row']}): style rate "
+              f"{bar['style_rate']:.3f} >= {bar['style_rate_needed']:.3f}, accuracy {bar['accuracy']:.3f} >= "
+              f"{bar['accuracy_needed']:.3f}")
+    print(f"wrote {args.out}/style.json, style.md, style.png, style_grid.png")
     return 0

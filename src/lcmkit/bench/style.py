@@ -1,0 +1,299 @@
+"""``lcmkit bench style``: a new style on the built-in world, by LCF and by LoRA task arithmetic (issue 5).
+
+The world teacher never saw outlined shapes (captions do not name the style). Given
+
+- ``lcm``: the distilled full LCM, and ``lcf``: the same LCM fine-tuned on the outlined set (``lcmkit finetune``);
+- ``style_lora``: a style LoRA trained on the teacher with the outlined set (``lcmkit lora train``);
+- ``lcm_lora``: the teacher's LCM-LoRA (``lcmkit distill --mode lora``),
+
+it scores, with the same prompts and initial noise in every row (:func:`lcmkit.evaluate.run.evaluate`, world-FID
+against real *outlined* images):
+
+- ``real``: real outlined images, the style rate the evaluator gives the real thing (the bars' reference);
+- ``lcm`` and ``lcf`` at ``steps`` LCM steps (w-embedding of ω = guidance − 1);
+- ``style-lora``: the teacher + style LoRA with DPM-Solver++ at ``teacher_steps`` and CFG (the style's reference);
+- ``lcm-lora``: the teacher + LCM-LoRA alone at ``steps`` (guidance baked in);
+- ``combined λ1``: θ_pre + λ1·τ_style + λ2·τ_LCM (LCM-LoRA report, eq. 3), applied on the fly, for each λ1.
+
+Bars (issue 5): LCF style rate ≥ 0.8 × real and accuracy ≥ 0.85 × the LCM's; the best combination style rate
+≥ 0.8 × real with accuracy ≥ 0.85 × the LCM-LoRA's alone. Writes ``style.json``, ``style.md``, ``style.png``
+(style rate and accuracy against λ1) and ``style_grid.png`` (rows: settings; columns: the first prompts).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LcmkitError
+from . import machine
+
+STYLE = "outlined"
+STYLE_RATE_BAR = 0.8     # × the real outlined images' style rate
+ACCURACY_BAR = 0.85      # × the accuracy of the model before the style was added
+GRID_PROMPTS = 8
+
+
+@dataclass
+class StyleOptions:
+    teacher: str | None = None
+    lcm: str | None = None
+    lcf: str | None = None
+    style_lora: str | None = None
+    lcm_lora: str | None = None
+    lambdas: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0, 1.2])
+    lcm_lora_weight: float = 1.0          # λ2
+    steps: int = 4
+    teacher_steps: int = 25
+    guidance: float = 7.5
+    num: int = 1000
+    n_real: int = 2000
+    batch_size: int = 100
+    seed: int = 0
+    device: str = "auto"
+    is_smoke: bool = False
+
+    def smoke(self) -> "StyleOptions":
+        """Tiny random models (built in a temp folder), 4 generations per row."""
+        return replace(self, teacher=None, lcm=None, lcf=None, style_lora=None, lcm_lora=None, lambdas=[0.5, 1.0],
+                       steps=2, teacher_steps=2, num=4, n_real=8, batch_size=4, device="cpu", is_smoke=True)
+
+
+def smoke_models(work: Path) -> dict[str, str]:
+    """A tiny teacher and full LCM (also standing in for the LCF output) and two random LoRA files."""
+    from . import configs
+    from .subjects import random_lora_file
+
+    teacher, lcm = work / "tiny-teacher", work / "tiny-lcm"
+    configs.build_pipeline(configs.TINY).save_pretrained(str(teacher), safe_serialization=True)
+    configs.build_pipeline(configs.TINY, full_lcm=True).save_pretrained(str(lcm), safe_serialization=True)
+    return {"teacher": str(teacher), "lcm": str(lcm), "lcf": str(lcm),
+            "style_lora": str(random_lora_file(configs.TINY.unet, work / "style", seed=1)),
+            "lcm_lora": str(random_lora_file(configs.TINY.unet, work / "lcm-lora", seed=2))}
+
+
+def _lora_file(path: str | None) -> str | None:
+    """A LoRA file, or the folder ``lcmkit distill`` / ``lcmkit lora train`` wrote it into."""
+    from ..lora import LORA_WEIGHT_NAME
+
+    if path is None:
+        return None
+    p = Path(path)
+    return str(p / LORA_WEIGHT_NAME) if p.is_dir() else str(p)
+
+
+def _models(options: StyleOptions) -> dict[str, str | None]:
+    from .subjects import WORLD_TEACHER
+
+    models = {"teacher": options.teacher or str(WORLD_TEACHER), "lcm": options.lcm, "lcf": options.lcf,
+              "style_lora": _lora_file(options.style_lora), "lcm_lora": _lora_file(options.lcm_lora)}
+    for name, path in models.items():
+        if path is not None and not Path(path).exists():
+            raise LcmkitError(f"--{name.replace('_', '-')} {path} not found")
+    return models
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------------------------
+
+def real_row(options: StyleOptions) -> tuple[dict, np.ndarray]:
+    """The evaluator on real outlined images of the same prompts the models get (jitter from a seed of its own,
+    so they are not the world-FID reference set)."""
+    from ..data import world
+    from ..evaluate import metrics
+
+    specs = world.eval_specs(options.num, seed=options.seed, style=STYLE)
+    rng = np.random.default_rng([options.seed, 7_000_001])
+    images = np.stack([world.render(spec, rng) for spec in specs])
+    scores = metrics.evaluate_world(images, specs, n_real=options.n_real, style=STYLE)
+    row = {"name": "real", "model": "real outlined images", "sampler": None, "steps": None, "guidance": None,
+           "loras": [], "n": options.num, "accuracy": scores["prompt"], "world_fid": scores["world_fid"],
+           "style_rate": scores["style_rate"], "seconds_per_image": None}
+    return row, images[:GRID_PROMPTS]
+
+
+def score(options: StyleOptions, pipe, name: str, model: str, sampler: str, steps: int, guidance: float,
+          loras: list[tuple[str, float]], work: Path, **extra) -> tuple[dict, np.ndarray]:
+    """One setting through :func:`lcmkit.evaluate.run.evaluate` (prompts asking for the outlined style)."""
+    from PIL import Image
+
+    from ..evaluate.run import Setting, evaluate
+
+    out = work / name.replace(" ", "-")
+    result = evaluate(pipe, [Setting(sampler, steps, guidance)], num=options.num, seed=options.seed, loras=loras,
+                      style=STYLE, n_real=options.n_real, batch_size=options.batch_size, grid_prompts=GRID_PROMPTS,
+                      out_dir=out, progress=False)
+    r = result["rows"][0]
+    row = dict({"name": name, "model": model, "sampler": sampler, "steps": steps, "guidance": guidance,
+                "loras": [{"file": str(f), "weight": w} for f, w in loras], "n": r["n"], "accuracy": r["accuracy"],
+                "world_fid": r["world_fid"], "style_rate": r["style_rate"],
+                "seconds_per_image": r["seconds_per_image"]}, **extra)
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))
+    return row, grid
+
+
+def style_rows(options: StyleOptions, models: dict, work: Path, log) -> tuple[list[dict], list[tuple[str, np.ndarray]]]:
+    from ..pipelines import load_pipeline
+
+    rows, grids = [], []
+
+    def add(row_grid):
+        row, grid = row_grid
+        rows.append(row)
+        grids.append((row["name"], grid))
+        log(f"[style] {row['name']}: accuracy {row['accuracy']:.3f}, style rate {row['style_rate']:.3f}, "
+            f"world-FID {row['world_fid']:.2f}")
+
+    row, real = real_row(options)
+    rows.append(row)
+    grids.append(("real", np.concatenate(list(real), axis=1)))
+    for name in ("lcm", "lcf"):
+        if models[name]:
+            add(score(options, load_pipeline(models[name], device=options.device), name, models[name], "lcm",
+                      options.steps, options.guidance, [], work))
+    teacher = load_pipeline(models["teacher"], device=options.device)
+    style, lcm_lora = models["style_lora"], models["lcm_lora"]
+    if style:
+        add(score(options, teacher, "style-lora", models["teacher"], "dpm-solver++", options.teacher_steps,
+                  options.guidance, [(style, 1.0)], work))
+    if lcm_lora:
+        add(score(options, teacher, "lcm-lora", models["teacher"], "lcm", options.steps, 1.0,
+                  [(lcm_lora, options.lcm_lora_weight)], work))
+    if style and lcm_lora:
+        for lam in options.lambdas:
+            add(score(options, teacher, f"combined {lam:g}", models["teacher"], "lcm", options.steps, 1.0,
+                      [(style, lam), (lcm_lora, options.lcm_lora_weight)], work, lambda_style=lam,
+                      lambda_lcm=options.lcm_lora_weight))
+    return rows, grids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bars
+# ---------------------------------------------------------------------------------------------------------------
+
+def _row(rows: list[dict], name: str) -> dict | None:
+    return next((r for r in rows if r["name"] == name), None)
+
+
+def _bar(name: str, row: dict, real_rate: float, reference: dict, reference_name: str) -> dict:
+    style_need, acc_need = STYLE_RATE_BAR * real_rate, ACCURACY_BAR * reference["accuracy"]
+    return {"bar": name, "row": row["name"], "style_rate": row["style_rate"], "style_rate_needed": style_need,
+            "accuracy": row["accuracy"], "accuracy_needed": acc_need, "accuracy_reference": reference_name,
+            "met": bool(row["style_rate"] >= style_need and row["accuracy"] >= acc_need)}
+
+
+def bars(rows: list[dict]) -> list[dict]:
+    """The issue's two bars, from the measured rows (a bar whose rows are missing is left out)."""
+    real = _row(rows, "real")
+    out = []
+    lcm, lcf = _row(rows, "lcm"), _row(rows, "lcf")
+    if real and lcm and lcf:
+        out.append(_bar("LCF", lcf, real["style_rate"], lcm, "lcm"))
+    alone = _row(rows, "lcm-lora")
+    combined = [r for r in rows if "lambda_style" in r]
+    if real and alone and combined:
+        judged = [_bar("task arithmetic", r, real["style_rate"], alone, "lcm-lora") for r in combined]
+        # best: a combination that meets both bars with the highest accuracy, else the one closest to both
+        met = [b for b in judged if b["met"]]
+        best = max(met, key=lambda b: b["accuracy"]) if met else max(
+            judged, key=lambda b: min(b["style_rate"] / max(b["style_rate_needed"], 1e-9),
+                                      b["accuracy"] / max(b["accuracy_needed"], 1e-9)))
+        out.append(best)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bench
+# ---------------------------------------------------------------------------------------------------------------
+
+def bench_style(options: StyleOptions, out_dir: str | Path, command: str, log=print) -> dict:
+    from ..pipelines import resolve_device
+
+    if options.num < 2 or options.steps < 1 or options.teacher_steps < 1:
+        raise LcmkitError("--num must be at least 2, --steps and --teacher-steps positive")
+    with tempfile.TemporaryDirectory(prefix="lcmkit-style-") as work:
+        work = Path(work)
+        models = smoke_models(work) if options.is_smoke else _models(options)
+        rows, grids = style_rows(options, models, work, log)
+    result = {"bench": "style", "command": command, "machine": machine.machine_info(resolve_device(options.device)),
+              "options": asdict(options), "style": STYLE, "rows": rows, "bars": bars(rows)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    machine.write_json(out / "style.json", result)
+    (out / "style.md").write_text(markdown(result))
+    plot_sweep(rows, out / "style.png")
+    save_labelled_grid(grids, out / "style_grid.png")
+    return result
+
+
+def markdown(result: dict) -> str:
+    text = machine.markdown_header("lcmkit bench style", result["machine"], result["command"])
+    o = result["options"]
+    text += (f"Prompts ask for the outlined style (the teacher never saw it); n = {o['num']} generations per row, "
+             f"the same prompts and initial noise in every row; world-FID against real outlined images.\n\n")
+    text += "## Bars\n\n"
+    for b in result["bars"]:
+        text += (f"- **{'met' if b['met'] else 'not met'}** — {b['bar']} (`{b['row']}`): style rate "
+                 f"{b['style_rate']:.3f} (needs ≥ {b['style_rate_needed']:.3f}), prompt accuracy {b['accuracy']:.3f} "
+                 f"(needs ≥ {b['accuracy_needed']:.3f} = {ACCURACY_BAR} × `{b['accuracy_reference']}`)\n")
+    text += "\n## Rows\n\n"
+    head = ["row", "sampler", "steps", "guidance", "LoRAs (λ)", "accuracy", "style rate", "world-FID", "s/image"]
+    cells = [[r["name"], r["sampler"], r["steps"], r["guidance"],
+              ", ".join(f"{Path(lo['file']).parent.name or lo['file']}:{lo['weight']:g}" for lo in r["loras"]) or None,
+              r["accuracy"], r["style_rate"], r["world_fid"], r["seconds_per_image"]] for r in result["rows"]]
+    return text + machine.table(head, cells)
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = sorted((r for r in rows if "lambda_style" in r), key=lambda r: r["lambda_style"])
+    real, alone = _row(rows, "real"), _row(rows, "lcm-lora")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if sweep:
+        lams = [r["lambda_style"] for r in sweep]
+        ax.plot(lams, [r["style_rate"] for r in sweep], marker="o", label="style rate (outlined)")
+        ax.plot(lams, [r["accuracy"] for r in sweep], marker="s", label="prompt accuracy")
+        if real:
+            ax.axhline(STYLE_RATE_BAR * real["style_rate"], ls="--", c="C0", lw=0.8, label="style bar (0.8 × real)")
+        if alone:
+            ax.axhline(ACCURACY_BAR * alone["accuracy"], ls="--", c="C1", lw=0.8,
+                       label="accuracy bar (0.85 × LCM-LoRA alone)")
+        ax.set_xlabel("λ1 (style LoRA weight), λ2 = LCM-LoRA weight = %g" % sweep[0]["lambda_lcm"])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"task arithmetic: style LoRA + LCM-LoRA, {sweep[0]['steps'] if sweep else '?'} steps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_labelled_grid(grids: list[tuple[str, np.ndarray]], path: Path, label_width: int = 150) -> None:
+    """Stack one strip per row (its first prompts, side by side), each labelled on the left."""
+    from PIL import Image, ImageDraw
+
+    from ..data.world import IMAGE_SIZE
+
+    scale = 96 // IMAGE_SIZE
+    strips = []
+    for name, strip in grids:
+        img = Image.fromarray(strip)
+        if img.height == IMAGE_SIZE:  # raw 32-px images (the real row): enlarge like evaluate's grid
+            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        strips.append((name, img))
+    width = label_width + max(img.width for _, img in strips)
+    canvas = Image.new("RGB", (width, sum(img.height for _, img in strips)), "white")
+    y = 0
+    draw = ImageDraw.Draw(canvas)
+    for name, img in strips:
+        canvas.paste(img, (label_width, y))
+        draw.text((6, y + img.height // 2 - 6), name, fill="black")
+        y += img.height
+    canvas.save(path)
