@@ -17,6 +17,8 @@ def register(sub) -> None:
                    help=f"distillation steps (default {d.max_steps}; more = a longer, better run)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=d.lr_schedule,
+                   help=f"after a short warm-up (default {d.lr_schedule})")
     p.add_argument("--num", type=int, default=d.num, help=f"generations per column for the metrics (default {d.num})")
     p.add_argument("--teacher", default=d.teacher, help="teacher pipeline folder (default: the shipped world teacher)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -29,7 +31,7 @@ def run(args) -> int:
     from ..demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=args.out, mode=args.mode, teacher=args.teacher, max_steps=args.max_steps,
-                     batch_size=args.batch_size, lr=args.lr, num=args.num, seed=args.seed,
+                     batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, num=args.num, seed=args.seed,
                      overwrite=args.overwrite, resume=args.resume)
     out = run_demo(cfg)
     print((out / "report.md").read_text(), end="")
