@@ -4,7 +4,8 @@ Each piece is a small function or dataclass a recipe calls explicitly; nothing h
 
 - **config**: :func:`build_config` turns YAML (flat or nested by section) + CLI overrides into a typed dataclass
   (CLI wins); unknown keys are errors that name the nearest known key. :func:`save_config` writes the resolved
-  config (YAML) next to every checkpoint and output.
+  config (YAML) next to every checkpoint and output. :class:`TrainingOptions` holds the options every recipe shares
+  and checks them (:meth:`TrainingOptions.check_training`).
 - **processes**: :func:`setup_accelerator` (one or many processes: ``accelerate launch``, ``torchrun``; gloo on
   CPU), :func:`sync_gradients` (mean of gradients over processes, done by hand: see its docstring for why).
 - **optimisation**: :class:`OptimConfig` / :func:`make_optimizer` (AdamW), :func:`lr_factor` (warm-up, then
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from ..errors import LcmkitError
+from .data import WORLD_STYLES, is_world, world_style
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
@@ -337,6 +339,45 @@ class TrainingOptions:
     device: str = "auto"              # auto (accelerate's choice) or cpu
     progress: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def check_training(self, model_key: str) -> None:
+        """Check what every recipe's config shares, each with a message that says how to fix it: the required
+        ``model_key`` (the diffusers pipeline folder the recipe starts from: ``teacher``, ``model``), ``data`` and
+        ``out``, then that folder, the data and the loop / precision / checkpoint options. Each recipe's
+        ``__post_init__`` calls this first, then checks its own options."""
+        if isinstance(self.optim, dict):  # a config built in code may pass the section as a dict
+            self.optim = OptimConfig(**self.optim)
+        for name in (model_key, "data", "out"):
+            if not getattr(self, name):
+                raise LcmkitError(f"--{name} is required")
+        model = Path(getattr(self, model_key)).expanduser()
+        if not model.is_dir():
+            raise LcmkitError(f"{model_key} folder {model} not found; pass a diffusers pipeline folder (saved with "
+                              "save_pretrained)")
+        if not (model / "model_index.json").is_file():
+            raise LcmkitError(f"{model_key} {model} is not a diffusers pipeline folder (no model_index.json)")
+        if not is_world(self.data) and not any(c in self.data for c in "*{") and not Path(self.data).exists():
+            raise LcmkitError(f"data {self.data} not found; pass an imagefolder, .tar shards, or 'world'")
+        if is_world(self.data) and world_style(self.data) not in WORLD_STYLES:
+            raise LcmkitError(f"unknown world style in {self.data!r}; use world, world:filled or world:outlined")
+        if self.resolution is not None and self.resolution < 8:
+            raise LcmkitError(f"resolution must be >= 8 pixels, got {self.resolution}")
+        if self.crop not in ("center", "random"):
+            raise LcmkitError(f"crop must be center or random, got {self.crop!r}")
+        if self.cache_latents and (self.crop != "center" or self.flip):
+            raise LcmkitError("cache_latents needs crop=center and flip off (a cached latent cannot be "
+                              "re-augmented); drop --cache-latents or the augmentation")
+        for name in ("batch_size", "grad_accum", "max_steps", "world_samples", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise LcmkitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:
+            raise LcmkitError(f"stop_at must be in [1, max_steps={self.max_steps}], got {self.stop_at}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise LcmkitError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.keep_checkpoints < 0 or self.validate_every < 0 or self.max_nonfinite < 0:
+            raise LcmkitError("keep_checkpoints, validate_every and max_nonfinite must be >= 0")
+        if self.device not in ("auto", "cpu"):
+            raise LcmkitError(f"device must be auto or cpu, got {self.device!r}")
 
 
 @dataclass

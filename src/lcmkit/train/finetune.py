@@ -24,8 +24,8 @@ the online model without gradients (no EMA, as LCM-LoRA); guidance is baked in (
 ``out/lora/<the input file's name>`` in the input file's format (diffusers, PEFT or kohya; a mixed file is written as
 diffusers), readable by ``lcmkit generate BASE --lora FILE`` and diffusers' ``load_lora_weights``.
 
-Mixed precision, checkpoints, resume, logs and validation grids work as in :mod:`lcmkit.train.distill`, whose data
-pipeline (:class:`~lcmkit.train.distill.DataStream`, :class:`~lcmkit.train.distill.Encoder`) is reused as is.
+Mixed precision, checkpoints, resume, logs and validation grids work as in :mod:`lcmkit.train.distill`, and the data
+pipeline is distillation's (:class:`~lcmkit.train.data.DataStream`, :class:`~lcmkit.train.data.Encoder`).
 Output folder ``out/``: ``config.yaml``, ``checkpoints/step-N/``, ``logs/``, ``validation/step-N.png`` (rows: LCM
 step counts; columns: prompts), ``summary.json`` and the result.
 """
@@ -47,9 +47,8 @@ from ..errors import LcmkitError
 from ..losses import LOSS_TYPES, lcf_loss
 from ..math.schedule import alphas_cumprod_from_config
 from . import common
-from .common import OptimConfig
-from .distill import (DEFAULT_OMEGA, WORLD_STYLES, DataSource, DataStream, Encoder, Models, build_latent_cache,
-                      build_text_cache, draw, encode_text, is_world, validation_images, world_style)
+from .data import default_validation_prompts, make_data
+from .distill import DEFAULT_OMEGA, Models, draw, validation_images
 
 RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 
@@ -76,9 +75,7 @@ class FinetuneConfig(common.TrainingOptions):
     validation_omega: float = 7.0     # ω of the full LCM's w-embedding in validation grids
 
     def __post_init__(self):
-        if isinstance(self.optim, dict):
-            self.optim = OptimConfig(**self.optim)
-        check_training_options(self, model_key="model")
+        self.check_training(model_key="model")
         if self.lora is not None:
             from ..lora_formats import check_safetensors_file
 
@@ -105,42 +102,6 @@ class FinetuneConfig(common.TrainingOptions):
     @property
     def mode(self) -> str:
         return "full" if self.lora is None else "lora"
-
-
-def check_training_options(cfg, model_key: str) -> None:
-    """Checks shared by the fine-tuning recipes (this one and :mod:`lcmkit.train.style_lora`): the model folder,
-    data, output and the data / loop / precision options, each with a message that says how to fix it."""
-    for name in (model_key, "data", "out"):
-        if not getattr(cfg, name):
-            raise LcmkitError(f"--{name} is required")
-    model = Path(getattr(cfg, model_key)).expanduser()
-    if not model.is_dir():
-        raise LcmkitError(f"model folder {model} not found; pass a diffusers pipeline folder (saved with "
-                          "save_pretrained)")
-    if not (model / "model_index.json").is_file():
-        raise LcmkitError(f"model {model} is not a diffusers pipeline folder (no model_index.json)")
-    if not is_world(cfg.data) and not any(c in cfg.data for c in "*{") and not Path(cfg.data).exists():
-        raise LcmkitError(f"data {cfg.data} not found; pass an imagefolder, .tar shards, or 'world'")
-    if is_world(cfg.data) and world_style(cfg.data) not in WORLD_STYLES:
-        raise LcmkitError(f"unknown world style in {cfg.data!r}; use world, world:filled or world:outlined")
-    if cfg.resolution is not None and cfg.resolution < 8:
-        raise LcmkitError(f"resolution must be >= 8 pixels, got {cfg.resolution}")
-    if cfg.crop not in ("center", "random"):
-        raise LcmkitError(f"crop must be center or random, got {cfg.crop!r}")
-    if cfg.cache_latents and (cfg.crop != "center" or cfg.flip):
-        raise LcmkitError("cache_latents needs crop=center and flip off (a cached latent cannot be re-augmented); "
-                          "drop --cache-latents or the augmentation")
-    for name in ("batch_size", "grad_accum", "max_steps", "world_samples", "checkpoint_every", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise LcmkitError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.max_steps:
-        raise LcmkitError(f"stop_at must be in [1, max_steps={cfg.max_steps}], got {cfg.stop_at}")
-    if cfg.mixed_precision not in common.MIXED_PRECISION:
-        raise LcmkitError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
-    if cfg.keep_checkpoints < 0 or cfg.validate_every < 0 or cfg.max_nonfinite < 0:
-        raise LcmkitError("keep_checkpoints, validate_every and max_nonfinite must be >= 0")
-    if cfg.device not in ("auto", "cpu"):
-        raise LcmkitError(f"device must be auto or cpu, got {cfg.device!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,32 +192,8 @@ def step_loss(models: Models, cfg: FinetuneConfig, z0: Tensor, cond: TextConditi
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data (distillation's pipeline, reused) and outputs
+# Outputs
 # ---------------------------------------------------------------------------------------------------------------
-
-def make_data(cfg, pipe, arch: str, device: torch.device, resolution: int, rank: int, world_size: int,
-              progress: bool) -> tuple[DataSource, DataStream, Encoder]:
-    """This process's data stream and the batch encoder (latent and text caches as configured); the encoder's
-    unconditional embedding is "" (SD) / zeros (SDXL), as in distillation."""
-    source = DataSource(cfg, resolution)
-    stream = DataStream(source, cfg, resolution, rank, world_size)
-    if cfg.cache_latents:
-        stream.latent_cache = build_latent_cache(source, stream, pipe, progress)
-    cache_text = cfg.cache_text if cfg.cache_text is not None else is_world(cfg.data)
-    encoder = Encoder(pipe, arch, device, latent_cache=stream.latent_cache,
-                      text_cache=build_text_cache(source.captions(), pipe, arch) if cache_text else None)
-    if arch == "sd":
-        encoder.uncond_hidden = encode_text(pipe, "sd", [""])[0]
-    return source, stream, encoder
-
-
-def default_validation_prompts(cfg, source: DataSource, resolution: int, stream: DataStream) -> list[str]:
-    """``cfg.validation_prompts``, else the first (≤ 4, distinct) captions of the data: the same on every run."""
-    if cfg.validation_prompts:
-        return list(cfg.validation_prompts)
-    probe = DataStream(source, cfg, resolution, 0, 1, stream.latent_cache)
-    return list(dict.fromkeys(s.caption for s in probe.next_batch(min(4, len(source)))))
-
 
 def save_full_pipeline(models: Models, model_dir: str, folder: Path, num_points: int) -> None:
     """The input pipeline (same class, its own float32 VAE / text encoders from disk) with θ⁻ as its UNet and an

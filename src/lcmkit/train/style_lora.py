@@ -41,8 +41,8 @@ from ..errors import LcmkitError
 from ..math.param import from_x0_eps
 from ..math.schedule import alpha_sigma, alphas_cumprod_from_config, append_dims
 from . import common
-from .common import OptimConfig
-from .finetune import check_training_options, default_validation_prompts, freeze_frozen_parts, make_data
+from .data import default_validation_prompts, make_data
+from .finetune import freeze_frozen_parts
 
 RESULT_NAMES = ("summary.json", "validation")
 
@@ -66,9 +66,7 @@ class StyleLoraConfig(common.TrainingOptions):
     validation_guidance: float = 7.5  # diffusers guidance_scale of the validation grid (ω = g − 1)
 
     def __post_init__(self):
-        if isinstance(self.optim, dict):
-            self.optim = OptimConfig(**self.optim)
-        check_training_options(self, model_key="model")
+        self.check_training(model_key="model")
         if Path(self.out).suffix != ".safetensors":
             raise LcmkitError(f"--out names the LoRA file and must end in .safetensors, got {self.out}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
