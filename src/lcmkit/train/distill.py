@@ -33,7 +33,6 @@ Output folder ``out/``: ``config.yaml`` (resolved), ``checkpoints/step-N/`` (ato
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import sys
@@ -42,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,7 +51,7 @@ from ..math.schedule import alphas_cumprod_from_config
 from ..math.timesteps import lcm_timesteps
 from ..solvers import SOLVERS, randn, sample_lcm
 from . import common
-from .data import DataSource, DataStream, Encoder, build_latent_cache, build_text_cache, encode_text, is_world
+from .data import DataSource, DataStream, Encoder, default_validation_prompts, encode_text, make_data
 
 MODES = ("full", "lora")
 #: Width of the guidance embedding of ω (``time_cond_proj_dim``), as the released LCMs.
@@ -160,6 +158,25 @@ class Models:
     def trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
 
+    def checkpoint_weights(self) -> dict[str, dict[str, Tensor]]:
+        """What a checkpoint keeps: θ and θ⁻ (full), or the LoRA layers (LoRA: θ⁻ is θ)."""
+        if self.mode == "full":
+            return {"student": self.student.state_dict(), "target": self.target.state_dict()}
+        return {"lora": dict(self.trainable_named())}
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, dict[str, Tensor]], path) -> None:
+        """Put back what :meth:`checkpoint_weights` saved (``path``: the checkpoint, for the message)."""
+        if self.mode == "full":
+            self.student.load_state_dict(weights["student"])
+            self.target.load_state_dict(weights["target"])
+            return
+        named = dict(self.trainable_named())
+        if set(named) != set(weights["lora"]):
+            raise LcmkitError(f"checkpoint {path} holds different LoRA layers than this model")
+        for n, p in named.items():
+            p.copy_(weights["lora"][n])
+
 
 def build_models(cfg: DistillConfig, pipe, device: torch.device, generator: torch.Generator) -> Models:
     """Freeze and cast the teacher's parts, then build the student and target for ``cfg.mode``."""
@@ -228,6 +245,18 @@ def make_denoisers(models: Models, cond: TextConditioning, uncond: TextCondition
     student = _autocast(unet_denoiser(models.student, ac, cond, prediction_type=pt, w_omega=w), models)
     target = _autocast(unet_denoiser(models.target, ac, cond, prediction_type=pt, w_omega=w), models)
     return student, target, teacher
+
+
+def omega_range(cfg, arch: str) -> tuple[float, float]:
+    """[ω_min, ω_max] of the draws: a fixed ω, the given bounds, or the defaults of the teacher's architecture."""
+    lo, hi = DEFAULT_OMEGA[arch]
+    if cfg.omega is not None:
+        return cfg.omega, cfg.omega
+    lo = cfg.omega_min if cfg.omega_min is not None else lo
+    hi = cfg.omega_max if cfg.omega_max is not None else hi
+    if lo > hi:
+        raise LcmkitError(f"omega range ({lo}, {hi}) is empty (min > max); set both --omega-min and --omega-max")
+    return lo, hi
 
 
 def draw(batch: int, shape: tuple, omega_range: tuple[float, float], num_points: int,
@@ -327,20 +356,13 @@ def _resolved(cfg: DistillConfig, arch: str, resolution: int, num_points: int, o
 
 def distill(cfg: DistillConfig) -> Path:
     """Run latent consistency distillation; returns the output (``out/pipeline`` or ``out/lora``)."""
-    from tqdm.auto import tqdm
-
     from ..pipelines import load_pipeline, vae_scale_factor
 
     accelerator = common.setup_accelerator(cfg.mixed_precision, cpu=cfg.device == "cpu")
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     out = Path(cfg.out)
-    if main:
-        common.prepare_output_dir(out, RESULT_NAMES, cfg.overwrite, cfg.resume)
-    accelerator.wait_for_everyone()
-    checkpoints = common.checkpoint_dirs(out)
-    if cfg.resume and not checkpoints and main:
-        print(f"lcmkit distill: no checkpoint in {out}; starting from step 0")
+    checkpoints = common.open_run_folder(out, RESULT_NAMES, cfg, accelerator, "lcmkit distill")
 
     pipe = load_pipeline(cfg.teacher, device="cpu", dtype=None)
     models = build_models(cfg, pipe, device, common.generator_for(cfg.seed, 0xA11CE))
@@ -351,99 +373,63 @@ def distill(cfg: DistillConfig) -> Path:
     resolution = cfg.resolution or models.student.config.sample_size * vae_scale_factor(pipe)
     if resolution % vae_scale_factor(pipe):
         raise LcmkitError(f"resolution {resolution} is not a multiple of the VAE scale factor {vae_scale_factor(pipe)}")
-    lo, hi = DEFAULT_OMEGA[models.arch]
-    omega_range = (cfg.omega, cfg.omega) if cfg.omega is not None else \
-        (cfg.omega_min if cfg.omega_min is not None else lo, cfg.omega_max if cfg.omega_max is not None else hi)
-    if omega_range[0] > omega_range[1]:
-        raise LcmkitError(f"omega range {omega_range} is empty (min > max); set both --omega-min and --omega-max")
-    resolved = _resolved(cfg, models.arch, resolution, num_points, omega_range)
+    omegas = omega_range(cfg, models.arch)
+    resolved = _resolved(cfg, models.arch, resolution, num_points, omegas)
     write_config = lambda folder: common.save_config(cfg, folder, resolved)  # noqa: E731
     if main:
         write_config(out)
-
-    # data, caches, encoder
-    source = DataSource(cfg, resolution)
-    stream = DataStream(source, cfg, resolution, rank, world_size)
-    if cfg.cache_latents:
-        stream.latent_cache = build_latent_cache(source, stream, pipe, cfg.progress and main)
-    cache_text = cfg.cache_text if cfg.cache_text is not None else is_world(cfg.data)
-    encoder = Encoder(pipe, models.arch, device, latent_cache=stream.latent_cache,
-                      text_cache=build_text_cache(source.captions(), pipe, models.arch) if cache_text else None)
-    if models.arch == "sd":
-        encoder.uncond_hidden = encode_text(pipe, "sd", [""])[0]
+    source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, rank, world_size,
+                                        cfg.progress and main)
 
     # optimisation state
     params = models.trainable()
-    optimizer = common.make_optimizer(params, cfg.optim)
-    scheduler = common.make_lr_scheduler(optimizer, cfg.optim, cfg.max_steps)
-    scaler = common.make_grad_scaler(device, cfg.mixed_precision)
-    guard = common.NonFiniteGuard(cfg.max_nonfinite)
+    optimizer, scheduler, scaler, guard = common.make_optimisation(params, cfg, device)
     step, overflow = 0, 0
     if cfg.resume and checkpoints:
-        step, overflow = _restore(checkpoints[-1], cfg, models, optimizer, scheduler, scaler, guard, stream,
-                                  rank, world_size)
+        lora = {"lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha)} if cfg.mode == "lora" else {}
+        step, overflow = common.resume_run(checkpoints[-1], optimizer, scheduler, scaler, guard,
+                                           {"mode": cfg.mode, **lora, "processes": world_size}, models.load_weights,
+                                           stream, rank)
+    validation_prompts = default_validation_prompts(cfg, source, resolution, stream)
 
-    validation_prompts = list(cfg.validation_prompts)
-    if not validation_prompts:  # the first captions of the data (the same on every run with this seed)
-        probe = DataStream(source, cfg, resolution, 0, 1, stream.latent_cache)
-        validation_prompts = list(dict.fromkeys(s.caption for s in probe.next_batch(min(4, len(source)))))
+    def micro_loss(step: int, micro: int) -> Tensor:
+        """The LCD loss of one micro-batch: the next samples, the draws (ω, n, ε) of (seed, step, micro, rank)."""
+        z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
+        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points,
+                                   common.generator_for(cfg.seed, step, micro, rank))
+        student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
+        loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device), models.alphas_cumprod,
+                           skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss, huber_c=cfg.huber_c)
+        return loss
 
-    logger = common.RunLogger(out / "logs", enabled=main)
-    stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"distill ({cfg.mode})", disable=not (cfg.progress and main),
-               dynamic_ncols=True)
-    losses: list[float] = []
-    step_times: list[float] = []
+    progress = common.RunProgress(cfg, out / "logs", f"distill ({cfg.mode})", step, main)
     try:
-        while step < stop:
+        while step < progress.stop:
             t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            micro_losses = []
-            for micro in range(cfg.grad_accum):
-                z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
-                omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omega_range, num_points,
-                                           common.generator_for(cfg.seed, step, micro, rank))
-                student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
-                loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device),
-                                   models.alphas_cumprod, skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss,
-                                   huber_c=cfg.huber_c)
-                loss = loss / cfg.grad_accum
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                micro_losses.append(loss.detach().float())
-            # sync, non-finite guard, clipping, AdamW, LR step: the sequence every lcmkit recipe shares
-            outcome = common.optimizer_step(params, micro_losses, optimizer, scheduler, scaler, guard, accelerator,
-                                            cfg.optim.max_grad_norm, step + 1)
+            # micro-batches, then sync, non-finite guard, clipping, AdamW, LR step: what every lcmkit recipe shares
+            outcome = common.training_step(micro_loss, step, cfg, params, optimizer, scheduler, scaler, guard,
+                                           accelerator)
             if outcome.ok and cfg.mode == "full":  # θ⁻ ← μθ⁻ + (1 − μ)θ
                 common.ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
             overflow += int(outcome.fp16_overflow)
-            step_loss, lr_used, grad_norm = outcome.loss, outcome.lr, outcome.grad_norm
             step += 1
-            step_times.append(time.perf_counter() - t0)
-            losses.append(float(step_loss))
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(step_loss):.4g}", lr=f"{lr_used:.2g}")
-            if step % cfg.log_every == 0 or step == stop:
-                logger.log(step, {"loss": float(step_loss), "lr": lr_used, "grad_norm": grad_norm,
-                                  "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow,
-                                  "sec_per_step": step_times[-1]})
-            if step % cfg.checkpoint_every == 0 or step == stop:
-                _checkpoint(out, step, cfg, models, optimizer, scheduler, scaler, guard, overflow, stream,
-                            accelerator, write_config)
-            if main and (step == stop or (cfg.validate_every and step % cfg.validate_every == 0)):
+            progress.record(step, outcome, time.perf_counter() - t0, guard.skipped, overflow)
+            if progress.checkpoint_due(step):
+                common.save_run_checkpoint(out, step, models.checkpoint_weights(), optimizer, scheduler, scaler,
+                                           guard, stream, accelerator, write_config, cfg.keep_checkpoints,
+                                           fp16_overflow=overflow, mode=cfg.mode, lora_rank=cfg.lora_rank,
+                                           lora_alpha=float(cfg.lora_alpha))
+            if main and progress.validation_due(step):
                 rows = validation_images(models, encoder, validation_prompts, cfg.validation_steps,
                                          cfg.validation_omega, cfg.validation_seed, resolution, num_points)
                 common.save_image_grid(rows, out / "validation" / f"step-{step:07d}.png")
     finally:
-        bar.close()
-        logger.close()
+        progress.close()
 
     # the result (main process), and a check that every process holds the same weights
-    sums = common.weights_checksums(params, accelerator)
-    consistent = all(s == sums[0] for s in sums)
+    sums, consistent = common.check_same_weights(params, accelerator)
     result = out / ("pipeline" if cfg.mode == "full" else "lora")
     if main:
-        if not consistent:
-            raise LcmkitError(f"processes ended with different weights (checksums {sums}); please report this")
         if step >= cfg.max_steps:
             def write_result(folder: Path) -> None:
                 if cfg.mode == "full":
@@ -455,65 +441,15 @@ def distill(cfg: DistillConfig) -> Path:
         summary = {"step": step, "max_steps": cfg.max_steps, "finished": step >= cfg.max_steps,
                    "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow, "processes": world_size,
                    "ranks_consistent": consistent, "weights_checksum": sums[0],
-                   "sec_per_step": float(np.median(step_times)) if step_times else None, "losses": losses,
+                   "sec_per_step": progress.sec_per_step(), "losses": progress.losses,
                    "result": str(result) if step >= cfg.max_steps else None, **source.report()}
         if summary["data_skipped"]:  # bad data never stops a run below the threshold, but it is always reported
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary["data_skipped"].items()))
             print(f"lcmkit distill: skipped {sum(summary['data_skipped'].values())} unusable samples/shards "
                   f"({reasons}); see {out / 'summary.json'}", file=sys.stderr)
-        tmp = out / ".tmp-summary.json"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, out / "summary.json")
+        common.write_json_atomic(out / "summary.json", summary)
     accelerator.wait_for_everyone()
     return result
-
-
-def _checkpoint(out, step, cfg, models, optimizer, scheduler, scaler, guard, overflow, stream, accelerator,
-                write_config) -> None:
-    """All processes contribute their data position; the main process writes the folder atomically."""
-    position = torch.tensor([*stream.state()], dtype=torch.int64, device=accelerator.device)
-    positions = accelerator.gather(position).cpu().view(-1, 2) if accelerator.num_processes > 1 else position.view(1, 2)
-    if accelerator.is_main_process:
-        if models.mode == "full":
-            weights = {"student": models.student.state_dict(), "target": models.target.state_dict()}
-        else:
-            weights = {"lora": {n: p for n, p in models.trainable_named()}}
-        state = {
-            "step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {}, "rng": common.rng_state(),
-            "data": {"epoch": positions[:, 0].clone(), "position": positions[:, 1].clone()},
-            "nonfinite": guard.state_dict(), "fp16_overflow": overflow, "processes": accelerator.num_processes,
-            "mode": cfg.mode, "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha),
-        }
-        common.save_checkpoint(out, step, weights, state, write_config, cfg.keep_checkpoints)
-    accelerator.wait_for_everyone()
-
-
-def _restore(path: Path, cfg, models, optimizer, scheduler, scaler, guard, stream, rank, world_size) -> tuple[int, int]:
-    weights, state = common.load_checkpoint(path)
-    for key, value in (("mode", cfg.mode), ("lora_rank", cfg.lora_rank), ("lora_alpha", float(cfg.lora_alpha)),
-                       ("processes", world_size)):
-        if state[key] != value and not (cfg.mode == "full" and key.startswith("lora")):
-            raise LcmkitError(f"checkpoint {path} was made with {key}={state[key]}, this run has {value}; "
-                              f"resume with the same setting (or start a new --out)")
-    with torch.no_grad():
-        if cfg.mode == "full":
-            models.student.load_state_dict(weights["student"])
-            models.target.load_state_dict(weights["target"])
-        else:
-            named = dict(models.trainable_named())
-            if set(named) != set(weights["lora"]):
-                raise LcmkitError(f"checkpoint {path} holds different LoRA layers than this model")
-            for n, p in named.items():
-                p.copy_(weights["lora"][n])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["lr_scheduler"])
-    if scaler is not None and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    guard.load_state_dict(state["nonfinite"])
-    common.set_rng_state(state["rng"])
-    stream.restore(int(state["data"]["epoch"][rank]), int(state["data"]["position"][rank]))
-    return int(state["step"]), int(state["fp16_overflow"])
 
 
 @torch.no_grad()
@@ -528,18 +464,10 @@ def fixed_draw_loss(cfg: DistillConfig, checkpoint: str | os.PathLike | None = N
     pipe = load_pipeline(cfg.teacher, device="cpu")
     models = build_models(cfg, pipe, device, common.generator_for(cfg.seed, 0xA11CE))
     if checkpoint is not None:
-        weights, _ = common.load_checkpoint(checkpoint)
-        if cfg.mode == "full":
-            models.student.load_state_dict(weights["student"])
-            models.target.load_state_dict(weights["target"])
-        else:
-            for n, p in models.trainable_named():
-                p.copy_(weights["lora"][n])
+        models.load_weights(common.load_checkpoint(checkpoint)[0], checkpoint)
     num_points = len(models.alphas_cumprod) // cfg.skip
     resolution = cfg.resolution or models.student.config.sample_size * vae_scale_factor(pipe)
-    lo, hi = DEFAULT_OMEGA[models.arch]
-    omega_range = (cfg.omega, cfg.omega) if cfg.omega is not None else \
-        (cfg.omega_min if cfg.omega_min is not None else lo, cfg.omega_max if cfg.omega_max is not None else hi)
+    omegas = omega_range(cfg, models.arch)
     stream = DataStream(DataSource(cfg, resolution), cfg, resolution, 0, 1)
     encoder = Encoder(pipe, models.arch, device)
     if models.arch == "sd":
@@ -547,8 +475,7 @@ def fixed_draw_loss(cfg: DistillConfig, checkpoint: str | os.PathLike | None = N
     z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
     total = 0.0
     for d in range(draws):
-        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omega_range, num_points,
-                                   common.generator_for(seed, d))
+        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points, common.generator_for(seed, d))
         student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
         loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device), models.alphas_cumprod,
                            skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss, huber_c=cfg.huber_c)
