@@ -102,7 +102,8 @@ def test_first_lcf_step_equals_lcf_loss_by_hand(mode, tiny_lcm_dir, tiny_sd_dir,
     from lcmkit.math.schedule import alphas_cumprod_from_config
     from lcmkit.pipelines import encode_prompt_sd, load_pipeline
     from lcmkit.task_arithmetic import apply_loras
-    from lcmkit.train.distill import DataSource, DataStream, draw
+    from lcmkit.train.data import DataSource, DataStream
+    from lcmkit.train.distill import draw
 
     kw = dict(batch_size=3, world_samples=5, max_steps=1, loss="l2", skip=100, seed=7)
     if mode == "full":

@@ -77,7 +77,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     import torch
 
     from .pipelines import applied_loras, load_pipeline
-    from .train.distill import DistillConfig, OptimConfig, distill
+    from .train.common import OptimConfig
+    from .train.distill import DistillConfig, distill
 
     out = Path(cfg.out)
     teacher_dir = Path(cfg.teacher)

@@ -8,6 +8,7 @@ override the YAML file.
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def comma_list(kind):
@@ -75,6 +76,15 @@ def overrides(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "lora_command")}
 
 
+def run_recipe(config_cls, recipe, args) -> int:
+    """Build ``config_cls`` (defaults ← ``--config`` YAML ← flags), run ``recipe`` on it and print what it returns
+    (the result's path) once: on rank 0 only, also under torchrun / accelerate launch."""
+    from lcmkit.train.common import build_config
+
+    result = recipe(build_config(config_cls, args.config, overrides(args)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result)
+    return 0
 
 
 def add_consistency_args(p: argparse.ArgumentParser) -> None:

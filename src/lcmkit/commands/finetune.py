@@ -9,9 +9,8 @@ calls :func:`lcmkit.train.finetune.finetune`. The options every recipe shares co
 from __future__ import annotations
 
 import argparse
-import os
 
-from ._training import add_consistency_args, add_training_args, overrides
+from ._training import add_consistency_args, add_training_args, run_recipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,11 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from lcmkit.train.common import build_config
     from lcmkit.train.finetune import FinetuneConfig, finetune
 
-    cfg = build_config(FinetuneConfig, args.config, overrides(args))
-    result = finetune(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:  # one line, also under torchrun / accelerate launch
-        print(result)
-    return 0
+    return run_recipe(FinetuneConfig, finetune, args)

@@ -130,14 +130,8 @@ def _register_train(lora_sub) -> None:
 
 
 def run_train(args) -> int:
-    import os
-
-    from lcmkit.train.common import build_config
     from lcmkit.train.style_lora import StyleLoraConfig, train_style_lora
 
-    from ._training import overrides
+    from ._training import run_recipe
 
-    result = train_style_lora(build_config(StyleLoraConfig, args.config, overrides(args)))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(result)
-    return 0
+    return run_recipe(StyleLoraConfig, train_style_lora, args)

@@ -4,7 +4,8 @@ Each piece is a small function or dataclass a recipe calls explicitly; nothing h
 
 - **config**: :func:`build_config` turns YAML (flat or nested by section) + CLI overrides into a typed dataclass
   (CLI wins); unknown keys are errors that name the nearest known key. :func:`save_config` writes the resolved
-  config (YAML) next to every checkpoint and output.
+  config (YAML) next to every checkpoint and output. :class:`TrainingOptions` holds the options every recipe shares
+  and checks them (:meth:`TrainingOptions.check_training`).
 - **processes**: :func:`setup_accelerator` (one or many processes: ``accelerate launch``, ``torchrun``; gloo on
   CPU), :func:`sync_gradients` (mean of gradients over processes, done by hand: see its docstring for why).
 - **optimisation**: :class:`OptimConfig` / :func:`make_optimizer` (AdamW), :func:`lr_factor` (warm-up, then
@@ -18,6 +19,10 @@ Each piece is a small function or dataclass a recipe calls explicitly; nothing h
   recipe-independent part of a checkpoint (step, optimizer, LR schedule, scaler, guard, RNG, data positions).
 - **output folders**: :func:`prepare_output_dir` refuses a folder with results unless overwrite or resume.
 - **logging**: :class:`RunLogger` (TensorBoard when installed + a JSON-lines log), :func:`save_image_grid`.
+- **a recipe's run**: :func:`open_run_folder`, :func:`make_optimisation`, :func:`resume_run`,
+  :func:`training_step` (micro-batches + :func:`optimizer_step`), :class:`RunProgress` (bar, log lines, when
+  checkpoints and grids are due), :func:`save_run_checkpoint`, :func:`check_same_weights`: the parts of the loop
+  that distillation, LCF fine-tuning and style LoRAs share; the losses, models and outputs stay in the recipes.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import LcmkitError
+from .data import WORLD_STYLES, is_world, world_style
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
@@ -337,6 +343,45 @@ class TrainingOptions:
     device: str = "auto"              # auto (accelerate's choice) or cpu
     progress: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def check_training(self, model_key: str) -> None:
+        """Check what every recipe's config shares, each with a message that says how to fix it: the required
+        ``model_key`` (the diffusers pipeline folder the recipe starts from: ``teacher``, ``model``), ``data`` and
+        ``out``, then that folder, the data and the loop / precision / checkpoint options. Each recipe's
+        ``__post_init__`` calls this first, then checks its own options."""
+        if isinstance(self.optim, dict):  # a config built in code may pass the section as a dict
+            self.optim = OptimConfig(**self.optim)
+        for name in (model_key, "data", "out"):
+            if not getattr(self, name):
+                raise LcmkitError(f"--{name} is required")
+        model = Path(getattr(self, model_key)).expanduser()
+        if not model.is_dir():
+            raise LcmkitError(f"{model_key} folder {model} not found; pass a diffusers pipeline folder (saved with "
+                              "save_pretrained)")
+        if not (model / "model_index.json").is_file():
+            raise LcmkitError(f"{model_key} {model} is not a diffusers pipeline folder (no model_index.json)")
+        if not is_world(self.data) and not any(c in self.data for c in "*{") and not Path(self.data).exists():
+            raise LcmkitError(f"data {self.data} not found; pass an imagefolder, .tar shards, or 'world'")
+        if is_world(self.data) and world_style(self.data) not in WORLD_STYLES:
+            raise LcmkitError(f"unknown world style in {self.data!r}; use world, world:filled or world:outlined")
+        if self.resolution is not None and self.resolution < 8:
+            raise LcmkitError(f"resolution must be >= 8 pixels, got {self.resolution}")
+        if self.crop not in ("center", "random"):
+            raise LcmkitError(f"crop must be center or random, got {self.crop!r}")
+        if self.cache_latents and (self.crop != "center" or self.flip):
+            raise LcmkitError("cache_latents needs crop=center and flip off (a cached latent cannot be "
+                              "re-augmented); drop --cache-latents or the augmentation")
+        for name in ("batch_size", "grad_accum", "max_steps", "world_samples", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise LcmkitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:
+            raise LcmkitError(f"stop_at must be in [1, max_steps={self.max_steps}], got {self.stop_at}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise LcmkitError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.keep_checkpoints < 0 or self.validate_every < 0 or self.max_nonfinite < 0:
+            raise LcmkitError("keep_checkpoints, validate_every and max_nonfinite must be >= 0")
+        if self.device not in ("auto", "cpu"):
+            raise LcmkitError(f"device must be auto or cpu, got {self.device!r}")
 
 
 @dataclass
@@ -686,3 +731,123 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pieces of a recipe's run that every recipe shares
+# ---------------------------------------------------------------------------------------------------------------
+
+def open_run_folder(folder: str | os.PathLike, result_names: Iterable[str], cfg: TrainingOptions, accelerator,
+                    command: str) -> list[Path]:
+    """Prepare the run folder on the main process (:func:`prepare_output_dir`), then return its checkpoints (oldest
+    first) on every process. A ``--resume`` that finds none says so (``command``: the CLI's name) and starts at 0."""
+    main = accelerator.is_main_process
+    if main:
+        prepare_output_dir(folder, result_names, cfg.overwrite, cfg.resume)
+    accelerator.wait_for_everyone()
+    checkpoints = checkpoint_dirs(folder)
+    if cfg.resume and not checkpoints and main:
+        print(f"{command}: no checkpoint in {folder}; starting from step 0")
+    return checkpoints
+
+
+def make_optimisation(params: list[torch.nn.Parameter], cfg: TrainingOptions, device: torch.device):
+    """(AdamW, its LR schedule over ``max_steps``, the fp16 GradScaler or None, the non-finite guard) of a run."""
+    optimizer = make_optimizer(params, cfg.optim)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.max_steps)
+    return optimizer, lr_scheduler, make_grad_scaler(device, cfg.mixed_precision), NonFiniteGuard(cfg.max_nonfinite)
+
+
+def resume_run(path: str | os.PathLike, optimizer, lr_scheduler, scaler, guard: NonFiniteGuard,
+               must_match: dict[str, Any], load_weights: Callable[[dict, Any], None], stream, rank: int
+               ) -> tuple[int, int]:
+    """Continue from checkpoint ``path``: the training state (:func:`restore_training_state`, refusing other
+    ``must_match`` settings), the weights (``load_weights(weights, path)``, the recipe's) and this process's data
+    position in ``stream``. Returns (step, fp16 overflows so far)."""
+    weights, state = load_checkpoint(path)
+    step, position = restore_training_state(path, state, optimizer, lr_scheduler, scaler, guard, must_match, rank)
+    load_weights(weights, path)
+    stream.restore(*position)
+    return step, int(state["fp16_overflow"])
+
+
+def training_step(micro_loss: Callable[[int, int], torch.Tensor], step: int, cfg: TrainingOptions,
+                  params: list[torch.nn.Parameter], optimizer, lr_scheduler, scaler, guard: NonFiniteGuard,
+                  accelerator) -> StepOutcome:
+    """Optimizer step ``step + 1`` (``step``: the steps done so far) over ``cfg.grad_accum`` micro-batches.
+
+    ``micro_loss(step, micro)`` is the recipe's loss of micro-batch ``micro`` (its data and its draws); each is
+    divided by their number and back-propagated (scaled under fp16), then :func:`optimizer_step` takes the step.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    micro_losses = []
+    for micro in range(cfg.grad_accum):
+        loss = micro_loss(step, micro) / cfg.grad_accum
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        micro_losses.append(loss.detach().float())
+    return optimizer_step(params, micro_losses, optimizer, lr_scheduler, scaler, guard, accelerator,
+                          cfg.optim.max_grad_norm, step + 1)
+
+
+def save_run_checkpoint(out_dir: str | os.PathLike, step: int, weights: dict[str, dict[str, torch.Tensor]], optimizer,
+                        lr_scheduler, scaler, guard: NonFiniteGuard, stream, accelerator,
+                        config_writer: Callable[[Path], None], keep: int, **extra) -> None:
+    """Checkpoint a run at ``step``: every process contributes its data position (``stream.state()``), the main
+    process writes ``weights`` and :func:`training_state` (with ``extra``) atomically; all wait for it."""
+    positions = data_positions(stream.state(), accelerator)
+    if accelerator.is_main_process:
+        state = training_state(step, optimizer, lr_scheduler, scaler, guard, positions, accelerator.num_processes,
+                               **extra)
+        save_checkpoint(out_dir, step, weights, state, config_writer, keep)
+    accelerator.wait_for_everyone()
+
+
+class RunProgress:
+    """The bookkeeping of a recipe's loop: the step it stops at (``stop_at``, else ``max_steps``), the progress bar,
+    the log lines (every ``log_every`` steps and at the stop), each step's loss and duration for the summary, and
+    when a checkpoint or a validation grid is due. The bar and the log are the main process's only."""
+
+    def __init__(self, cfg: TrainingOptions, log_dir: str | os.PathLike, desc: str, step: int, main: bool):
+        from tqdm.auto import tqdm
+
+        self.cfg = cfg
+        self.logger = RunLogger(log_dir, enabled=main)
+        self.stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
+        self.bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not (cfg.progress and main),
+                        dynamic_ncols=True)
+        self.losses: list[float] = []
+        self.step_times: list[float] = []
+
+    def record(self, step: int, outcome: StepOutcome, seconds: float, skipped: int, overflow: int) -> None:
+        """Optimizer step ``step`` (1-based) is done: keep its loss and time, move the bar, log when due."""
+        self.step_times.append(seconds)
+        self.losses.append(outcome.loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{outcome.loss:.4g}", lr=f"{outcome.lr:.2g}")
+        if step % self.cfg.log_every == 0 or step == self.stop:
+            self.logger.log(step, {"loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
+                                   "nonfinite_skipped": skipped, "fp16_overflow": overflow, "sec_per_step": seconds})
+
+    def checkpoint_due(self, step: int) -> bool:
+        return step % self.cfg.checkpoint_every == 0 or step == self.stop
+
+    def validation_due(self, step: int) -> bool:
+        return step == self.stop or bool(self.cfg.validate_every and step % self.cfg.validate_every == 0)
+
+    def sec_per_step(self) -> float | None:
+        """Median seconds per step of this run (None before any step), for the summary."""
+        return float(np.median(self.step_times)) if self.step_times else None
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+
+def check_same_weights(params: Iterable[torch.nn.Parameter], accelerator) -> tuple[list[float], bool]:
+    """Every process's weight checksum (:func:`weights_checksums`) and whether they all agree; the main process
+    refuses to write the result of processes that ended with different weights."""
+    sums = weights_checksums(params, accelerator)
+    consistent = all(s == sums[0] for s in sums)
+    if accelerator.is_main_process and not consistent:
+        raise LcmkitError(f"processes ended with different weights (checksums {sums}); please report this")
+    return sums, consistent

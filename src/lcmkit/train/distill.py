@@ -33,7 +33,6 @@ Output folder ``out/``: ``config.yaml`` (resolved), ``checkpoints/step-N/`` (ato
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import sys
@@ -42,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,10 +51,9 @@ from ..math.schedule import alphas_cumprod_from_config
 from ..math.timesteps import lcm_timesteps
 from ..solvers import SOLVERS, randn, sample_lcm
 from . import common
-from .common import OptimConfig
+from .data import DataSource, DataStream, Encoder, default_validation_prompts, encode_text, make_data
 
 MODES = ("full", "lora")
-WORLD_STYLES = ("filled", "outlined")
 #: Width of the guidance embedding of ω (``time_cond_proj_dim``), as the released LCMs.
 W_EMBEDDING_DIM = 256
 #: ω range when none is given: the released LCM code's (lcm-reference.md §5).
@@ -89,21 +86,7 @@ class DistillConfig(common.TrainingOptions):
     validation_omega: float = 7.0     # ω of the full LCM's w-embedding in validation grids
 
     def __post_init__(self):
-        if isinstance(self.optim, dict):
-            self.optim = OptimConfig(**self.optim)
-        for name in ("teacher", "data", "out"):
-            if not getattr(self, name):
-                raise LcmkitError(f"--{name} is required")
-        teacher = Path(self.teacher).expanduser()
-        if not teacher.is_dir():
-            raise LcmkitError(f"teacher folder {self.teacher} not found; pass a diffusers pipeline folder "
-                              "(saved with save_pretrained)")
-        if not (teacher / "model_index.json").is_file():
-            raise LcmkitError(f"teacher {self.teacher} is not a diffusers pipeline folder (no model_index.json)")
-        if not is_world(self.data) and not any(c in self.data for c in "*{") and not Path(self.data).exists():
-            raise LcmkitError(f"data {self.data} not found; pass an imagefolder, .tar shards, or 'world'")
-        if is_world(self.data) and world_style(self.data) not in WORLD_STYLES:
-            raise LcmkitError(f"unknown world style in {self.data!r}; use world, world:filled or world:outlined")
+        self.check_training(model_key="teacher")
         if self.mode not in MODES:
             raise LcmkitError(f"mode must be full or lora, got {self.mode!r}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
@@ -126,34 +109,8 @@ class DistillConfig(common.TrainingOptions):
             raise LcmkitError(f"loss must be one of {', '.join(LOSS_TYPES)}, got {self.loss!r}")
         if self.huber_c <= 0:
             raise LcmkitError(f"huber_c must be > 0 (0.001 is the reference), got {self.huber_c}")
-        if self.resolution is not None and self.resolution < 8:
-            raise LcmkitError(f"resolution must be >= 8 pixels, got {self.resolution}")
-        if self.crop not in ("center", "random"):
-            raise LcmkitError(f"crop must be center or random, got {self.crop!r}")
-        if self.cache_latents and (self.crop != "center" or self.flip):
-            raise LcmkitError("cache_latents needs crop=center and flip off (a cached latent cannot be "
-                              "re-augmented); drop --cache-latents or the augmentation")
-        for name in ("batch_size", "grad_accum", "max_steps", "world_samples", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise LcmkitError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:
-            raise LcmkitError(f"stop_at must be in [1, max_steps={self.max_steps}], got {self.stop_at}")
-        if self.mixed_precision not in common.MIXED_PRECISION:
-            raise LcmkitError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.keep_checkpoints < 0 or self.validate_every < 0 or self.max_nonfinite < 0:
-            raise LcmkitError("keep_checkpoints, validate_every and max_nonfinite must be >= 0")
         if not self.validation_steps or any(s < 1 for s in self.validation_steps):
             raise LcmkitError(f"validation_steps must be positive step counts, got {self.validation_steps}")
-        if self.device not in ("auto", "cpu"):
-            raise LcmkitError(f"device must be auto or cpu, got {self.device!r}")
-
-
-def is_world(data: str) -> bool:
-    return data == "world" or data.startswith("world:")
-
-
-def world_style(data: str) -> str:
-    return data.split(":", 1)[1] if ":" in data else "filled"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,6 +157,25 @@ class Models:
 
     def trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+
+    def checkpoint_weights(self) -> dict[str, dict[str, Tensor]]:
+        """What a checkpoint keeps: θ and θ⁻ (full), or the LoRA layers (LoRA: θ⁻ is θ)."""
+        if self.mode == "full":
+            return {"student": self.student.state_dict(), "target": self.target.state_dict()}
+        return {"lora": dict(self.trainable_named())}
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, dict[str, Tensor]], path) -> None:
+        """Put back what :meth:`checkpoint_weights` saved (``path``: the checkpoint, for the message)."""
+        if self.mode == "full":
+            self.student.load_state_dict(weights["student"])
+            self.target.load_state_dict(weights["target"])
+            return
+        named = dict(self.trainable_named())
+        if set(named) != set(weights["lora"]):
+            raise LcmkitError(f"checkpoint {path} holds different LoRA layers than this model")
+        for n, p in named.items():
+            p.copy_(weights["lora"][n])
 
 
 def build_models(cfg: DistillConfig, pipe, device: torch.device, generator: torch.Generator) -> Models:
@@ -271,6 +247,18 @@ def make_denoisers(models: Models, cond: TextConditioning, uncond: TextCondition
     return student, target, teacher
 
 
+def omega_range(cfg, arch: str) -> tuple[float, float]:
+    """[ω_min, ω_max] of the draws: a fixed ω, the given bounds, or the defaults of the teacher's architecture."""
+    lo, hi = DEFAULT_OMEGA[arch]
+    if cfg.omega is not None:
+        return cfg.omega, cfg.omega
+    lo = cfg.omega_min if cfg.omega_min is not None else lo
+    hi = cfg.omega_max if cfg.omega_max is not None else hi
+    if lo > hi:
+        raise LcmkitError(f"omega range ({lo}, {hi}) is empty (min > max); set both --omega-min and --omega-max")
+    return lo, hi
+
+
 def draw(batch: int, shape: tuple, omega_range: tuple[float, float], num_points: int,
          generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """ω ~ U[ω_min, ω_max] (B,) float64, n ~ U{0 … N−1} (B,), ε ~ N(0, I) (B, C, H, W), in that order, on CPU."""
@@ -279,254 +267,6 @@ def draw(batch: int, shape: tuple, omega_range: tuple[float, float], num_points:
     index = torch.randint(0, num_points, (batch,), generator=generator)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     return omega, index, noise
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data: images (or cached latents) + captions, sharded over processes, resumable by (epoch, position)
-# ---------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Sample:
-    index: int
-    caption: str
-    pixels: Tensor | None          # (3, R, R) in [-1, 1], None when the latent is cached
-    time_ids: tuple[int, ...]      # SDXL micro-conditioning: original (h, w), crop top-left (top, left), target (h, w)
-
-
-def transform(img, resolution: int, crop: str, flip: bool, rng: np.random.Generator) -> tuple[Tensor, tuple]:
-    """Resize the shorter side to ``resolution``, crop a square, maybe flip; also returns SDXL's time ids."""
-    from ..data.datasets import crop_box, resize_shorter_side, to_tensor
-    from PIL import Image
-
-    original = (img.size[1], img.size[0])  # (height, width)
-    img = resize_shorter_side(img, resolution)
-    left, top, right, bottom = crop_box(*img.size, resolution, rng if crop == "random" else None)
-    img = img.crop((left, top, right, bottom))
-    if flip and rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return to_tensor(img), (*original, top, left, resolution, resolution)
-
-
-class DataSource:
-    """Sample i of the training set as (RGB PIL image, caption); raises ``BadSample`` for unusable ones.
-
-    ``world``: image i of the built-in world (seed ``seed``), rendered on the fly, depends only on (seed, i).
-    Otherwise an imagefolder / webdataset via :func:`lcmkit.data.datasets.load_dataset` (bad samples counted
-    in ``dataset.skipped`` and limited by its ``max_bad_fraction``).
-    """
-
-    def __init__(self, cfg: DistillConfig, resolution: int):
-        self.cfg = cfg
-        self.dataset = None
-        if is_world(cfg.data):
-            self.style = world_style(cfg.data)
-            self.size = cfg.world_samples
-        else:
-            from ..data.datasets import load_dataset
-
-            self.dataset = load_dataset(cfg.data, caption_key=cfg.caption_key, min_size=max(1, resolution // 2))
-            self.size = len(self.dataset)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def load(self, i: int):
-        if self.dataset is None:
-            from PIL import Image
-
-            from ..data import world
-
-            images, specs = world.sample(1, seed=self.cfg.seed, style=self.style, start=i)
-            return Image.fromarray(images[0]), world.caption(specs[0])
-        return self.dataset.load(i)
-
-    def captions(self) -> list[str]:
-        """Every caption the data can produce (for text caching)."""
-        if self.dataset is None:
-            from ..data import world
-
-            return world.all_prompts()
-        return sorted({r.caption.strip() for r in self.dataset.records if r.caption and r.caption.strip()})
-
-    def report(self) -> dict:
-        """Bad-data accounting for the summary: skipped samples (and shard problems) by reason, images converted
-        to RGB by original mode, samples looked at (over all passes, this process)."""
-        ds = self.dataset
-        if ds is None:
-            return {"data_skipped": {}, "data_converted": {}, "data_seen": 0}
-        return {"data_skipped": dict(ds.skipped), "data_converted": dict(ds.converted), "data_seen": ds.seen}
-
-    def count_bad(self, reason: str) -> None:
-        if self.dataset is None:
-            return
-        ds = self.dataset
-        ds.skipped[reason] += 1
-        if ds.seen >= ds.min_checked and ds.bad / ds.seen > ds.max_bad_fraction:
-            raise LcmkitError(f"{ds.name}: {ds.bad} of {ds.seen} samples were unusable ({dict(ds.skipped)}), more "
-                              f"than max_bad_fraction={ds.max_bad_fraction:g}; fix the data")
-
-
-class DataStream:
-    """This process's endless stream of samples.
-
-    Pass ``epoch`` visits the permutation ``rng([seed, epoch])`` of all samples; process r of W takes positions
-    r, r + W, … of it. The state is (epoch, position in this process's share): saved in checkpoints, so a resumed
-    run continues with exactly the next sample. Augmentation of sample i in pass e uses ``rng([seed, e, i])``.
-    """
-
-    def __init__(self, source: DataSource, cfg: DistillConfig, resolution: int, rank: int, world_size: int,
-                 latent_cache: dict | None = None):
-        from ..data.datasets import BadSample
-
-        self.BadSample = BadSample
-        self.source, self.cfg, self.resolution = source, cfg, resolution
-        self.rank, self.world_size = rank, world_size
-        self.latent_cache = latent_cache
-        self.epoch, self.position = 0, 0
-        self._share: list[int] | None = None
-
-    def share(self) -> list[int]:
-        if self._share is None:
-            order = np.random.default_rng([self.cfg.seed, self.epoch]).permutation(len(self.source))
-            self._share = [int(i) for i in order[self.rank::self.world_size]]
-            if not self._share:
-                raise LcmkitError(f"{len(self.source)} samples cannot be shared by {self.world_size} processes")
-        return self._share
-
-    def state(self) -> tuple[int, int]:
-        return self.epoch, self.position
-
-    def restore(self, epoch: int, position: int) -> None:
-        self.epoch, self.position, self._share = epoch, position, None
-
-    def next_sample(self) -> Sample:
-        misses = 0  # consecutive unusable samples: a whole share of them means no usable data at all
-        while True:
-            share = self.share()
-            if self.position >= len(share):
-                self.epoch, self.position, self._share = self.epoch + 1, 0, None
-                continue
-            i = share[self.position]
-            self.position += 1
-            if self.latent_cache is not None:
-                entry = self.latent_cache.get(i)
-                sample = None if entry is None else Sample(i, entry["caption"], None, entry["time_ids"])
-            else:
-                sample = self.load(i, self.epoch)
-            if sample is not None:
-                return sample
-            misses += 1
-            if misses > len(share):
-                raise LcmkitError(f"no usable sample in {self.cfg.data} (skipped: "
-                                  f"{dict(self.source.dataset.skipped) if self.source.dataset else {}})")
-
-    def load(self, i: int, epoch: int) -> Sample | None:
-        """Sample i with pass-``epoch`` augmentation, or None (counted) when it is unusable."""
-        if self.source.dataset is not None:
-            self.source.dataset.seen += 1
-        try:
-            img, caption = self.source.load(i)
-        except self.BadSample as e:
-            self.source.count_bad(e.reason)
-            return None
-        rng = np.random.default_rng([self.cfg.seed, epoch, i])
-        pixels, time_ids = transform(img, self.resolution, self.cfg.crop, self.cfg.flip, rng)
-        return Sample(i, caption, pixels, time_ids)
-
-    def next_batch(self, batch_size: int) -> list[Sample]:
-        return [self.next_sample() for _ in range(batch_size)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Encoding: latents and text, with optional caches
-# ---------------------------------------------------------------------------------------------------------------
-
-CACHE_CHUNK = 32  # caches are filled in fixed chunks of index order, so their contents never depend on batching
-
-
-@torch.no_grad()
-def encode_pixels(pipe, pixels: Tensor) -> Tensor:
-    """z = scaling_factor · mean of the VAE posterior (B, C, H/f, W/f), float32."""
-    vae = pipe.vae
-    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return (posterior.mean * vae.config.scaling_factor).float()
-
-
-@torch.no_grad()
-def encode_text(pipe, arch: str, captions: list[str]) -> tuple[Tensor, Tensor | None]:
-    """(hidden states (B, L, D), pooled (B, P) or None) in the text encoders' dtype."""
-    from ..pipelines import encode_prompt_sd, encode_prompt_sdxl
-
-    if arch == "sdxl":
-        c = encode_prompt_sdxl(pipe, captions, 0, 0)
-        return c.encoder_hidden_states, c.text_embeds
-    return encode_prompt_sd(pipe, captions).encoder_hidden_states, None
-
-
-def build_latent_cache(source: DataSource, stream: DataStream, pipe, progress: bool) -> dict:
-    """Encode every sample once (centre crop, no flip): index → {latent, caption, time_ids}; None if unusable."""
-    from tqdm.auto import tqdm
-
-    cache: dict[int, dict | None] = {}
-    indices = list(range(len(source)))
-    for start in tqdm(range(0, len(indices), CACHE_CHUNK), desc="caching latents", disable=not progress,
-                      leave=False):
-        samples = [stream.load(i, 0) for i in indices[start:start + CACHE_CHUNK]]
-        good = [s for s in samples if s is not None]
-        if good:
-            latents = encode_pixels(pipe, torch.stack([s.pixels for s in good])).cpu()
-            for s, z in zip(good, latents):
-                cache[s.index] = {"latent": z, "caption": s.caption, "time_ids": s.time_ids}
-        for s, i in zip(samples, indices[start:start + CACHE_CHUNK]):
-            if s is None:
-                cache[i] = None
-    if not any(v is not None for v in cache.values()):
-        raise LcmkitError(f"no usable sample in {source.cfg.data}")
-    return cache
-
-
-def build_text_cache(captions: list[str], pipe, arch: str) -> dict[str, tuple[Tensor, Tensor | None]]:
-    cache = {}
-    for start in range(0, len(captions), CACHE_CHUNK):
-        chunk = captions[start:start + CACHE_CHUNK]
-        hidden, pooled = encode_text(pipe, arch, chunk)
-        for j, caption in enumerate(chunk):
-            cache[caption] = (hidden[j], None if pooled is None else pooled[j])
-    return cache
-
-
-@dataclass
-class Encoder:
-    """Batch of samples → (z0, cond, uncond), using the caches where they exist."""
-
-    pipe: object
-    arch: str
-    device: torch.device
-    uncond_hidden: Tensor | None = None   # SD: the embedding of "" (1, L, D)
-    text_cache: dict | None = None
-    latent_cache: dict | None = None
-
-    @torch.no_grad()
-    def __call__(self, samples: list[Sample]) -> tuple[Tensor, TextConditioning, TextConditioning]:
-        if self.latent_cache is not None:
-            z0 = torch.stack([self.latent_cache[s.index]["latent"] for s in samples]).to(self.device)
-        else:
-            z0 = encode_pixels(self.pipe, torch.stack([s.pixels for s in samples]))
-        captions = [s.caption for s in samples]
-        if self.text_cache is not None and all(c in self.text_cache for c in captions):
-            hidden = torch.stack([self.text_cache[c][0] for c in captions])
-            pooled = torch.stack([self.text_cache[c][1] for c in captions]) if self.arch == "sdxl" else None
-        else:
-            hidden, pooled = encode_text(self.pipe, self.arch, captions)
-        if self.arch == "sdxl":
-            time_ids = torch.tensor([s.time_ids for s in samples], dtype=hidden.dtype, device=hidden.device)
-            cond = TextConditioning(hidden, pooled, time_ids)
-            # the SDXL LCM scripts' unconditional branch: all-zero embeddings, same time ids
-            uncond = TextConditioning(torch.zeros_like(hidden), torch.zeros_like(pooled), time_ids)
-        else:
-            cond = TextConditioning(hidden)
-            uncond = TextConditioning(self.uncond_hidden.expand_as(hidden))
-        return z0, cond, uncond
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -616,20 +356,13 @@ def _resolved(cfg: DistillConfig, arch: str, resolution: int, num_points: int, o
 
 def distill(cfg: DistillConfig) -> Path:
     """Run latent consistency distillation; returns the output (``out/pipeline`` or ``out/lora``)."""
-    from tqdm.auto import tqdm
-
     from ..pipelines import load_pipeline, vae_scale_factor
 
     accelerator = common.setup_accelerator(cfg.mixed_precision, cpu=cfg.device == "cpu")
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     out = Path(cfg.out)
-    if main:
-        common.prepare_output_dir(out, RESULT_NAMES, cfg.overwrite, cfg.resume)
-    accelerator.wait_for_everyone()
-    checkpoints = common.checkpoint_dirs(out)
-    if cfg.resume and not checkpoints and main:
-        print(f"lcmkit distill: no checkpoint in {out}; starting from step 0")
+    checkpoints = common.open_run_folder(out, RESULT_NAMES, cfg, accelerator, "lcmkit distill")
 
     pipe = load_pipeline(cfg.teacher, device="cpu", dtype=None)
     models = build_models(cfg, pipe, device, common.generator_for(cfg.seed, 0xA11CE))
@@ -640,99 +373,63 @@ def distill(cfg: DistillConfig) -> Path:
     resolution = cfg.resolution or models.student.config.sample_size * vae_scale_factor(pipe)
     if resolution % vae_scale_factor(pipe):
         raise LcmkitError(f"resolution {resolution} is not a multiple of the VAE scale factor {vae_scale_factor(pipe)}")
-    lo, hi = DEFAULT_OMEGA[models.arch]
-    omega_range = (cfg.omega, cfg.omega) if cfg.omega is not None else \
-        (cfg.omega_min if cfg.omega_min is not None else lo, cfg.omega_max if cfg.omega_max is not None else hi)
-    if omega_range[0] > omega_range[1]:
-        raise LcmkitError(f"omega range {omega_range} is empty (min > max); set both --omega-min and --omega-max")
-    resolved = _resolved(cfg, models.arch, resolution, num_points, omega_range)
+    omegas = omega_range(cfg, models.arch)
+    resolved = _resolved(cfg, models.arch, resolution, num_points, omegas)
     write_config = lambda folder: common.save_config(cfg, folder, resolved)  # noqa: E731
     if main:
         write_config(out)
-
-    # data, caches, encoder
-    source = DataSource(cfg, resolution)
-    stream = DataStream(source, cfg, resolution, rank, world_size)
-    if cfg.cache_latents:
-        stream.latent_cache = build_latent_cache(source, stream, pipe, cfg.progress and main)
-    cache_text = cfg.cache_text if cfg.cache_text is not None else is_world(cfg.data)
-    encoder = Encoder(pipe, models.arch, device, latent_cache=stream.latent_cache,
-                      text_cache=build_text_cache(source.captions(), pipe, models.arch) if cache_text else None)
-    if models.arch == "sd":
-        encoder.uncond_hidden = encode_text(pipe, "sd", [""])[0]
+    source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, rank, world_size,
+                                        cfg.progress and main)
 
     # optimisation state
     params = models.trainable()
-    optimizer = common.make_optimizer(params, cfg.optim)
-    scheduler = common.make_lr_scheduler(optimizer, cfg.optim, cfg.max_steps)
-    scaler = common.make_grad_scaler(device, cfg.mixed_precision)
-    guard = common.NonFiniteGuard(cfg.max_nonfinite)
+    optimizer, scheduler, scaler, guard = common.make_optimisation(params, cfg, device)
     step, overflow = 0, 0
     if cfg.resume and checkpoints:
-        step, overflow = _restore(checkpoints[-1], cfg, models, optimizer, scheduler, scaler, guard, stream,
-                                  rank, world_size)
+        lora = {"lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha)} if cfg.mode == "lora" else {}
+        step, overflow = common.resume_run(checkpoints[-1], optimizer, scheduler, scaler, guard,
+                                           {"mode": cfg.mode, **lora, "processes": world_size}, models.load_weights,
+                                           stream, rank)
+    validation_prompts = default_validation_prompts(cfg, source, resolution, stream)
 
-    validation_prompts = list(cfg.validation_prompts)
-    if not validation_prompts:  # the first captions of the data (the same on every run with this seed)
-        probe = DataStream(source, cfg, resolution, 0, 1, stream.latent_cache)
-        validation_prompts = list(dict.fromkeys(s.caption for s in probe.next_batch(min(4, len(source)))))
+    def micro_loss(step: int, micro: int) -> Tensor:
+        """The LCD loss of one micro-batch: the next samples, the draws (ω, n, ε) of (seed, step, micro, rank)."""
+        z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
+        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points,
+                                   common.generator_for(cfg.seed, step, micro, rank))
+        student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
+        loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device), models.alphas_cumprod,
+                           skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss, huber_c=cfg.huber_c)
+        return loss
 
-    logger = common.RunLogger(out / "logs", enabled=main)
-    stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"distill ({cfg.mode})", disable=not (cfg.progress and main),
-               dynamic_ncols=True)
-    losses: list[float] = []
-    step_times: list[float] = []
+    progress = common.RunProgress(cfg, out / "logs", f"distill ({cfg.mode})", step, main)
     try:
-        while step < stop:
+        while step < progress.stop:
             t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            micro_losses = []
-            for micro in range(cfg.grad_accum):
-                z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
-                omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omega_range, num_points,
-                                           common.generator_for(cfg.seed, step, micro, rank))
-                student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
-                loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device),
-                                   models.alphas_cumprod, skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss,
-                                   huber_c=cfg.huber_c)
-                loss = loss / cfg.grad_accum
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                micro_losses.append(loss.detach().float())
-            # sync, non-finite guard, clipping, AdamW, LR step: the sequence every lcmkit recipe shares
-            outcome = common.optimizer_step(params, micro_losses, optimizer, scheduler, scaler, guard, accelerator,
-                                            cfg.optim.max_grad_norm, step + 1)
+            # micro-batches, then sync, non-finite guard, clipping, AdamW, LR step: what every lcmkit recipe shares
+            outcome = common.training_step(micro_loss, step, cfg, params, optimizer, scheduler, scaler, guard,
+                                           accelerator)
             if outcome.ok and cfg.mode == "full":  # θ⁻ ← μθ⁻ + (1 − μ)θ
                 common.ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
             overflow += int(outcome.fp16_overflow)
-            step_loss, lr_used, grad_norm = outcome.loss, outcome.lr, outcome.grad_norm
             step += 1
-            step_times.append(time.perf_counter() - t0)
-            losses.append(float(step_loss))
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(step_loss):.4g}", lr=f"{lr_used:.2g}")
-            if step % cfg.log_every == 0 or step == stop:
-                logger.log(step, {"loss": float(step_loss), "lr": lr_used, "grad_norm": grad_norm,
-                                  "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow,
-                                  "sec_per_step": step_times[-1]})
-            if step % cfg.checkpoint_every == 0 or step == stop:
-                _checkpoint(out, step, cfg, models, optimizer, scheduler, scaler, guard, overflow, stream,
-                            accelerator, write_config)
-            if main and (step == stop or (cfg.validate_every and step % cfg.validate_every == 0)):
+            progress.record(step, outcome, time.perf_counter() - t0, guard.skipped, overflow)
+            if progress.checkpoint_due(step):
+                common.save_run_checkpoint(out, step, models.checkpoint_weights(), optimizer, scheduler, scaler,
+                                           guard, stream, accelerator, write_config, cfg.keep_checkpoints,
+                                           fp16_overflow=overflow, mode=cfg.mode, lora_rank=cfg.lora_rank,
+                                           lora_alpha=float(cfg.lora_alpha))
+            if main and progress.validation_due(step):
                 rows = validation_images(models, encoder, validation_prompts, cfg.validation_steps,
                                          cfg.validation_omega, cfg.validation_seed, resolution, num_points)
                 common.save_image_grid(rows, out / "validation" / f"step-{step:07d}.png")
     finally:
-        bar.close()
-        logger.close()
+        progress.close()
 
     # the result (main process), and a check that every process holds the same weights
-    sums = common.weights_checksums(params, accelerator)
-    consistent = all(s == sums[0] for s in sums)
+    sums, consistent = common.check_same_weights(params, accelerator)
     result = out / ("pipeline" if cfg.mode == "full" else "lora")
     if main:
-        if not consistent:
-            raise LcmkitError(f"processes ended with different weights (checksums {sums}); please report this")
         if step >= cfg.max_steps:
             def write_result(folder: Path) -> None:
                 if cfg.mode == "full":
@@ -744,65 +441,15 @@ def distill(cfg: DistillConfig) -> Path:
         summary = {"step": step, "max_steps": cfg.max_steps, "finished": step >= cfg.max_steps,
                    "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow, "processes": world_size,
                    "ranks_consistent": consistent, "weights_checksum": sums[0],
-                   "sec_per_step": float(np.median(step_times)) if step_times else None, "losses": losses,
+                   "sec_per_step": progress.sec_per_step(), "losses": progress.losses,
                    "result": str(result) if step >= cfg.max_steps else None, **source.report()}
         if summary["data_skipped"]:  # bad data never stops a run below the threshold, but it is always reported
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary["data_skipped"].items()))
             print(f"lcmkit distill: skipped {sum(summary['data_skipped'].values())} unusable samples/shards "
                   f"({reasons}); see {out / 'summary.json'}", file=sys.stderr)
-        tmp = out / ".tmp-summary.json"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, out / "summary.json")
+        common.write_json_atomic(out / "summary.json", summary)
     accelerator.wait_for_everyone()
     return result
-
-
-def _checkpoint(out, step, cfg, models, optimizer, scheduler, scaler, guard, overflow, stream, accelerator,
-                write_config) -> None:
-    """All processes contribute their data position; the main process writes the folder atomically."""
-    position = torch.tensor([*stream.state()], dtype=torch.int64, device=accelerator.device)
-    positions = accelerator.gather(position).cpu().view(-1, 2) if accelerator.num_processes > 1 else position.view(1, 2)
-    if accelerator.is_main_process:
-        if models.mode == "full":
-            weights = {"student": models.student.state_dict(), "target": models.target.state_dict()}
-        else:
-            weights = {"lora": {n: p for n, p in models.trainable_named()}}
-        state = {
-            "step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {}, "rng": common.rng_state(),
-            "data": {"epoch": positions[:, 0].clone(), "position": positions[:, 1].clone()},
-            "nonfinite": guard.state_dict(), "fp16_overflow": overflow, "processes": accelerator.num_processes,
-            "mode": cfg.mode, "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha),
-        }
-        common.save_checkpoint(out, step, weights, state, write_config, cfg.keep_checkpoints)
-    accelerator.wait_for_everyone()
-
-
-def _restore(path: Path, cfg, models, optimizer, scheduler, scaler, guard, stream, rank, world_size) -> tuple[int, int]:
-    weights, state = common.load_checkpoint(path)
-    for key, value in (("mode", cfg.mode), ("lora_rank", cfg.lora_rank), ("lora_alpha", float(cfg.lora_alpha)),
-                       ("processes", world_size)):
-        if state[key] != value and not (cfg.mode == "full" and key.startswith("lora")):
-            raise LcmkitError(f"checkpoint {path} was made with {key}={state[key]}, this run has {value}; "
-                              f"resume with the same setting (or start a new --out)")
-    with torch.no_grad():
-        if cfg.mode == "full":
-            models.student.load_state_dict(weights["student"])
-            models.target.load_state_dict(weights["target"])
-        else:
-            named = dict(models.trainable_named())
-            if set(named) != set(weights["lora"]):
-                raise LcmkitError(f"checkpoint {path} holds different LoRA layers than this model")
-            for n, p in named.items():
-                p.copy_(weights["lora"][n])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["lr_scheduler"])
-    if scaler is not None and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    guard.load_state_dict(state["nonfinite"])
-    common.set_rng_state(state["rng"])
-    stream.restore(int(state["data"]["epoch"][rank]), int(state["data"]["position"][rank]))
-    return int(state["step"]), int(state["fp16_overflow"])
 
 
 @torch.no_grad()
@@ -817,18 +464,10 @@ def fixed_draw_loss(cfg: DistillConfig, checkpoint: str | os.PathLike | None = N
     pipe = load_pipeline(cfg.teacher, device="cpu")
     models = build_models(cfg, pipe, device, common.generator_for(cfg.seed, 0xA11CE))
     if checkpoint is not None:
-        weights, _ = common.load_checkpoint(checkpoint)
-        if cfg.mode == "full":
-            models.student.load_state_dict(weights["student"])
-            models.target.load_state_dict(weights["target"])
-        else:
-            for n, p in models.trainable_named():
-                p.copy_(weights["lora"][n])
+        models.load_weights(common.load_checkpoint(checkpoint)[0], checkpoint)
     num_points = len(models.alphas_cumprod) // cfg.skip
     resolution = cfg.resolution or models.student.config.sample_size * vae_scale_factor(pipe)
-    lo, hi = DEFAULT_OMEGA[models.arch]
-    omega_range = (cfg.omega, cfg.omega) if cfg.omega is not None else \
-        (cfg.omega_min if cfg.omega_min is not None else lo, cfg.omega_max if cfg.omega_max is not None else hi)
+    omegas = omega_range(cfg, models.arch)
     stream = DataStream(DataSource(cfg, resolution), cfg, resolution, 0, 1)
     encoder = Encoder(pipe, models.arch, device)
     if models.arch == "sd":
@@ -836,8 +475,7 @@ def fixed_draw_loss(cfg: DistillConfig, checkpoint: str | os.PathLike | None = N
     z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
     total = 0.0
     for d in range(draws):
-        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omega_range, num_points,
-                                   common.generator_for(seed, d))
+        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points, common.generator_for(seed, d))
         student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
         loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device), models.alphas_cumprod,
                            skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss, huber_c=cfg.huber_c)

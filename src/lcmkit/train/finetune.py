@@ -24,8 +24,8 @@ the online model without gradients (no EMA, as LCM-LoRA); guidance is baked in (
 ``out/lora/<the input file's name>`` in the input file's format (diffusers, PEFT or kohya; a mixed file is written as
 diffusers), readable by ``lcmkit generate BASE --lora FILE`` and diffusers' ``load_lora_weights``.
 
-Mixed precision, checkpoints, resume, logs and validation grids work as in :mod:`lcmkit.train.distill`, whose data
-pipeline (:class:`~lcmkit.train.distill.DataStream`, :class:`~lcmkit.train.distill.Encoder`) is reused as is.
+Mixed precision, checkpoints, resume, logs and validation grids work as in :mod:`lcmkit.train.distill`, and the data
+pipeline is distillation's (:class:`~lcmkit.train.data.DataStream`, :class:`~lcmkit.train.data.Encoder`).
 Output folder ``out/``: ``config.yaml``, ``checkpoints/step-N/``, ``logs/``, ``validation/step-N.png`` (rows: LCM
 step counts; columns: prompts), ``summary.json`` and the result.
 """
@@ -38,7 +38,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,9 +46,8 @@ from ..errors import LcmkitError
 from ..losses import LOSS_TYPES, lcf_loss
 from ..math.schedule import alphas_cumprod_from_config
 from . import common
-from .common import OptimConfig
-from .distill import (DEFAULT_OMEGA, WORLD_STYLES, DataSource, DataStream, Encoder, Models, build_latent_cache,
-                      build_text_cache, draw, encode_text, is_world, validation_images, world_style)
+from .data import default_validation_prompts, make_data
+from .distill import Models, draw, omega_range, validation_images
 
 RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 
@@ -76,9 +74,7 @@ class FinetuneConfig(common.TrainingOptions):
     validation_omega: float = 7.0     # ω of the full LCM's w-embedding in validation grids
 
     def __post_init__(self):
-        if isinstance(self.optim, dict):
-            self.optim = OptimConfig(**self.optim)
-        check_training_options(self, model_key="model")
+        self.check_training(model_key="model")
         if self.lora is not None:
             from ..lora_formats import check_safetensors_file
 
@@ -105,42 +101,6 @@ class FinetuneConfig(common.TrainingOptions):
     @property
     def mode(self) -> str:
         return "full" if self.lora is None else "lora"
-
-
-def check_training_options(cfg, model_key: str) -> None:
-    """Checks shared by the fine-tuning recipes (this one and :mod:`lcmkit.train.style_lora`): the model folder,
-    data, output and the data / loop / precision options, each with a message that says how to fix it."""
-    for name in (model_key, "data", "out"):
-        if not getattr(cfg, name):
-            raise LcmkitError(f"--{name} is required")
-    model = Path(getattr(cfg, model_key)).expanduser()
-    if not model.is_dir():
-        raise LcmkitError(f"model folder {model} not found; pass a diffusers pipeline folder (saved with "
-                          "save_pretrained)")
-    if not (model / "model_index.json").is_file():
-        raise LcmkitError(f"model {model} is not a diffusers pipeline folder (no model_index.json)")
-    if not is_world(cfg.data) and not any(c in cfg.data for c in "*{") and not Path(cfg.data).exists():
-        raise LcmkitError(f"data {cfg.data} not found; pass an imagefolder, .tar shards, or 'world'")
-    if is_world(cfg.data) and world_style(cfg.data) not in WORLD_STYLES:
-        raise LcmkitError(f"unknown world style in {cfg.data!r}; use world, world:filled or world:outlined")
-    if cfg.resolution is not None and cfg.resolution < 8:
-        raise LcmkitError(f"resolution must be >= 8 pixels, got {cfg.resolution}")
-    if cfg.crop not in ("center", "random"):
-        raise LcmkitError(f"crop must be center or random, got {cfg.crop!r}")
-    if cfg.cache_latents and (cfg.crop != "center" or cfg.flip):
-        raise LcmkitError("cache_latents needs crop=center and flip off (a cached latent cannot be re-augmented); "
-                          "drop --cache-latents or the augmentation")
-    for name in ("batch_size", "grad_accum", "max_steps", "world_samples", "checkpoint_every", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise LcmkitError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.max_steps:
-        raise LcmkitError(f"stop_at must be in [1, max_steps={cfg.max_steps}], got {cfg.stop_at}")
-    if cfg.mixed_precision not in common.MIXED_PRECISION:
-        raise LcmkitError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
-    if cfg.keep_checkpoints < 0 or cfg.validate_every < 0 or cfg.max_nonfinite < 0:
-        raise LcmkitError("keep_checkpoints, validate_every and max_nonfinite must be >= 0")
-    if cfg.device not in ("auto", "cpu"):
-        raise LcmkitError(f"device must be auto or cpu, got {cfg.device!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,18 +164,6 @@ def build_models(cfg: FinetuneConfig, pipe, device: torch.device) -> Models:
                   cfg.mixed_precision)
 
 
-def omega_range(cfg, arch: str) -> tuple[float, float]:
-    """[ω_min, ω_max] of the w-embedding draws: fixed ω, the given bounds, or the distillation defaults."""
-    lo, hi = DEFAULT_OMEGA[arch]
-    if cfg.omega is not None:
-        return cfg.omega, cfg.omega
-    lo = cfg.omega_min if cfg.omega_min is not None else lo
-    hi = cfg.omega_max if cfg.omega_max is not None else hi
-    if lo > hi:
-        raise LcmkitError(f"omega range ({lo}, {hi}) is empty (min > max); set both --omega-min and --omega-max")
-    return lo, hi
-
-
 def step_loss(models: Models, cfg: FinetuneConfig, z0: Tensor, cond: TextConditioning, omega: Tensor,
               index: Tensor, noise: Tensor) -> Tensor:
     """The LCF loss of one micro-batch for the draws (ω, n, ε): θ and θ⁻ with this batch's conditioning (and, full
@@ -231,32 +179,8 @@ def step_loss(models: Models, cfg: FinetuneConfig, z0: Tensor, cond: TextConditi
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data (distillation's pipeline, reused) and outputs
+# Outputs
 # ---------------------------------------------------------------------------------------------------------------
-
-def make_data(cfg, pipe, arch: str, device: torch.device, resolution: int, rank: int, world_size: int,
-              progress: bool) -> tuple[DataSource, DataStream, Encoder]:
-    """This process's data stream and the batch encoder (latent and text caches as configured); the encoder's
-    unconditional embedding is "" (SD) / zeros (SDXL), as in distillation."""
-    source = DataSource(cfg, resolution)
-    stream = DataStream(source, cfg, resolution, rank, world_size)
-    if cfg.cache_latents:
-        stream.latent_cache = build_latent_cache(source, stream, pipe, progress)
-    cache_text = cfg.cache_text if cfg.cache_text is not None else is_world(cfg.data)
-    encoder = Encoder(pipe, arch, device, latent_cache=stream.latent_cache,
-                      text_cache=build_text_cache(source.captions(), pipe, arch) if cache_text else None)
-    if arch == "sd":
-        encoder.uncond_hidden = encode_text(pipe, "sd", [""])[0]
-    return source, stream, encoder
-
-
-def default_validation_prompts(cfg, source: DataSource, resolution: int, stream: DataStream) -> list[str]:
-    """``cfg.validation_prompts``, else the first (≤ 4, distinct) captions of the data: the same on every run."""
-    if cfg.validation_prompts:
-        return list(cfg.validation_prompts)
-    probe = DataStream(source, cfg, resolution, 0, 1, stream.latent_cache)
-    return list(dict.fromkeys(s.caption for s in probe.next_batch(min(4, len(source)))))
-
 
 def save_full_pipeline(models: Models, model_dir: str, folder: Path, num_points: int) -> None:
     """The input pipeline (same class, its own float32 VAE / text encoders from disk) with θ⁻ as its UNet and an
@@ -303,18 +227,11 @@ def _setup(cfg: FinetuneConfig, device: torch.device):
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Run latent consistency fine-tuning; returns the output (``out/pipeline`` or ``out/lora/<file>``)."""
-    from tqdm.auto import tqdm
-
     accelerator = common.setup_accelerator(cfg.mixed_precision, cpu=cfg.device == "cpu")
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     out = Path(cfg.out)
-    if main:
-        common.prepare_output_dir(out, RESULT_NAMES, cfg.overwrite, cfg.resume)
-    accelerator.wait_for_everyone()
-    checkpoints = common.checkpoint_dirs(out)
-    if cfg.resume and not checkpoints and main:
-        print(f"lcmkit finetune: no checkpoint in {out}; starting from step 0")
+    checkpoints = common.open_run_folder(out, RESULT_NAMES, cfg, accelerator, "lcmkit finetune")
 
     pipe, models, resolution, num_points = _setup(cfg, device)
     omegas = omega_range(cfg, models.arch)
@@ -328,67 +245,48 @@ def finetune(cfg: FinetuneConfig) -> Path:
                                         cfg.progress and main)
 
     params = models.trainable()
-    optimizer = common.make_optimizer(params, cfg.optim)
-    scheduler = common.make_lr_scheduler(optimizer, cfg.optim, cfg.max_steps)
-    scaler = common.make_grad_scaler(device, cfg.mixed_precision)
-    guard = common.NonFiniteGuard(cfg.max_nonfinite)
+    optimizer, scheduler, scaler, guard = common.make_optimisation(params, cfg, device)
     step, overflow = 0, 0
     if cfg.resume and checkpoints:
-        step, overflow = _restore(checkpoints[-1], cfg, models, optimizer, scheduler, scaler, guard, stream, rank,
-                                  world_size)
+        step, overflow = common.resume_run(checkpoints[-1], optimizer, scheduler, scaler, guard,
+                                           {"mode": cfg.mode, "processes": world_size}, models.load_weights, stream,
+                                           rank)
     prompts = default_validation_prompts(cfg, source, resolution, stream)
 
-    logger = common.RunLogger(out / "logs", enabled=main)
-    stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"finetune ({cfg.mode})", disable=not (cfg.progress and main),
-               dynamic_ncols=True)
-    losses: list[float] = []
-    step_times: list[float] = []
+    def micro_loss(step: int, micro: int) -> Tensor:
+        """The LCF loss of one micro-batch: the next samples, the draws (ω, n, ε) of (seed, step, micro, rank)."""
+        z0, cond, _ = encoder(stream.next_batch(cfg.batch_size))
+        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points,
+                                   common.generator_for(cfg.seed, step, micro, rank))
+        return step_loss(models, cfg, z0, cond, omega, index, noise)
+
+    progress = common.RunProgress(cfg, out / "logs", f"finetune ({cfg.mode})", step, main)
     try:
-        while step < stop:
+        while step < progress.stop:
             t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            micro_losses = []
-            for micro in range(cfg.grad_accum):
-                z0, cond, _ = encoder(stream.next_batch(cfg.batch_size))
-                omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points,
-                                           common.generator_for(cfg.seed, step, micro, rank))
-                loss = step_loss(models, cfg, z0, cond, omega, index, noise) / cfg.grad_accum
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                micro_losses.append(loss.detach().float())
-            outcome = common.optimizer_step(params, micro_losses, optimizer, scheduler, scaler, guard, accelerator,
-                                            cfg.optim.max_grad_norm, step + 1)
+            outcome = common.training_step(micro_loss, step, cfg, params, optimizer, scheduler, scaler, guard,
+                                           accelerator)
             if outcome.ok and cfg.mode == "full":
                 common.ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
             overflow += int(outcome.fp16_overflow)
             step += 1
-            step_times.append(time.perf_counter() - t0)
-            losses.append(outcome.loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{outcome.loss:.4g}", lr=f"{outcome.lr:.2g}")
-            if step % cfg.log_every == 0 or step == stop:
-                logger.log(step, {"loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
-                                  "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow,
-                                  "sec_per_step": step_times[-1]})
-            if step % cfg.checkpoint_every == 0 or step == stop:
-                _checkpoint(out, step, cfg, models, optimizer, scheduler, scaler, guard, overflow, stream,
-                            accelerator, write_config)
-            if main and (step == stop or (cfg.validate_every and step % cfg.validate_every == 0)):
+            progress.record(step, outcome, time.perf_counter() - t0, guard.skipped, overflow)
+            if progress.checkpoint_due(step):
+                common.save_run_checkpoint(out, step, models.checkpoint_weights(), optimizer, scheduler, scaler,
+                                           guard, stream, accelerator, write_config, cfg.keep_checkpoints,
+                                           fp16_overflow=overflow, mode=cfg.mode)
+            if main and progress.validation_due(step):
                 rows = validation_images(models, encoder, prompts, cfg.validation_steps, cfg.validation_omega,
                                          cfg.validation_seed, resolution, num_points)
                 common.save_image_grid(rows, out / "validation" / f"step-{step:07d}.png")
     finally:
-        bar.close()
-        logger.close()
+        progress.close()
 
-    sums = common.weights_checksums(params, accelerator)
-    consistent = all(s == sums[0] for s in sums)
+    sums, consistent = common.check_same_weights(params, accelerator)
     finished = step >= cfg.max_steps
     result_dir = out / ("pipeline" if cfg.mode == "full" else "lora")
     result = result_dir if cfg.mode == "full" else result_dir / Path(cfg.lora).name
     if main:
-        if not consistent:
-            raise LcmkitError(f"processes ended with different weights (checksums {sums}); please report this")
         if finished:
             def write_result(folder: Path) -> None:
                 if cfg.mode == "full":
@@ -400,48 +298,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
         common.write_json_atomic(out / "summary.json", {
             "step": step, "max_steps": cfg.max_steps, "finished": finished, "mode": cfg.mode,
             "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow, "processes": world_size,
-            "ranks_consistent": consistent, "weights_checksum": sums[0],
-            "sec_per_step": float(np.median(step_times)) if step_times else None, "losses": losses,
-            "result": str(result) if finished else None})
+            "ranks_consistent": consistent, "weights_checksum": sums[0], "sec_per_step": progress.sec_per_step(),
+            "losses": progress.losses, "result": str(result) if finished else None})
     accelerator.wait_for_everyone()
     return result
-
-
-def _checkpoint(out, step, cfg, models, optimizer, scheduler, scaler, guard, overflow, stream, accelerator,
-                write_config) -> None:
-    """All processes contribute their data position; the main process writes the folder atomically."""
-    positions = common.data_positions(stream.state(), accelerator)
-    if accelerator.is_main_process:
-        if cfg.mode == "full":
-            weights = {"student": models.student.state_dict(), "target": models.target.state_dict()}
-        else:
-            weights = {"lora": dict(models.trainable_named())}
-        state = common.training_state(step, optimizer, scheduler, scaler, guard, positions,
-                                      accelerator.num_processes, fp16_overflow=overflow, mode=cfg.mode)
-        common.save_checkpoint(out, step, weights, state, write_config, cfg.keep_checkpoints)
-    accelerator.wait_for_everyone()
-
-
-def _load_weights(models: Models, weights: dict, path) -> None:
-    with torch.no_grad():
-        if models.mode == "full":
-            models.student.load_state_dict(weights["student"])
-            models.target.load_state_dict(weights["target"])
-        else:
-            named = dict(models.trainable_named())
-            if set(named) != set(weights["lora"]):
-                raise LcmkitError(f"checkpoint {path} holds different LoRA layers than this model")
-            for n, p in named.items():
-                p.copy_(weights["lora"][n])
-
-
-def _restore(path, cfg, models, optimizer, scheduler, scaler, guard, stream, rank, world_size) -> tuple[int, int]:
-    weights, state = common.load_checkpoint(path)
-    step, position = common.restore_training_state(path, state, optimizer, scheduler, scaler, guard,
-                                                   {"mode": cfg.mode, "processes": world_size}, rank)
-    _load_weights(models, weights, path)
-    stream.restore(*position)
-    return step, int(state["fp16_overflow"])
 
 
 @torch.no_grad()
@@ -453,7 +313,7 @@ def fixed_draw_loss(cfg: FinetuneConfig, checkpoint=None, draws: int = 4, seed: 
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe, models, resolution, num_points = _setup(cfg, device)
     if checkpoint is not None:
-        _load_weights(models, common.load_checkpoint(checkpoint)[0], checkpoint)
+        models.load_weights(common.load_checkpoint(checkpoint)[0], checkpoint)
     _, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, 0, 1, False)
     z0, cond, _ = encoder(stream.next_batch(cfg.batch_size))
     omegas = omega_range(cfg, models.arch)

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,8 +40,8 @@ from ..errors import LcmkitError
 from ..math.param import from_x0_eps
 from ..math.schedule import alpha_sigma, alphas_cumprod_from_config, append_dims
 from . import common
-from .common import OptimConfig
-from .finetune import check_training_options, default_validation_prompts, freeze_frozen_parts, make_data
+from .data import default_validation_prompts, make_data
+from .finetune import freeze_frozen_parts
 
 RESULT_NAMES = ("summary.json", "validation")
 
@@ -66,9 +65,7 @@ class StyleLoraConfig(common.TrainingOptions):
     validation_guidance: float = 7.5  # diffusers guidance_scale of the validation grid (ω = g − 1)
 
     def __post_init__(self):
-        if isinstance(self.optim, dict):
-            self.optim = OptimConfig(**self.optim)
-        check_training_options(self, model_key="model")
+        self.check_training(model_key="model")
         if Path(self.out).suffix != ".safetensors":
             raise LcmkitError(f"--out names the LoRA file and must end in .safetensors, got {self.out}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
@@ -247,21 +244,14 @@ def _setup(cfg: StyleLoraConfig, device: torch.device):
 
 def train_style_lora(cfg: StyleLoraConfig) -> Path:
     """Train a style LoRA on ``cfg.data``; returns the LoRA file (``cfg.out``)."""
-    from tqdm.auto import tqdm
-
     accelerator = common.setup_accelerator(cfg.mixed_precision, cpu=cfg.device == "cpu")
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     run, out = cfg.run_folder, Path(cfg.out)
-    if main:
-        if out.exists() and not (cfg.overwrite or cfg.resume):
-            raise LcmkitError(f"{out} exists; pass --overwrite to replace it, --resume to continue its run, or "
-                              "choose another --out")
-        common.prepare_output_dir(run, RESULT_NAMES, cfg.overwrite, cfg.resume)
-    accelerator.wait_for_everyone()
-    checkpoints = common.checkpoint_dirs(run)
-    if cfg.resume and not checkpoints and main:
-        print(f"lcmkit lora train: no checkpoint in {run}; starting from step 0")
+    if main and out.exists() and not (cfg.overwrite or cfg.resume):
+        raise LcmkitError(f"{out} exists; pass --overwrite to replace it, --resume to continue its run, or "
+                          "choose another --out")
+    checkpoints = common.open_run_folder(run, RESULT_NAMES, cfg, accelerator, "lcmkit lora train")
 
     pipe, models, resolution = _setup(cfg, device)
     T = len(models.alphas_cumprod)
@@ -273,74 +263,46 @@ def train_style_lora(cfg: StyleLoraConfig) -> Path:
     source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, rank, world_size,
                                         cfg.progress and main)
 
-    named = models.trainable_named()
-    params = [p for _, p in named]
-    optimizer = common.make_optimizer(params, cfg.optim)
-    scheduler = common.make_lr_scheduler(optimizer, cfg.optim, cfg.max_steps)
-    scaler = common.make_grad_scaler(device, cfg.mixed_precision)
-    guard = common.NonFiniteGuard(cfg.max_nonfinite)
+    params = [p for _, p in models.trainable_named()]
+    optimizer, scheduler, scaler, guard = common.make_optimisation(params, cfg, device)
     step, overflow = 0, 0
     if cfg.resume and checkpoints:
-        weights, state = common.load_checkpoint(checkpoints[-1])
-        step, position = common.restore_training_state(
-            checkpoints[-1], state, optimizer, scheduler, scaler, guard,
-            {"processes": world_size, "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha)}, rank)
-        _load_lora_weights(models, weights["lora"], checkpoints[-1])
-        stream.restore(*position)
-        overflow = int(state["fp16_overflow"])
+        step, overflow = common.resume_run(
+            checkpoints[-1], optimizer, scheduler, scaler, guard,
+            {"processes": world_size, "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha)},
+            lambda weights, path: _load_lora_weights(models, weights["lora"], path), stream, rank)
     prompts = default_validation_prompts(cfg, source, resolution, stream)
 
-    logger = common.RunLogger(run / "logs", enabled=main)
-    stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="lora train", disable=not (cfg.progress and main),
-               dynamic_ncols=True)
-    losses: list[float] = []
-    step_times: list[float] = []
+    def micro_loss(step: int, micro: int) -> Tensor:
+        """The denoising loss of one micro-batch: the next samples, the draws (t, ε, u) of (seed, step, micro,
+        rank)."""
+        z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
+        t, noise, u = draw(z0.shape[0], tuple(z0.shape), T, common.generator_for(cfg.seed, step, micro, rank))
+        return step_loss(models, cfg, z0, cond, uncond, t, noise, u)
+
+    progress = common.RunProgress(cfg, run / "logs", "lora train", step, main)
     try:
-        while step < stop:
+        while step < progress.stop:
             t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            micro_losses = []
-            for micro in range(cfg.grad_accum):
-                z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
-                t, noise, u = draw(z0.shape[0], tuple(z0.shape), T, common.generator_for(cfg.seed, step, micro, rank))
-                loss = step_loss(models, cfg, z0, cond, uncond, t, noise, u) / cfg.grad_accum
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                micro_losses.append(loss.detach().float())
-            outcome = common.optimizer_step(params, micro_losses, optimizer, scheduler, scaler, guard, accelerator,
-                                            cfg.optim.max_grad_norm, step + 1)
+            outcome = common.training_step(micro_loss, step, cfg, params, optimizer, scheduler, scaler, guard,
+                                           accelerator)
             overflow += int(outcome.fp16_overflow)
             step += 1
-            step_times.append(time.perf_counter() - t0)
-            losses.append(outcome.loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{outcome.loss:.4g}", lr=f"{outcome.lr:.2g}")
-            if step % cfg.log_every == 0 or step == stop:
-                logger.log(step, {"loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
-                                  "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow,
-                                  "sec_per_step": step_times[-1]})
-            if step % cfg.checkpoint_every == 0 or step == stop:
-                positions = common.data_positions(stream.state(), accelerator)
-                if main:
-                    state = common.training_state(step, optimizer, scheduler, scaler, guard, positions, world_size,
-                                                  fp16_overflow=overflow, lora_rank=cfg.lora_rank,
-                                                  lora_alpha=float(cfg.lora_alpha))
-                    common.save_checkpoint(run, step, {"lora": dict(models.trainable_named())}, state, write_config,
-                                           cfg.keep_checkpoints)
-                accelerator.wait_for_everyone()
-            if main and (step == stop or (cfg.validate_every and step % cfg.validate_every == 0)):
+            progress.record(step, outcome, time.perf_counter() - t0, guard.skipped, overflow)
+            if progress.checkpoint_due(step):
+                common.save_run_checkpoint(run, step, {"lora": dict(models.trainable_named())}, optimizer, scheduler,
+                                           scaler, guard, stream, accelerator, write_config, cfg.keep_checkpoints,
+                                           fp16_overflow=overflow, lora_rank=cfg.lora_rank,
+                                           lora_alpha=float(cfg.lora_alpha))
+            if main and progress.validation_due(step):
                 rows = validation_images(models, prompts, cfg, resolution)
                 common.save_image_grid(rows, run / "validation" / f"step-{step:07d}.png")
     finally:
-        bar.close()
-        logger.close()
+        progress.close()
 
-    sums = common.weights_checksums(params, accelerator)
-    consistent = all(s == sums[0] for s in sums)
+    sums, consistent = common.check_same_weights(params, accelerator)
     finished = step >= cfg.max_steps
     if main:
-        if not consistent:
-            raise LcmkitError(f"processes ended with different weights (checksums {sums}); please report this")
         if finished:  # written beside, then moved over --out: never half a file where a good one was
             tmp = out.with_name(f".tmp-{out.name}")
             save_style_lora(models.unet, tmp)
@@ -348,8 +310,8 @@ def train_style_lora(cfg: StyleLoraConfig) -> Path:
         common.write_json_atomic(run / "summary.json", {
             "step": step, "max_steps": cfg.max_steps, "finished": finished, "nonfinite_skipped": guard.skipped,
             "fp16_overflow": overflow, "processes": world_size, "ranks_consistent": consistent,
-            "weights_checksum": sums[0], "sec_per_step": float(np.median(step_times)) if step_times else None,
-            "losses": losses, "result": str(out) if finished else None})
+            "weights_checksum": sums[0], "sec_per_step": progress.sec_per_step(), "losses": progress.losses,
+            "result": str(out) if finished else None})
     accelerator.wait_for_everyone()
     return out
 

@@ -1,0 +1,312 @@
+"""The data side of lcmkit's training recipes (distillation, LCF fine-tuning, style LoRAs), shared by all three.
+
+- **sources**: :class:`DataSource` (the built-in world, ``world`` / ``world:outlined``, or an imagefolder /
+  webdataset), :func:`transform` (resize, square crop, flip; SDXL's time ids);
+- **streams**: :class:`DataStream`, one process's endless, resumable share of the samples;
+- **encoding**: :class:`Encoder` (batch → latents and text conditioning), with the optional latent and text caches
+  (:func:`build_latent_cache`, :func:`build_text_cache`);
+- :func:`make_data` puts these together for a run; :func:`default_validation_prompts` picks the grid's prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..denoisers import TextConditioning
+from ..errors import LcmkitError
+
+if TYPE_CHECKING:
+    from .common import TrainingOptions
+
+WORLD_STYLES = ("filled", "outlined")
+
+
+def is_world(data: str) -> bool:
+    """``data`` names the built-in world (``world`` or ``world:<style>``), not files."""
+    return data == "world" or data.startswith("world:")
+
+
+def world_style(data: str) -> str:
+    """The world style ``data`` asks for (``world`` alone: filled)."""
+    return data.split(":", 1)[1] if ":" in data else "filled"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: images (or cached latents) + captions, sharded over processes, resumable by (epoch, position)
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    index: int
+    caption: str
+    pixels: Tensor | None          # (3, R, R) in [-1, 1], None when the latent is cached
+    time_ids: tuple[int, ...]      # SDXL micro-conditioning: original (h, w), crop top-left (top, left), target (h, w)
+
+
+def transform(img, resolution: int, crop: str, flip: bool, rng: np.random.Generator) -> tuple[Tensor, tuple]:
+    """Resize the shorter side to ``resolution``, crop a square, maybe flip; also returns SDXL's time ids."""
+    from ..data.datasets import crop_box, resize_shorter_side, to_tensor
+    from PIL import Image
+
+    original = (img.size[1], img.size[0])  # (height, width)
+    img = resize_shorter_side(img, resolution)
+    left, top, right, bottom = crop_box(*img.size, resolution, rng if crop == "random" else None)
+    img = img.crop((left, top, right, bottom))
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(img), (*original, top, left, resolution, resolution)
+
+
+class DataSource:
+    """Sample i of the training set as (RGB PIL image, caption); raises ``BadSample`` for unusable ones.
+
+    ``world``: image i of the built-in world (seed ``seed``), rendered on the fly, depends only on (seed, i).
+    Otherwise an imagefolder / webdataset via :func:`lcmkit.data.datasets.load_dataset` (bad samples counted
+    in ``dataset.skipped`` and limited by its ``max_bad_fraction``).
+    """
+
+    def __init__(self, cfg: TrainingOptions, resolution: int):
+        self.cfg = cfg
+        self.dataset = None
+        if is_world(cfg.data):
+            self.style = world_style(cfg.data)
+            self.size = cfg.world_samples
+        else:
+            from ..data.datasets import load_dataset
+
+            self.dataset = load_dataset(cfg.data, caption_key=cfg.caption_key, min_size=max(1, resolution // 2))
+            self.size = len(self.dataset)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load(self, i: int):
+        if self.dataset is None:
+            from PIL import Image
+
+            from ..data import world
+
+            images, specs = world.sample(1, seed=self.cfg.seed, style=self.style, start=i)
+            return Image.fromarray(images[0]), world.caption(specs[0])
+        return self.dataset.load(i)
+
+    def captions(self) -> list[str]:
+        """Every caption the data can produce (for text caching)."""
+        if self.dataset is None:
+            from ..data import world
+
+            return world.all_prompts()
+        return sorted({r.caption.strip() for r in self.dataset.records if r.caption and r.caption.strip()})
+
+    def report(self) -> dict:
+        """Bad-data accounting for the summary: skipped samples (and shard problems) by reason, images converted
+        to RGB by original mode, samples looked at (over all passes, this process)."""
+        ds = self.dataset
+        if ds is None:
+            return {"data_skipped": {}, "data_converted": {}, "data_seen": 0}
+        return {"data_skipped": dict(ds.skipped), "data_converted": dict(ds.converted), "data_seen": ds.seen}
+
+    def count_bad(self, reason: str) -> None:
+        if self.dataset is None:
+            return
+        ds = self.dataset
+        ds.skipped[reason] += 1
+        if ds.seen >= ds.min_checked and ds.bad / ds.seen > ds.max_bad_fraction:
+            raise LcmkitError(f"{ds.name}: {ds.bad} of {ds.seen} samples were unusable ({dict(ds.skipped)}), more "
+                              f"than max_bad_fraction={ds.max_bad_fraction:g}; fix the data")
+
+
+class DataStream:
+    """This process's endless stream of samples.
+
+    Pass ``epoch`` visits the permutation ``rng([seed, epoch])`` of all samples; process r of W takes positions
+    r, r + W, … of it. The state is (epoch, position in this process's share): saved in checkpoints, so a resumed
+    run continues with exactly the next sample. Augmentation of sample i in pass e uses ``rng([seed, e, i])``.
+    """
+
+    def __init__(self, source: DataSource, cfg: TrainingOptions, resolution: int, rank: int, world_size: int,
+                 latent_cache: dict | None = None):
+        from ..data.datasets import BadSample
+
+        self.BadSample = BadSample
+        self.source, self.cfg, self.resolution = source, cfg, resolution
+        self.rank, self.world_size = rank, world_size
+        self.latent_cache = latent_cache
+        self.epoch, self.position = 0, 0
+        self._share: list[int] | None = None
+
+    def share(self) -> list[int]:
+        if self._share is None:
+            order = np.random.default_rng([self.cfg.seed, self.epoch]).permutation(len(self.source))
+            self._share = [int(i) for i in order[self.rank::self.world_size]]
+            if not self._share:
+                raise LcmkitError(f"{len(self.source)} samples cannot be shared by {self.world_size} processes")
+        return self._share
+
+    def state(self) -> tuple[int, int]:
+        return self.epoch, self.position
+
+    def restore(self, epoch: int, position: int) -> None:
+        self.epoch, self.position, self._share = epoch, position, None
+
+    def next_sample(self) -> Sample:
+        misses = 0  # consecutive unusable samples: a whole share of them means no usable data at all
+        while True:
+            share = self.share()
+            if self.position >= len(share):
+                self.epoch, self.position, self._share = self.epoch + 1, 0, None
+                continue
+            i = share[self.position]
+            self.position += 1
+            if self.latent_cache is not None:
+                entry = self.latent_cache.get(i)
+                sample = None if entry is None else Sample(i, entry["caption"], None, entry["time_ids"])
+            else:
+                sample = self.load(i, self.epoch)
+            if sample is not None:
+                return sample
+            misses += 1
+            if misses > len(share):
+                raise LcmkitError(f"no usable sample in {self.cfg.data} (skipped: "
+                                  f"{dict(self.source.dataset.skipped) if self.source.dataset else {}})")
+
+    def load(self, i: int, epoch: int) -> Sample | None:
+        """Sample i with pass-``epoch`` augmentation, or None (counted) when it is unusable."""
+        if self.source.dataset is not None:
+            self.source.dataset.seen += 1
+        try:
+            img, caption = self.source.load(i)
+        except self.BadSample as e:
+            self.source.count_bad(e.reason)
+            return None
+        rng = np.random.default_rng([self.cfg.seed, epoch, i])
+        pixels, time_ids = transform(img, self.resolution, self.cfg.crop, self.cfg.flip, rng)
+        return Sample(i, caption, pixels, time_ids)
+
+    def next_batch(self, batch_size: int) -> list[Sample]:
+        return [self.next_sample() for _ in range(batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding: latents and text, with optional caches
+# ---------------------------------------------------------------------------------------------------------------
+
+CACHE_CHUNK = 32  # caches are filled in fixed chunks of index order, so their contents never depend on batching
+
+
+@torch.no_grad()
+def encode_pixels(pipe, pixels: Tensor) -> Tensor:
+    """z = scaling_factor · mean of the VAE posterior (B, C, H/f, W/f), float32."""
+    vae = pipe.vae
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return (posterior.mean * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def encode_text(pipe, arch: str, captions: list[str]) -> tuple[Tensor, Tensor | None]:
+    """(hidden states (B, L, D), pooled (B, P) or None) in the text encoders' dtype."""
+    from ..pipelines import encode_prompt_sd, encode_prompt_sdxl
+
+    if arch == "sdxl":
+        c = encode_prompt_sdxl(pipe, captions, 0, 0)
+        return c.encoder_hidden_states, c.text_embeds
+    return encode_prompt_sd(pipe, captions).encoder_hidden_states, None
+
+
+def build_latent_cache(source: DataSource, stream: DataStream, pipe, progress: bool) -> dict:
+    """Encode every sample once (centre crop, no flip): index → {latent, caption, time_ids}; None if unusable."""
+    from tqdm.auto import tqdm
+
+    cache: dict[int, dict | None] = {}
+    indices = list(range(len(source)))
+    for start in tqdm(range(0, len(indices), CACHE_CHUNK), desc="caching latents", disable=not progress,
+                      leave=False):
+        samples = [stream.load(i, 0) for i in indices[start:start + CACHE_CHUNK]]
+        good = [s for s in samples if s is not None]
+        if good:
+            latents = encode_pixels(pipe, torch.stack([s.pixels for s in good])).cpu()
+            for s, z in zip(good, latents):
+                cache[s.index] = {"latent": z, "caption": s.caption, "time_ids": s.time_ids}
+        for s, i in zip(samples, indices[start:start + CACHE_CHUNK]):
+            if s is None:
+                cache[i] = None
+    if not any(v is not None for v in cache.values()):
+        raise LcmkitError(f"no usable sample in {source.cfg.data}")
+    return cache
+
+
+def build_text_cache(captions: list[str], pipe, arch: str) -> dict[str, tuple[Tensor, Tensor | None]]:
+    cache = {}
+    for start in range(0, len(captions), CACHE_CHUNK):
+        chunk = captions[start:start + CACHE_CHUNK]
+        hidden, pooled = encode_text(pipe, arch, chunk)
+        for j, caption in enumerate(chunk):
+            cache[caption] = (hidden[j], None if pooled is None else pooled[j])
+    return cache
+
+
+@dataclass
+class Encoder:
+    """Batch of samples → (z0, cond, uncond), using the caches where they exist."""
+
+    pipe: object
+    arch: str
+    device: torch.device
+    uncond_hidden: Tensor | None = None   # SD: the embedding of "" (1, L, D)
+    text_cache: dict | None = None
+    latent_cache: dict | None = None
+
+    @torch.no_grad()
+    def __call__(self, samples: list[Sample]) -> tuple[Tensor, TextConditioning, TextConditioning]:
+        if self.latent_cache is not None:
+            z0 = torch.stack([self.latent_cache[s.index]["latent"] for s in samples]).to(self.device)
+        else:
+            z0 = encode_pixels(self.pipe, torch.stack([s.pixels for s in samples]))
+        captions = [s.caption for s in samples]
+        if self.text_cache is not None and all(c in self.text_cache for c in captions):
+            hidden = torch.stack([self.text_cache[c][0] for c in captions])
+            pooled = torch.stack([self.text_cache[c][1] for c in captions]) if self.arch == "sdxl" else None
+        else:
+            hidden, pooled = encode_text(self.pipe, self.arch, captions)
+        if self.arch == "sdxl":
+            time_ids = torch.tensor([s.time_ids for s in samples], dtype=hidden.dtype, device=hidden.device)
+            cond = TextConditioning(hidden, pooled, time_ids)
+            # the SDXL LCM scripts' unconditional branch: all-zero embeddings, same time ids
+            uncond = TextConditioning(torch.zeros_like(hidden), torch.zeros_like(pooled), time_ids)
+        else:
+            cond = TextConditioning(hidden)
+            uncond = TextConditioning(self.uncond_hidden.expand_as(hidden))
+        return z0, cond, uncond
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A run's data: stream + encoder, validation prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+def make_data(cfg, pipe, arch: str, device: torch.device, resolution: int, rank: int, world_size: int,
+              progress: bool) -> tuple[DataSource, DataStream, Encoder]:
+    """This process's data stream and the batch encoder (latent and text caches as configured); the encoder's
+    unconditional embedding is "" (SD) / zeros (SDXL), as in distillation."""
+    source = DataSource(cfg, resolution)
+    stream = DataStream(source, cfg, resolution, rank, world_size)
+    if cfg.cache_latents:
+        stream.latent_cache = build_latent_cache(source, stream, pipe, progress)
+    cache_text = cfg.cache_text if cfg.cache_text is not None else is_world(cfg.data)
+    encoder = Encoder(pipe, arch, device, latent_cache=stream.latent_cache,
+                      text_cache=build_text_cache(source.captions(), pipe, arch) if cache_text else None)
+    if arch == "sd":
+        encoder.uncond_hidden = encode_text(pipe, "sd", [""])[0]
+    return source, stream, encoder
+
+
+def default_validation_prompts(cfg, source: DataSource, resolution: int, stream: DataStream) -> list[str]:
+    """``cfg.validation_prompts``, else the first (≤ 4, distinct) captions of the data: the same on every run."""
+    if cfg.validation_prompts:
+        return list(cfg.validation_prompts)
+    probe = DataStream(source, cfg, resolution, 0, 1, stream.latent_cache)
+    return list(dict.fromkeys(s.caption for s in probe.next_batch(min(4, len(source)))))
