@@ -128,6 +128,21 @@ def test_bench_quality_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_quality_parts_run_separately_keep_each_other(tmp_path):
+    assert main(["bench", "quality", "--smoke", "--parts", "guidance", "--out", str(tmp_path)]) == 0
+    guidance = _load(tmp_path / "ablation_guidance.json")
+    assert guidance["rows"] and not (tmp_path / "ablation_skip.json").exists()
+    assert main(["bench", "quality", "--smoke", "--parts", "table", "--out", str(tmp_path)]) == 0
+    assert _load(tmp_path / "ablation_guidance.json") == guidance          # not overwritten by the table run
+    quality = _load(tmp_path / "quality.json")
+    assert quality["rows"] and "--parts guidance" not in quality["command"]
+    md = (tmp_path / "quality.md").read_text()
+    measured_by = [line for line in md.splitlines() if line.startswith("Measured by `lcmkit bench quality")]
+    assert len(measured_by) == 1 and "--parts guidance" in measured_by[0]    # the other run's own command
+    assert any("ω" in c["claim"] and c["verdict"] != "not measured" for c in quality["claims"])
+
+
+@pytest.mark.slow
 def test_bench_style_smoke(tmp_path):
     assert main(["bench", "style", "--smoke", "--out", str(tmp_path)]) == 0
     data = _load(tmp_path / "style.json")

@@ -17,6 +17,7 @@ the measured numbers, whether each qualitative claim of the paper holds here (:f
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -289,11 +290,20 @@ def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, lo
     from ..evaluate.metrics import fid_floor
 
     floor = fid_floor(options.n_real)
-    result = {"quality": dict(base, bench="quality", rows=table, world_fid_floor=floor,
-                              claims=claims(table, skip, guidance)),
+    out_dir = Path(out_dir)
+    ran = {"quality": "table" in options.parts, "ablation_skip": "skip" in options.parts,
+           "ablation_guidance": "guidance" in options.parts}
+    result = {"quality": dict(base, bench="quality", rows=table, world_fid_floor=floor),
               "ablation_skip": dict(base, bench="ablation_skip", rows=skip, world_fid_floor=floor),
               "ablation_guidance": dict(base, bench="ablation_guidance", rows=guidance, world_fid_floor=floor)}
-    write_outputs(result, Path(out_dir))
+    # a part not run this time keeps the result an earlier run wrote in out_dir (its own command and machine):
+    # the parts are minutes to hours each, and may be run one at a time
+    for name, done in ran.items():
+        if not done and (out_dir / f"{name}.json").is_file():
+            result[name] = json.loads((out_dir / f"{name}.json").read_text())
+    result["quality"]["claims"] = claims(*(result[n]["rows"] for n in ("quality", "ablation_skip",
+                                                                         "ablation_guidance")))
+    write_outputs(result, out_dir, [n for n, done in ran.items() if done] + ["quality"])
     return result["quality"]
 
 
@@ -307,12 +317,21 @@ def markdown(result: dict) -> str:
     cells = lambda r: [r["method"], r["solver"], r["steps"], r["guidance"], r["accuracy"], r["world_fid"],  # noqa: E731
                        r["seconds_per_image"]]
     text += "## Table 1 on the world\n\n" + machine.table(head, [cells(r) for r in q["rows"]]) + "\n"
-    skip = result["ablation_skip"]["rows"]
-    text += f"## Skipping step k (quality at {q['options']['ablation_steps']} LCM steps vs training steps)\n\n"
-    text += machine.table(["k", "train steps"] + head, [[r["skip"], r["train_steps"]] + cells(r) for r in skip]) + "\n"
-    text += "## Guidance ω (full LCM)\n\n"
-    text += machine.table(["ω"] + head, [[r["omega"]] + cells(r) for r in result["ablation_guidance"]["rows"]])
+    skip = result["ablation_skip"]
+    text += f"## Skipping step k (quality at {skip['options']['ablation_steps']} LCM steps vs training steps)\n\n"
+    text += _own_command(skip, q) + machine.table(
+        ["k", "train steps"] + head, [[r["skip"], r["train_steps"]] + cells(r) for r in skip["rows"]]) + "\n"
+    guidance = result["ablation_guidance"]
+    text += "## Guidance ω (full LCM)\n\n" + _own_command(guidance, q)
+    text += machine.table(["ω"] + head, [[r["omega"]] + cells(r) for r in guidance["rows"]])
     return text
+
+
+def _own_command(part: dict, quality: dict) -> str:
+    """A part measured by another run than the table says so, with that run's command and n."""
+    if part["command"] == quality["command"]:
+        return ""
+    return f"Measured by `{part['command']}` (n = {part['options']['num']} per row, {part['machine']['date']}).\n\n"
 
 
 def _axes(n: int, title: str):
@@ -375,10 +394,11 @@ def plot_guidance(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out_dir: Path) -> None:
-    for name, data in result.items():
-        machine.write_json(out_dir / f"{name}.json", data)
+def write_outputs(result: dict, out_dir: Path, names: list[str]) -> None:
+    """JSON and PNG of the parts in ``names`` (quality.json always: its claims use every part); quality.md of all."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = {"quality": plot_table, "ablation_skip": plot_skip, "ablation_guidance": plot_guidance}
+    for name in dict.fromkeys(names):
+        machine.write_json(out_dir / f"{name}.json", result[name])
+        plots[name](result[name]["rows"], out_dir / f"{name}.png")
     (out_dir / "quality.md").write_text(markdown(result))
-    plot_table(result["quality"]["rows"], out_dir / "quality.png")
-    plot_skip(result["ablation_skip"]["rows"], out_dir / "ablation_skip.png")
-    plot_guidance(result["ablation_guidance"]["rows"], out_dir / "ablation_guidance.png")
