@@ -332,3 +332,13 @@ def test_lora_train_bad_arguments(tiny_sd_dir, tiny_lcm_dir, tmp_path, capsys):
                 str(tmp_path / "s.safetensors"), "--max-steps", "1", "--device", "cpu", "--no-progress", *extra]
         code, err = _cli(args, capsys)
         assert code == 2 and message in err and len(err.splitlines()) == 1, (extra, err)
+
+
+def test_cli_refuses_abbreviated_or_unknown_flags(capsys):
+    """``--mode`` is not a finetune flag: it must not be taken as an abbreviation of ``--model``."""
+    from lcmkit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--model", "m", "--mode", "full", "--data", "world", "--out", "o"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: --mode full" in err and len(err.strip().splitlines()) == 1

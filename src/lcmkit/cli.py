@@ -22,7 +22,14 @@ COMMANDS = ["generate", "world", "eval", "distill", "finetune", "lora", "bench",
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse with usage errors on one line (``lcmkit CMD: error: ...; see --help``) and exit code 2, like every
-    other bad input (argparse's default prints the multi-line usage first). Subparsers inherit the class."""
+    other bad input (argparse's default prints the multi-line usage first). Subparsers inherit the class.
+
+    No abbreviated flags: with them, ``lcmkit finetune --mode full`` (a flag finetune does not have) silently
+    became ``--model full``; an unknown flag must be an error."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
