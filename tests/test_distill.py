@@ -143,6 +143,7 @@ def test_short_distillation_lowers_loss_and_saves(mode, kind, request, tmp_path)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["finished"] and summary["step"] == 8 and summary["nonfinite_skipped"] == 0
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "logs" / "log.jsonl").is_file()
+    assert (tmp_path / "run" / "logs" / "loss.png").stat().st_size > 0
     assert (tmp_path / "run" / "validation" / "step-0000008.png").is_file()
     if mode == "full":
         assert result.name == "pipeline"
@@ -303,3 +304,14 @@ def test_saved_config_is_accepted_back(tiny_sd_dir, tmp_path):
     assert "resolved:" in saved.read_text()
     again = common.build_config(DistillConfig, saved, {"max_steps": 5})
     assert (again.skip, again.optim.lr, again.max_steps, again.teacher) == (10, 3e-4, 5, str(tiny_sd_dir))
+
+
+def test_loss_plot_counts_a_resumed_step_once_and_skips_a_cut_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-3}) for s in (10, 20, 30)]
+    lines += ['{"step": 40, "lo', json.dumps({"step": 30, "loss": 0.5, "lr": 1e-3}), json.dumps({"step": 40, "x": 1})]
+    log.write_text("\n".join(lines) + "\n")
+    assert common.plot_log(log, tmp_path / "loss.png") == tmp_path / "loss.png"
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    log.write_text(json.dumps({"step": 1, "lr": 0.1}) + "\n")
+    assert common.plot_log(log, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -710,6 +710,51 @@ class RunLogger:
             self.writer.close()
         if self.file is not None:
             self.file.close()
+            plot_log(Path(self.file.name), Path(self.file.name).with_name(LOSS_PLOT))
+
+
+LOSS_PLOT = "loss.png"
+
+
+def plot_log(log_file: str | os.PathLike, path: str | os.PathLike, smooth: int = 20) -> Path | None:
+    """The loss curve of a run's ``log.jsonl`` (raw and a running mean of ``smooth`` points; the LR on a second
+    axis) as a PNG. A step logged twice (a run killed after logging it, then resumed) counts once: the last entry.
+    Returns None when the log has no loss yet."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries: dict[int, dict] = {}
+    for line in Path(log_file).read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if "loss" in e:
+            entries[int(e["step"])] = e
+    if not entries:
+        return None
+    steps = sorted(entries)
+    loss = np.array([entries[s]["loss"] for s in steps], dtype=np.float64)
+    k = max(1, min(smooth, len(loss)))
+    mean = np.convolve(loss, np.ones(k) / k, mode="valid")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, loss, lw=0.6, alpha=0.4, label="loss (logged)")
+    ax.plot(steps[k - 1:], mean, lw=1.5, label=f"running mean of {k}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    if all("lr" in entries[s] for s in steps):
+        lr_ax = ax.twinx()
+        lr_ax.plot(steps, [entries[s]["lr"] for s in steps], c="gray", ls=":", lw=1, label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def save_image_grid(rows: list[list], path: str | os.PathLike) -> Path:
