@@ -63,36 +63,25 @@ class StyleOptions:
 
 
 def smoke_models(work: Path) -> dict[str, str]:
-    """A tiny teacher and full LCM (also standing in for the LCF output) and two random LoRA files."""
-    from . import configs
+    """:func:`lcmkit.bench.quality.smoke_models` (its LCM also stands in for the LCF output) plus a second random
+    LoRA as the style LoRA."""
+    from . import configs, quality
     from .subjects import random_lora_file
 
-    teacher, lcm = work / "tiny-teacher", work / "tiny-lcm"
-    configs.build_pipeline(configs.TINY).save_pretrained(str(teacher), safe_serialization=True)
-    configs.build_pipeline(configs.TINY, full_lcm=True).save_pretrained(str(lcm), safe_serialization=True)
-    return {"teacher": str(teacher), "lcm": str(lcm), "lcf": str(lcm),
-            "style_lora": str(random_lora_file(configs.TINY.unet, work / "style", seed=1)),
-            "lcm_lora": str(random_lora_file(configs.TINY.unet, work / "lcm-lora", seed=2))}
-
-
-def _lora_file(path: str | None) -> str | None:
-    """A LoRA file, or the folder ``lcmkit distill`` / ``lcmkit lora train`` wrote it into."""
-    from ..lora import LORA_WEIGHT_NAME
-
-    if path is None:
-        return None
-    p = Path(path)
-    return str(p / LORA_WEIGHT_NAME) if p.is_dir() else str(p)
+    teacher, lcm, lcm_lora = quality.smoke_models(work)
+    return {"teacher": teacher, "lcm": lcm, "lcf": lcm, "lcm_lora": lcm_lora,
+            "style_lora": str(random_lora_file(configs.TINY.unet, work / "style", seed=1))}
 
 
 def _models(options: StyleOptions) -> dict[str, str | None]:
-    from .subjects import WORLD_TEACHER
+    from .subjects import WORLD_TEACHER, lora_file
 
-    models = {"teacher": options.teacher or str(WORLD_TEACHER), "lcm": options.lcm, "lcf": options.lcf,
-              "style_lora": _lora_file(options.style_lora), "lcm_lora": _lora_file(options.lcm_lora)}
-    for name, path in models.items():
-        if path is not None and not Path(path).exists():
-            raise LcmkitError(f"--{name.replace('_', '-')} {path} not found")
+    models = {"teacher": options.teacher or str(WORLD_TEACHER), "lcm": options.lcm, "lcf": options.lcf}
+    for name in ("lcm", "lcf"):
+        if models[name] is not None and not Path(models[name]).is_dir():
+            raise LcmkitError(f"--{name} {models[name]} not found; pass a pipeline folder")
+    models["style_lora"] = str(lora_file(options.style_lora, "style LoRA")) if options.style_lora else None
+    models["lcm_lora"] = str(lora_file(options.lcm_lora)) if options.lcm_lora else None
     return models
 
 

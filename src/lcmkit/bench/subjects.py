@@ -74,14 +74,15 @@ def random_lcm_unet(teacher_unet, seed: int = 0):
         return UNet2DConditionModel.from_config(config).eval()
 
 
-def _lora_path(path: str | Path) -> Path:
+def lora_file(path: str | Path, what: str = "LCM-LoRA") -> Path:
+    """A LoRA ``.safetensors`` file, or the folder a training command wrote it into (``lora/`` of distill)."""
     from ..lora import LORA_WEIGHT_NAME
 
     path = Path(path)
     if path.is_dir():
         path = path / LORA_WEIGHT_NAME
     if not path.is_file():
-        raise LcmkitError(f"LCM-LoRA file {path} not found; pass a .safetensors file or a distill output lora/ folder")
+        raise LcmkitError(f"{what} file {path} not found; pass a .safetensors file or a distill output lora/ folder")
     return path
 
 
@@ -101,13 +102,13 @@ def world_subject(work: Path, teacher: str | None = None, lcm: str | None = None
         lcm_pipe = configs.lcm_pipeline_from(pipe, random_lcm_unet(pipe.unet))
         weights["lcm"] = "random stand-in (teacher config + time_cond_proj_dim=256)"
     if lora:
-        lora_file = _lora_path(lora)
-        weights["lora"] = f"trained ({lora_file})"
+        lora_path = lora_file(lora)
+        weights["lora"] = f"trained ({lora_path})"
     else:
-        lora_file = random_lora_file(dict(pipe.unet.config), work / "world-lora")
+        lora_path = random_lora_file(dict(pipe.unet.config), work / "world-lora")
         weights["lora"] = "random stand-in (rank 64 LCM-LoRA preset)"
     resolution = pipe.unet.config.sample_size * vae_scale_factor(pipe)
-    return Subject("world", pipe, lcm_pipe, lora_file, resolution, weights)
+    return Subject("world", pipe, lcm_pipe, lora_path, resolution, weights)
 
 
 def random_subject(name: str, work: Path, seed: int = 0) -> Subject:
