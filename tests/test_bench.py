@@ -203,3 +203,7 @@ def test_bad_bench_arguments(tmp_path, capsys):
     assert "unknown mode" in capsys.readouterr().err
     assert main(["bench", "quality", "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "world teacher not found" in capsys.readouterr().err
+    # a wrong LoRA path fails before any row is measured (the teacher rows alone take many minutes)
+    assert main(["bench", "quality", "--parts", "table", "--lora", str(tmp_path / "nope"), "--num", "2",
+                 "--out", str(tmp_path)]) == 2
+    assert "LCM-LoRA file" in capsys.readouterr().err and not (tmp_path / "quality.json").exists()

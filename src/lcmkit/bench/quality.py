@@ -283,7 +283,11 @@ def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, lo
         if options.is_smoke:
             teacher, lcm, lora = smoke_models(work)
         else:
-            teacher, lcm, lora = teacher_dir(options), options.lcm, options.lora
+            teacher, lcm, lora = teacher_dir(options), options.lcm, None
+            if options.lora:  # resolved up front: a lora/ folder is accepted, a wrong path fails before the hour
+                from .subjects import lora_file  # of teacher rows, not after
+
+                lora = str(lora_file(options.lora))
         table = table_rows(options, teacher, lcm, lora, log) if "table" in options.parts else []
         skip = skip_rows(options, teacher, work, log) if "skip" in options.parts else []
         guidance = guidance_rows(options, lcm, log) if "guidance" in options.parts else []
