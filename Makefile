@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
+# extra `lcmkit demo` flags, e.g. make demo DEMO_ARGS="--overwrite" (a second run keeps the first demo/ unless told)
+DEMO_ARGS ?=
 
 .PHONY: demo test install clean
 
@@ -20,7 +22,7 @@ $(BIN)/lcmkit: pyproject.toml
 install: $(BIN)/lcmkit
 
 demo: install
-	$(BIN)/lcmkit demo
+	$(BIN)/lcmkit demo $(DEMO_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
