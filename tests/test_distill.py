@@ -66,6 +66,52 @@ def test_zero_initialised_student_equals_teacher(kind, tiny_sd_pipe, tiny_sdxl_p
             assert torch.equal(student(x, t, ctx, timestep_cond=w, **extra).sample, ref)
 
 
+def test_lora_ema_target_is_the_shadow_weights(tiny_sd_pipe):
+    """--lora-ema: θ⁻ (the shared UNet called with the EMA weights) equals a separate copy holding those weights,
+    the student's output and gradients are untouched by it, and update_ is θ⁻ ← μθ⁻ + (1 − μ)θ."""
+    import copy
+
+    from lcmkit.lora import init_lora_A_, lcm_lora_config
+    from lcmkit.train.distill import EmaLoraTarget
+
+    unet = tiny_sd_pipe.unet
+    unet.add_adapter(lcm_lora_config("sd", 4, 8.0))
+    init_lora_A_(unet, torch.Generator().manual_seed(0))
+    online = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in online.values():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    shadow = {n: p.detach() + 0.1 * torch.randn(p.shape, generator=g) for n, p in online.items()}
+    target = EmaLoraTarget(unet, shadow)
+    separate = copy.deepcopy(unet)
+    with torch.no_grad():
+        for n, p in separate.named_parameters():
+            if n in shadow:
+                p.copy_(shadow[n])
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 259])
+    ctx = torch.randn(2, 16, unet.config.cross_attention_dim, generator=g)
+
+    def grads(target_model):
+        unet.zero_grad(set_to_none=True)
+        out = unet(x, t, ctx).sample  # the student first: its graph holds the adapter weights
+        with torch.no_grad():
+            ref = target_model(x, t, ctx).sample
+        ((out - ref) ** 2).sum().backward()
+        return ref, {n: p.grad.clone() for n, p in online.items()}
+
+    ref_a, grad_a = grads(target)
+    ref_b, grad_b = grads(separate)
+    torch.testing.assert_close(ref_a, ref_b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ref_a, unet(x, t, ctx).sample.detach(), atol=1e-4)  # it is not the online model
+    for n in grad_a:
+        torch.testing.assert_close(grad_a[n], grad_b[n], rtol=1e-4, atol=1e-6)
+    before = {n: v.clone() for n, v in shadow.items()}
+    target.update_(online, 0.9)
+    for n, v in shadow.items():
+        torch.testing.assert_close(v, 0.9 * before[n] + 0.1 * online[n].detach())
+
+
 def test_lr_schedule_is_in_optimizer_steps():
     assert [common.lr_factor(s, 2, 10, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
     assert common.lr_factor(2, 2, 10, "cosine") == 1.0
@@ -157,12 +203,14 @@ def test_short_distillation_lowers_loss_and_saves(mode, kind, request, tmp_path)
 # resume: N steps straight == N/2, stop, resume, N/2 more (bit for bit)
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "lora-ema"])
 def test_kill_and_resume_is_exact(mode, tiny_sd_dir, tmp_path):
     from safetensors.torch import load_file
 
     # batch 2 of 5 samples, 2 micro-batches: every step crosses data epochs; cosine schedule with warm-up
-    kw = dict(mode=mode, max_steps=4, batch_size=2, world_samples=5, grad_accum=2, ema=0.9, warmup_steps=1,
+    extra = {"lora_ema": 0.5} if mode == "lora-ema" else {}
+    mode = mode.split("-")[0]
+    kw = dict(mode=mode, max_steps=4, **extra, batch_size=2, world_samples=5, grad_accum=2, ema=0.9, warmup_steps=1,
               lr_schedule="cosine", checkpoint_every=1, cache_latents=(mode == "full"))
     distill(make_cfg(tiny_sd_dir, tmp_path / "straight", **kw))
     distill(make_cfg(tiny_sd_dir, tmp_path / "split", stop_at=2, **kw))
@@ -182,6 +230,12 @@ def test_kill_and_resume_is_exact(mode, tiny_sd_dir, tmp_path):
     la = json.loads((tmp_path / "straight" / "summary.json").read_text())["losses"]
     lb = json.loads((tmp_path / "split" / "summary.json").read_text())["losses"]
     assert la[2:] == lb  # the resumed half reproduces the straight run's losses exactly
+    if extra:  # --lora-ema: θ⁻ is checkpointed beside θ, differs from it, and is what the LoRA file holds
+        online, ema = load_file(str(a / "lora.safetensors")), load_file(str(a / "lora_target.safetensors"))
+        assert online.keys() == ema.keys() and any(not torch.equal(online[k], ema[k]) for k in ema)
+        exported = load_file(str(tmp_path / "straight" / "lora" / "pytorch_lora_weights.safetensors"))
+        assert len(exported) == len(ema)
+        assert all(torch.equal(exported["unet." + k.replace(".default", "")], v) for k, v in ema.items())
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--lora-rank", type=int, help="LoRA rank (default 64)")
     a("--lora-alpha", type=float, help="LoRA alpha (default 64)")
     a("--ema", type=float, help="target EMA rate mu, full mode (default 0.95; 0 = copy of the online weights)")
+    a("--lora-ema", type=float, help="LoRA mode: EMA rate mu of the adapter weights used as the target "
+                                     "(default 0 = the online model, as the LCM-LoRA scripts)")
     a("--omega", type=float, help="fixed paper guidance omega (= guidance_scale - 1)")
     a("--solver", choices=("ddim", "dpm-solver", "dpm-solver++"), help="teacher ODE solver (default ddim)")
     add_consistency_args(p)

@@ -19,7 +19,8 @@ the target θ⁻ is an EMA (``ema`` = μ; 0 = a copy of θ every step). Output: 
 
 **LoRA mode** (LCM-LoRA): LoRA (rank/alpha 64/64, B = 0) on :data:`lcmkit.lora.LCM_LORA_TARGETS`; one UNet in
 memory: the teacher is that UNet with adapters disabled, the target is the online model without gradients
-(no EMA, as the LCM-LoRA scripts). Guidance is baked in (no w-embedding). Output: ``pytorch_lora_weights.safetensors``.
+(no EMA, as the LCM-LoRA scripts), or with ``lora_ema`` = μ > 0 the same UNet called with an EMA copy of the
+adapter weights (:class:`EmaLoraTarget`). Guidance is baked in (no w-embedding). Output: ``pytorch_lora_weights.safetensors``.
 
 **Mixed precision**: the frozen teacher (LoRA: the base weights), VAE and text encoders are cast to the weight
 dtype (fp16/bf16) and run *outside* autocast; only the student/target forwards run under autocast, trainable
@@ -32,6 +33,7 @@ Output folder ``out/``: ``config.yaml`` (resolved), ``checkpoints/step-N/`` (ato
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -75,6 +77,7 @@ class DistillConfig(common.TrainingOptions):
     lora_rank: int = 64
     lora_alpha: float = 64.0
     ema: float = 0.95                 # μ of the target θ⁻ (full mode); 0 = target is a copy of θ
+    lora_ema: float = 0.0             # LoRA mode: μ of an EMA of the adapter weights as θ⁻; 0 = online (reference)
     omega: float | None = None        # fixed paper ω (diffusers guidance_scale − 1) instead of a range
     omega_min: float | None = None    # default 5 (SD) / 3 (SDXL)
     omega_max: float | None = None    # default 15
@@ -93,6 +96,10 @@ class DistillConfig(common.TrainingOptions):
             raise LcmkitError(f"lora_rank must be >= 1 and lora_alpha > 0 (got {self.lora_rank}, {self.lora_alpha})")
         if not 0.0 <= self.ema < 1.0:
             raise LcmkitError(f"ema must be in [0, 1) (0.95 is the reference; 0 = no EMA), got {self.ema}")
+        if not 0.0 <= self.lora_ema < 1.0:
+            raise LcmkitError(f"lora_ema must be in [0, 1) (0 = online target, the reference), got {self.lora_ema}")
+        if self.lora_ema > 0 and self.mode != "lora":
+            raise LcmkitError("lora_ema is for --mode lora; a full model's target EMA is --ema")
         if self.omega is not None and (self.omega_min is not None or self.omega_max is not None):
             raise LcmkitError("give either a fixed --omega or --omega-min/--omega-max, not both")
         for name in ("omega", "omega_min", "omega_max"):
@@ -146,7 +153,7 @@ class Models:
     arch: str                  # "sd" or "sdxl"
     teacher: torch.nn.Module
     student: torch.nn.Module
-    target: torch.nn.Module
+    target: "torch.nn.Module | EmaLoraTarget"
     alphas_cumprod: Tensor     # (T,) float64, on the device
     prediction_type: str
     device: torch.device
@@ -162,6 +169,8 @@ class Models:
         """What a checkpoint keeps: θ and θ⁻ (full), or the LoRA layers (LoRA: θ⁻ is θ)."""
         if self.mode == "full":
             return {"student": self.student.state_dict(), "target": self.target.state_dict()}
+        if isinstance(self.target, EmaLoraTarget):
+            return {"lora": dict(self.trainable_named()), "lora_target": self.target.shadow}
         return {"lora": dict(self.trainable_named())}
 
     @torch.no_grad()
@@ -176,6 +185,55 @@ class Models:
             raise LcmkitError(f"checkpoint {path} holds different LoRA layers than this model")
         for n, p in named.items():
             p.copy_(weights["lora"][n])
+        if isinstance(self.target, EmaLoraTarget):
+            if set(weights.get("lora_target", {})) != set(named):
+                raise LcmkitError(f"checkpoint {path} has no EMA target of these LoRA layers (trained without "
+                                  "--lora-ema?)")
+            for n, v in self.target.shadow.items():
+                v.copy_(weights["lora_target"][n])
+        elif "lora_target" in weights:
+            raise LcmkitError(f"checkpoint {path} was trained with an EMA LoRA target (--lora-ema); resume with the "
+                              "same --lora-ema")
+
+
+class EmaLoraTarget:
+    """θ⁻ of LoRA mode with an EMA: the one shared UNet, called with ``shadow`` (an EMA of the trainable adapter
+    weights, by name) in place of the trained ones through ``torch.func.functional_call``. Nothing in the UNet is
+    overwritten, so the student's autograd graph (which holds the adapter weights) is untouched, and the teacher
+    (adapters off) and student share the same module."""
+
+    def __init__(self, unet: torch.nn.Module, shadow: dict[str, Tensor]):
+        self.unet, self.shadow = unet, shadow
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    def __call__(self, *args, **kwargs):
+        return torch.func.functional_call(self.unet, self.shadow, args, kwargs, strict=False)
+
+    @torch.no_grad()
+    def update_(self, online: dict[str, Tensor], mu: float) -> None:
+        """θ⁻ ← μ·θ⁻ + (1 − μ)·θ over the adapter weights."""
+        common.ema_update_([self.shadow[n] for n in online], online.values(), mu)
+
+    @contextlib.contextmanager
+    def applied(self, online: dict[str, Tensor]):
+        """The shadow weights copied into the UNet for the duration (saving the result), then the online ones back."""
+        backup = {n: p.detach().clone() for n, p in online.items()}
+        with torch.no_grad():
+            for n, p in online.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in online.items():
+                    p.copy_(backup[n])
 
 
 def build_models(cfg: DistillConfig, pipe, device: torch.device, generator: torch.Generator) -> Models:
@@ -209,6 +267,8 @@ def build_models(cfg: DistillConfig, pipe, device: torch.device, generator: torc
             if p.requires_grad:  # the LoRA weights train in float32 whatever the base dtype
                 p.data = p.data.float()
         teacher = student = target = unet.train()
+        if cfg.lora_ema > 0:
+            target = EmaLoraTarget(unet, {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad})
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler.config).to(device)
@@ -342,7 +402,11 @@ def save_lora_output(models: Models, folder: Path) -> None:
     from ..lora import save_lora_diffusers
 
     cls = StableDiffusionXLPipeline if models.arch == "sdxl" else StableDiffusionPipeline
-    save_lora_diffusers(models.student, folder, pipeline_class=cls)
+    if isinstance(models.target, EmaLoraTarget):  # the result is θ⁻, as in full mode
+        with models.target.applied(dict(models.trainable_named())):
+            save_lora_diffusers(models.student, folder, pipeline_class=cls)
+    else:
+        save_lora_diffusers(models.student, folder, pipeline_class=cls)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -387,6 +451,8 @@ def distill(cfg: DistillConfig) -> Path:
     step, overflow = 0, 0
     if cfg.resume and checkpoints:
         lora = {"lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha)} if cfg.mode == "lora" else {}
+        if cfg.lora_ema > 0:  # (older checkpoints have no lora_ema; without it they resume as before)
+            lora["lora_ema"] = cfg.lora_ema
         step, overflow = common.resume_run(checkpoints[-1], optimizer, scheduler, scaler, guard,
                                            {"mode": cfg.mode, **lora, "processes": world_size}, models.load_weights,
                                            stream, rank)
@@ -411,6 +477,8 @@ def distill(cfg: DistillConfig) -> Path:
                                            accelerator)
             if outcome.ok and cfg.mode == "full":  # θ⁻ ← μθ⁻ + (1 − μ)θ
                 common.ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
+            elif outcome.ok and isinstance(models.target, EmaLoraTarget):
+                models.target.update_(dict(models.trainable_named()), cfg.lora_ema)
             overflow += int(outcome.fp16_overflow)
             step += 1
             progress.record(step, outcome, time.perf_counter() - t0, guard.skipped, overflow)
@@ -418,7 +486,7 @@ def distill(cfg: DistillConfig) -> Path:
                 common.save_run_checkpoint(out, step, models.checkpoint_weights(), optimizer, scheduler, scaler,
                                            guard, stream, accelerator, write_config, cfg.keep_checkpoints,
                                            fp16_overflow=overflow, mode=cfg.mode, lora_rank=cfg.lora_rank,
-                                           lora_alpha=float(cfg.lora_alpha))
+                                           lora_alpha=float(cfg.lora_alpha), lora_ema=cfg.lora_ema)
             if main and progress.validation_due(step):
                 rows = validation_images(models, encoder, validation_prompts, cfg.validation_steps,
                                          cfg.validation_omega, cfg.validation_seed, resolution, num_points)
