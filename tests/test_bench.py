@@ -127,6 +127,23 @@ def test_bench_quality_smoke(tmp_path):
     assert "Agreement with the LCM paper" in (tmp_path / "quality.md").read_text()
 
 
+def test_bench_quality_methods_rescore_one_model_and_keep_the_other_rows(tmp_path):
+    assert main(["bench", "quality", "--smoke", "--parts", "table", "--out", str(tmp_path)]) == 0
+    first = _load(tmp_path / "quality.json")
+    assert main(["bench", "quality", "--smoke", "--parts", "table", "--methods", "lcm-lora", "--seed", "1",
+                 "--out", str(tmp_path)]) == 0
+    second = _load(tmp_path / "quality.json")
+    by_method = lambda q, m: [r for r in q["rows"] if r["method"] == m]  # noqa: E731
+    for m in ("teacher", "lcm"):
+        assert by_method(second, m) == by_method(first, m)                  # kept as the first run wrote them
+        assert second["measured_by"][m] == first["command"]
+    assert second["measured_by"]["lcm-lora"] == second["command"] and "--methods lcm-lora" in second["command"]
+    assert len(by_method(second, "lcm-lora")) == len(by_method(first, "lcm-lora"))
+    assert [r["method"] for r in second["rows"]] == [r["method"] for r in first["rows"]]  # same order
+    assert "Rows `teacher` measured by" in (tmp_path / "quality.md").read_text()
+    assert main(["bench", "quality", "--smoke", "--methods", "lcm,nope", "--out", str(tmp_path)]) == 2
+
+
 @pytest.mark.slow
 def test_bench_quality_parts_run_separately_keep_each_other(tmp_path):
     assert main(["bench", "quality", "--smoke", "--parts", "guidance", "--out", str(tmp_path)]) == 0

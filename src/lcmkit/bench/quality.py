@@ -27,6 +27,7 @@ from . import machine
 
 TEACHER_SOLVERS = ("ddim", "dpm-solver", "dpm-solver++")
 PARTS = ("table", "skip", "guidance")
+METHODS = ("teacher", "lcm-lora", "lcm")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class QualityOptions:
     num: int = 1000
     n_real: int = 2000
     parts: list[str] = field(default_factory=lambda: list(PARTS))
+    methods: list[str] = field(default_factory=lambda: list(METHODS))  # table rows measured by this run
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 25, 50])
     lcm_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     guidance: float = 7.5
@@ -105,14 +107,16 @@ def table_rows(options: QualityOptions, teacher: str, lcm: str | None, lora: str
     from ..pipelines import load_pipeline
 
     pipe = load_pipeline(teacher, device=options.device)
-    log("[quality] teacher rows …")
-    rows = score(pipe, "teacher", options.solvers if options.is_smoke else TEACHER_SOLVERS, options.teacher_steps,
-                 [options.guidance], options)
-    if lora:
+    rows = []
+    if "teacher" in options.methods:
+        log("[quality] teacher rows …")
+        rows += score(pipe, "teacher", options.solvers if options.is_smoke else TEACHER_SOLVERS,
+                      options.teacher_steps, [options.guidance], options)
+    if lora and "lcm-lora" in options.methods:
         log("[quality] LCM-LoRA rows …")
         rows += score(pipe, "lcm-lora", ["lcm"], options.lcm_steps, [options.lora_guidance], options,
                       loras=[lora])
-    if lcm:
+    if lcm and "lcm" in options.methods:
         log("[quality] LCM rows …")
         rows += score(load_pipeline(lcm, device=options.device), "lcm", ["lcm"], options.lcm_steps,
                       [options.guidance], options)
@@ -274,6 +278,8 @@ def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, lo
     bad = [p for p in options.parts if p not in PARTS]
     if bad:
         raise LcmkitError(f"unknown part {bad[0]!r}; use any of {', '.join(PARTS)}")
+    if not options.methods or any(m not in METHODS for m in options.methods):
+        raise LcmkitError(f"--methods takes any of {', '.join(METHODS)}, got {','.join(options.methods)!r}")
     if options.num < 2 or options.budget < 1 or options.evals < 1:
         raise LcmkitError("--num must be at least 2, --budget and --evals positive")
     base = {"command": command, "machine": machine.machine_info(resolve_device(options.device)),
@@ -305,6 +311,18 @@ def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, lo
     for name, done in ran.items():
         if not done and (out_dir / f"{name}.json").is_file():
             result[name] = json.loads((out_dir / f"{name}.json").read_text())
+    measured_by = {m: command for m in {r["method"] for r in table}}
+    if ran["quality"] and (out_dir / "quality.json").is_file():
+        # table rows of the methods this run did not measure stay as an earlier run wrote them (with its command):
+        # e.g. a new LCM-LoRA re-scored with --methods lcm-lora keeps the hour of teacher rows
+        earlier = json.loads((out_dir / "quality.json").read_text())
+        kept = [r for r in earlier.get("rows", []) if r["method"] not in options.methods]
+        for r in kept:
+            measured_by.setdefault(r["method"], earlier.get("measured_by", {}).get(r["method"], earlier["command"]))
+        order = {m: i for i, m in enumerate(METHODS)}
+        result["quality"]["rows"] = sorted(kept + table, key=lambda r: order.get(r["method"], len(order)))
+    if ran["quality"]:
+        result["quality"]["measured_by"] = measured_by
     result["quality"]["claims"] = claims(*(result[n]["rows"] for n in ("quality", "ablation_skip",
                                                                          "ablation_guidance")))
     write_outputs(result, out_dir, [n for n, done in ran.items() if done] + ["quality"])
@@ -321,6 +339,9 @@ def markdown(result: dict) -> str:
     cells = lambda r: [r["method"], r["solver"], r["steps"], r["guidance"], r["accuracy"], r["world_fid"],  # noqa: E731
                        r["seconds_per_image"]]
     text += "## Table 1 on the world\n\n" + machine.table(head, [cells(r) for r in q["rows"]]) + "\n"
+    others = {m: c for m, c in q.get("measured_by", {}).items() if c != q["command"]}
+    if others:
+        text += "".join(f"Rows `{m}` measured by `{c}`.\n" for m, c in others.items()) + "\n"
     skip = result["ablation_skip"]
     text += f"## Skipping step k (quality at {skip['options']['ablation_steps']} LCM steps vs training steps)\n\n"
     text += _own_command(skip, q) + machine.table(

@@ -74,6 +74,9 @@ def _register_quality(bench) -> None:
     p.add_argument("--n-real", type=int, default=2000, help="real images for world-FID (default 2000)")
     p.add_argument("--parts", type=comma_list(str), default=["table", "skip", "guidance"],
                    help="table, skip, guidance (comma-separated; default all)")
+    p.add_argument("--methods", type=comma_list(str), default=["teacher", "lcm-lora", "lcm"],
+                   help="table rows to measure: teacher, lcm-lora, lcm (default all); the others stay as an earlier "
+                        "run wrote them in --out")
     p.add_argument("--budget", type=int, default=1000, help="distillation steps per skip-ablation run")
     p.add_argument("--evals", type=int, default=4, help="checkpoints evaluated per skip-ablation run")
     p.add_argument("--skips", type=comma_list(int), default=[1, 5, 10, 20, 50])
@@ -184,7 +187,7 @@ def run_quality(args) -> int:
 
     _threads(args)
     options = QualityOptions(teacher=args.teacher, lcm=args.lcm, lora=args.lora, num=args.num, n_real=args.n_real,
-                             parts=args.parts, budget=args.budget, evals=args.evals, skips=args.skips,
+                             parts=args.parts, methods=args.methods, budget=args.budget, evals=args.evals, skips=args.skips,
                              solvers=args.solvers, omegas=args.omegas, distill_batch_size=args.distill_batch_size,
                              seed=args.seed, device=args.device)
     if args.smoke:
