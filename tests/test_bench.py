@@ -85,6 +85,20 @@ def test_bench_speed_smoke(tmp_path):
     assert (tmp_path / "speed.png").stat().st_size > 0
 
 
+def test_bench_speed_keeps_models_measured_by_an_earlier_run(tmp_path):
+    from lcmkit.bench.speed import keep_other_models
+
+    earlier = {"command": "lcmkit bench speed --models world,sd15", "machine": {"date": "d0"},
+               "models": {"world": {"methods": {"old": 1}}, "sd15": {"methods": {"teacher": 2}},
+                          "sdxl": {"unet_forward_seconds": 71.0}}}  # an estimate only: not a measurement to keep
+    (tmp_path / "speed.json").write_text(json.dumps(earlier))
+    now = {"options": {"estimate_only": False}, "models": {"world": {"methods": {"new": 1}, "command": "c1"}}}
+    keep_other_models(now, tmp_path)
+    assert list(now["models"]) == ["world", "sd15"]                      # this run's first: it is the reference
+    assert now["models"]["world"]["methods"] == {"new": 1}
+    assert now["models"]["sd15"]["command"] == earlier["command"] and now["models"]["sd15"]["date"] == "d0"
+
+
 def test_bench_distill_smoke(tmp_path):
     argv = ["bench", "distill", "--smoke", "--in-process", "--solvers", "ddim,dpm-solver++", "--out", str(tmp_path)]
     assert main(argv) == 0
