@@ -17,6 +17,9 @@ def register(sub) -> None:
                    help=f"distillation steps (default {d.max_steps}; more = a longer, better run)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--ema", type=float, default=d.ema,
+                   help=f"target EMA rate mu (default {d.ema}; LoRA: --lora-ema of lcmkit distill; 0 = the online "
+                        "target of the LCM-LoRA scripts)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=d.lr_schedule,
                    help=f"after a short warm-up (default {d.lr_schedule})")
     p.add_argument("--num", type=int, default=d.num, help=f"generations per column for the metrics (default {d.num})")
@@ -31,7 +34,8 @@ def run(args) -> int:
     from ..demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=args.out, mode=args.mode, teacher=args.teacher, max_steps=args.max_steps,
-                     batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, num=args.num, seed=args.seed,
+                     batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, ema=args.ema, num=args.num,
+                     seed=args.seed,
                      overwrite=args.overwrite, resume=args.resume)
     out = run_demo(cfg)
     print((out / "report.md").read_text(), end="")
