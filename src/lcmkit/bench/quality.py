@@ -280,8 +280,8 @@ def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, lo
         raise LcmkitError(f"unknown part {bad[0]!r}; use any of {', '.join(PARTS)}")
     if not options.methods or any(m not in METHODS for m in options.methods):
         raise LcmkitError(f"--methods takes any of {', '.join(METHODS)}, got {','.join(options.methods)!r}")
-    if options.num < 2 or options.budget < 1 or options.evals < 1:
-        raise LcmkitError("--num must be at least 2, --budget and --evals positive")
+    if options.num < 2 or options.budget < 1 or options.evals < 1 or options.ablation_steps < 1:
+        raise LcmkitError("--num must be at least 2, --budget, --evals and --ablation-steps positive")
     base = {"command": command, "machine": machine.machine_info(resolve_device(options.device)),
             "options": asdict(options)}
     with tempfile.TemporaryDirectory(prefix="lcmkit-quality-") as work:

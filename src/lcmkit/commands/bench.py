@@ -79,6 +79,8 @@ def _register_quality(bench) -> None:
                         "run wrote them in --out")
     p.add_argument("--budget", type=int, default=1000, help="distillation steps per skip-ablation run")
     p.add_argument("--evals", type=int, default=4, help="checkpoints evaluated per skip-ablation run")
+    p.add_argument("--ablation-steps", type=int, default=4,
+                   help="LCM steps the skip-ablation checkpoints are scored at (default 4; 1 where 4 saturates)")
     p.add_argument("--skips", type=comma_list(int), default=[1, 5, 10, 20, 50])
     p.add_argument("--solvers", type=comma_list(str), default=["ddim", "dpm-solver", "dpm-solver++"])
     p.add_argument("--omegas", type=comma_list(float), default=[2.0, 4.5, 7.5, 10.5, 14.0],
@@ -186,7 +188,7 @@ def run_quality(args) -> int:
 
     _threads(args)
     options = QualityOptions(teacher=args.teacher, lcm=args.lcm, lora=args.lora, num=args.num, n_real=args.n_real,
-                             parts=args.parts, methods=args.methods, budget=args.budget, evals=args.evals, skips=args.skips,
+                             parts=args.parts, methods=args.methods, ablation_steps=args.ablation_steps, budget=args.budget, evals=args.evals, skips=args.skips,
                              solvers=args.solvers, omegas=args.omegas, distill_batch_size=args.distill_batch_size,
                              seed=args.seed, device=args.device)
     if args.smoke:
