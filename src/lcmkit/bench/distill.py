@@ -68,6 +68,7 @@ class RecipeSettings:
     teacher: str
     lora_rank: int = 64
     lora_alpha: float = 64.0
+    lora_ema: float = 0.0          # the LCM-LoRA scripts' online target (an EMA target adds one small update)
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
 
