@@ -12,7 +12,7 @@ import torch
 from lcmkit.bench import configs
 from lcmkit.bench.distill import check_forwards
 from lcmkit.bench.hooks import count_unet_evaluations
-from lcmkit.bench.quality import claim_ddim_large_k, claim_k1_slow, claim_lcm_vs_dpmpp
+from lcmkit.bench.quality import claim_beats_control, claim_ddim_large_k, claim_k1_slow, claim_lcm_vs_dpmpp
 from lcmkit.cli import main
 from lcmkit.errors import LcmkitError
 from lcmkit.pipelines import generate
@@ -133,12 +133,22 @@ def test_bench_quality_smoke(tmp_path):
         assert data["rows"] and all(keys <= set(r) for r in data["rows"])
         assert (tmp_path / f"{name}.png").exists()
     quality = json.loads((tmp_path / "quality.json").read_text())
-    assert {r["method"] for r in quality["rows"]} == {"teacher", "lcm-lora", "lcm"}
+    assert {r["method"] for r in quality["rows"]} == {"teacher", "control", "lcm-lora", "lcm"}
+    assert all(r["guidance"] == 1.0 and r["solver"] == "lcm" for r in quality["rows"] if r["method"] == "control")
     assert all(c["verdict"] in ("agree", "disagree", "not measured") for c in quality["claims"])
     skip = json.loads((tmp_path / "ablation_skip.json").read_text())["rows"]
     assert {(r["skip"], r["solver"]) for r in skip} == {(1, "ddim"), (50, "ddim"), (1, "dpm-solver++"),
                                                         (50, "dpm-solver++")}
     assert "Agreement with the LCM paper" in (tmp_path / "quality.md").read_text()
+
+
+def test_claim_beats_control():
+    row = lambda m, acc, fid: {"method": m, "solver": "lcm", "steps": 1, "accuracy": acc, "world_fid": fid}  # noqa: E731
+    control = row("control", 0.88, 2.5)
+    assert claim_beats_control([control, row("lcm", 0.95, 1.0), row("lcm-lora", 0.93, 1.2)])["verdict"] == "agree"
+    # the world of session 3: the undistilled teacher is as good as the distilled models
+    assert claim_beats_control([control, row("lcm", 0.845, 4.3), row("lcm-lora", 0.90, 2.1)])["verdict"] == "disagree"
+    assert claim_beats_control([row("lcm", 0.9, 1.0)])["verdict"] == "not measured"
 
 
 def test_bench_quality_methods_rescore_one_model_and_keep_the_other_rows(tmp_path):
@@ -148,7 +158,7 @@ def test_bench_quality_methods_rescore_one_model_and_keep_the_other_rows(tmp_pat
                  "--out", str(tmp_path)]) == 0
     second = _load(tmp_path / "quality.json")
     by_method = lambda q, m: [r for r in q["rows"] if r["method"] == m]  # noqa: E731
-    for m in ("teacher", "lcm"):
+    for m in ("teacher", "control", "lcm"):
         assert by_method(second, m) == by_method(first, m)                  # kept as the first run wrote them
         assert second["measured_by"][m] == first["command"]
     assert second["measured_by"]["lcm-lora"] == second["command"] and "--methods lcm-lora" in second["command"]

@@ -74,8 +74,9 @@ def _register_quality(bench) -> None:
     p.add_argument("--n-real", type=int, default=2000, help="real images for world-FID (default 2000)")
     p.add_argument("--parts", type=comma_list(str), default=["table", "skip", "guidance"],
                    help="table, skip, guidance (comma-separated; default all)")
-    p.add_argument("--methods", type=comma_list(str), default=["teacher", "lcm-lora", "lcm"],
-                   help="table rows to measure: teacher, lcm-lora, lcm (default all); the others stay as an earlier "
+    p.add_argument("--methods", type=comma_list(str), default=["teacher", "control", "lcm-lora", "lcm"],
+                   help="table rows to measure: teacher, control (teacher + LCM sampler, no CFG), lcm-lora, lcm "
+                        "(default all); the others stay as an earlier "
                         "run wrote them in --out")
     p.add_argument("--budget", type=int, default=1000, help="distillation steps per skip-ablation run")
     p.add_argument("--evals", type=int, default=4, help="checkpoints evaluated per skip-ablation run")
