@@ -31,12 +31,22 @@ METHODS = ("teacher", "control", "lcm-lora", "lcm")
 
 
 @dataclass
-class QualityOptions:
-    teacher: str | None = None
+class WorldScoring:
+    """What the benches that score models on the world share (``bench quality``, ``bench style``)."""
+
+    teacher: str | None = None         # world teacher folder; None = the shipped one
+    num: int = 1000                    # generations per row
+    n_real: int = 2000                 # real images for world-FID
+    batch_size: int = 100
+    seed: int = 0
+    device: str = "auto"
+    is_smoke: bool = False
+
+
+@dataclass
+class QualityOptions(WorldScoring):
     lcm: str | None = None
     lora: str | None = None
-    num: int = 1000
-    n_real: int = 2000
     parts: list[str] = field(default_factory=lambda: list(PARTS))
     methods: list[str] = field(default_factory=lambda: list(METHODS))  # table rows measured by this run
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 25, 50])
@@ -51,10 +61,6 @@ class QualityOptions:
     ablation_steps: int = 4
     distill_batch_size: int = 32
     world_samples: int = 10000
-    batch_size: int = 100
-    seed: int = 0
-    device: str = "auto"
-    is_smoke: bool = False
 
     def smoke(self) -> "QualityOptions":
         """Tiny random models (built in a temp folder), 4 generations per row, 2-step distillations."""

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import LcmkitError
 from . import machine
+from .quality import WorldScoring
 
 STYLE = "outlined"
 STYLE_RATE_BAR = 0.8     # × the real outlined images' style rate
@@ -38,8 +39,7 @@ GRID_PROMPTS = 8
 
 
 @dataclass
-class StyleOptions:
-    teacher: str | None = None
+class StyleOptions(WorldScoring):
     lcm: str | None = None
     lcf: str | None = None
     style_lora: str | None = None
@@ -49,12 +49,6 @@ class StyleOptions:
     steps: int = 4
     teacher_steps: int = 25
     guidance: float = 7.5
-    num: int = 1000
-    n_real: int = 2000
-    batch_size: int = 100
-    seed: int = 0
-    device: str = "auto"
-    is_smoke: bool = False
 
     def smoke(self) -> "StyleOptions":
         """Tiny random models (built in a temp folder), 4 generations per row."""

@@ -67,17 +67,14 @@ def _register_distill(bench) -> None:
 def _register_quality(bench) -> None:
     p = bench.add_parser("quality", help="the LCM paper's Table 1 and ablations on the built-in world")
     _common(p)
-    p.add_argument("--teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
+    _world_scoring(p)
     p.add_argument("--lcm", help="distilled full LCM (pipeline folder)")
     p.add_argument("--lora", help="distilled LCM-LoRA (file or lora/ folder)")
-    p.add_argument("--num", type=int, default=1000, help="generations per row (default 1000)")
-    p.add_argument("--n-real", type=int, default=2000, help="real images for world-FID (default 2000)")
     p.add_argument("--parts", type=comma_list(str), default=["table", "skip", "guidance"],
                    help="table, skip, guidance (comma-separated; default all)")
     p.add_argument("--methods", type=comma_list(str), default=["teacher", "control", "lcm-lora", "lcm"],
                    help="table rows to measure: teacher, control (teacher + LCM sampler, no CFG), lcm-lora, lcm "
-                        "(default all); the others stay as an earlier "
-                        "run wrote them in --out")
+                        "(default all); the others stay as an earlier run wrote them in --out")
     p.add_argument("--budget", type=int, default=1000, help="distillation steps per skip-ablation run")
     p.add_argument("--evals", type=int, default=4, help="checkpoints evaluated per skip-ablation run")
     p.add_argument("--ablation-steps", type=int, default=4,
@@ -87,14 +84,25 @@ def _register_quality(bench) -> None:
     p.add_argument("--omegas", type=comma_list(float), default=[2.0, 4.5, 7.5, 10.5, 14.0],
                    help="paper ω for the guidance ablation (guidance_scale = ω + 1)")
     p.add_argument("--distill-batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_quality, bench_parser=p)
+
+
+def _world_scoring(p) -> None:
+    """The flags of :class:`lcmkit.bench.quality.WorldScoring` (benches that score models on the world)."""
+    p.add_argument("--teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
+    p.add_argument("--num", type=int, default=1000, help="generations per row (default 1000)")
+    p.add_argument("--n-real", type=int, default=2000, help="real images for world-FID (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _world_scoring_kwargs(args) -> dict:
+    return {"teacher": args.teacher, "num": args.num, "n_real": args.n_real, "seed": args.seed, "device": args.device}
 
 
 def _register_style(bench) -> None:
     p = bench.add_parser("style", help="a new style on the world: LCF, and style LoRA + LCM-LoRA task arithmetic")
     _common(p)
-    p.add_argument("--teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
+    _world_scoring(p)
     p.add_argument("--lcm", help="distilled full LCM (pipeline folder), before fine-tuning")
     p.add_argument("--lcf", help="the same LCM after `lcmkit finetune` on the outlined set (pipeline folder)")
     p.add_argument("--style-lora", help="style LoRA of the teacher (`lcmkit lora train`; file or folder)")
@@ -103,9 +111,6 @@ def _register_style(bench) -> None:
                    help="style LoRA weights λ1 to sweep (default 0.4,0.6,0.8,1.0,1.2)")
     p.add_argument("--lcm-lora-weight", type=float, default=1.0, help="λ2 (default 1)")
     p.add_argument("--steps", type=int, default=4, help="LCM steps (default 4)")
-    p.add_argument("--num", type=int, default=1000, help="generations per row (default 1000)")
-    p.add_argument("--n-real", type=int, default=2000, help="real images for world-FID (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_style, bench_parser=p)
 
 
@@ -188,10 +193,10 @@ def run_quality(args) -> int:
     from ..bench.quality import QualityOptions, bench_quality
 
     _threads(args)
-    options = QualityOptions(teacher=args.teacher, lcm=args.lcm, lora=args.lora, num=args.num, n_real=args.n_real,
-                             parts=args.parts, methods=args.methods, ablation_steps=args.ablation_steps, budget=args.budget, evals=args.evals, skips=args.skips,
+    options = QualityOptions(lcm=args.lcm, lora=args.lora, parts=args.parts, methods=args.methods,
+                             ablation_steps=args.ablation_steps, budget=args.budget, evals=args.evals, skips=args.skips,
                              solvers=args.solvers, omegas=args.omegas, distill_batch_size=args.distill_batch_size,
-                             seed=args.seed, device=args.device)
+                             **_world_scoring_kwargs(args))
     if args.smoke:
         options = options.smoke()
     result = bench_quality(options, args.out, command(args))
@@ -205,9 +210,9 @@ def run_style(args) -> int:
     from ..bench.style import StyleOptions, bench_style
 
     _threads(args)
-    options = StyleOptions(teacher=args.teacher, lcm=args.lcm, lcf=args.lcf, style_lora=args.style_lora,
-                           lcm_lora=args.lcm_lora, lambdas=args.lambdas, lcm_lora_weight=args.lcm_lora_weight,
-                           steps=args.steps, num=args.num, n_real=args.n_real, seed=args.seed, device=args.device)
+    options = StyleOptions(lcm=args.lcm, lcf=args.lcf, style_lora=args.style_lora, lcm_lora=args.lcm_lora,
+                           lambdas=args.lambdas, lcm_lora_weight=args.lcm_lora_weight, steps=args.steps,
+                           **_world_scoring_kwargs(args))
     if args.smoke:
         options = options.smoke()
     result = bench_style(options, args.out, command(args))

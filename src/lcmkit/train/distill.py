@@ -468,6 +468,8 @@ def distill(cfg: DistillConfig) -> Path:
                            skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss, huber_c=cfg.huber_c)
         return loss
 
+    # the adapter weights by name, looked up once (not every step) for the LoRA-mode EMA target
+    ema_lora = dict(models.trainable_named()) if isinstance(models.target, EmaLoraTarget) else None
     progress = common.RunProgress(cfg, out / "logs", f"distill ({cfg.mode})", step, main)
     try:
         while step < progress.stop:
@@ -477,8 +479,8 @@ def distill(cfg: DistillConfig) -> Path:
                                            accelerator)
             if outcome.ok and cfg.mode == "full":  # θ⁻ ← μθ⁻ + (1 − μ)θ
                 common.ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
-            elif outcome.ok and isinstance(models.target, EmaLoraTarget):
-                models.target.update_(dict(models.trainable_named()), cfg.lora_ema)
+            elif outcome.ok and ema_lora:
+                models.target.update_(ema_lora, cfg.lora_ema)
             overflow += int(outcome.fp16_overflow)
             step += 1
             progress.record(step, outcome, time.perf_counter() - t0, guard.skipped, overflow)
