@@ -106,3 +106,19 @@ def test_save_load_round_trip(tmp_path, model):
     assert isinstance(again, WorldClassifier) and not again.training
     with pytest.raises(LcmkitError, match="no world evaluator"):
         load_classifier(tmp_path / "missing")
+
+
+def test_prompt_scores_count_only_the_named_attributes(model):
+    images, specs = world.sample(120, seed=FRESH_SEED + 2)
+    # prompts that name only the shape and colour, scored against specs whose background is wrong: still right
+    other_bg = [world.ShapeSpec(s.size, s.colour, s.shape, s.position,
+                                world.ATTRIBUTES["background"][(world.ATTRIBUTES["background"].index(s.background) + 1)
+                                                               % 3]) for s in specs]
+    loose = [("colour", "shape")] * len(specs)
+    s = metrics.prompt_scores(images, other_bg, model, named=loose)
+    assert s["prompt"] >= 0.97 and np.isnan(s["background"]) and s["colour"] >= 0.97
+    assert metrics.prompt_scores(images, other_bg, model)["prompt"] < 0.05  # named in full: every image is wrong
+    strict = [("shape", "background")] * len(specs)
+    assert metrics.prompt_scores(images, other_bg, model, named=strict)["prompt"] < 0.05
+    with pytest.raises(LcmkitError, match="attribute sets"):
+        metrics.prompt_scores(images, specs, model, named=loose[:3])

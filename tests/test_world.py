@@ -115,3 +115,38 @@ def test_sample_is_deterministic_and_index_addressed():
     c, _ = world.sample(12, seed=6)
     assert not np.array_equal(a, c)
     assert a.dtype == np.uint8 and a.shape == (12, 32, 32, 3)
+
+
+def test_open_captions_name_what_they_say_and_round_trip():
+    subsets = world.named_subsets()
+    assert len(set(subsets)) == 16 and all("shape" in n for n in subsets)
+    assert subsets[-1] == tuple(world.ATTRIBUTES)
+    captions = set()
+    for spec in world.all_specs():
+        assert world.caption(spec, subsets[-1]) == world.caption(spec)  # named in full: the exact caption
+        for named in subsets:
+            text = world.caption(spec, named)
+            assert world.parse_open_caption(text) == {a: getattr(spec, a) for a in named}
+            captions.add(text)
+    # 540 specs x 16 subsets, but a caption that leaves attributes out is shared by the specs that differ there
+    expected = sum(3 * np.prod([len(world.ATTRIBUTES[a]) for a in n if a != "shape"]) for n in subsets)
+    assert len(captions) == expected
+    assert world.caption(world.ShapeSpec("small", "red", "circle", "center", "black"), ("colour", "shape")) \
+        == "a red circle"
+    for bad in ("a red", "a red circle in the middle", "a circle on a pink background", "the red circle",
+                "a red circle on a black"):
+        with pytest.raises(ValueError):
+            world.parse_open_caption(bad)
+    with pytest.raises(ValueError, match="shape"):
+        world.caption(world.all_specs()[0], ("colour",))
+
+
+def test_open_eval_prompts_cover_the_subsets_evenly_and_random_named_is_fair():
+    named = world.eval_named(160, seed=3)
+    assert {n: named.count(n) for n in world.named_subsets()} == {n: 10 for n in world.named_subsets()}
+    assert named == world.eval_named(160, seed=3) and named != world.eval_named(160, seed=4)
+    rng = np.random.default_rng(0)
+    draws = [world.random_named(rng) for _ in range(4000)]
+    for attr in world.OPTIONAL:
+        assert abs(np.mean([attr in n for n in draws]) - 0.5) < 0.03
+    assert all("shape" in n for n in draws)

@@ -178,3 +178,37 @@ def test_config_validation_and_cli_parser():
 
     args = build_parser().parse_args(["world", "train-teacher", "--out", "x", "--unet-steps", "7", "--resume"])
     assert args.unet_steps == 7 and args.resume and callable(args.run)
+
+
+def test_init_from_a_teacher_trains_only_the_unet_on_open_captions(tmp_path, monkeypatch):
+    source = wt.Trainer(tiny_config(tmp_path / "src", unet_steps=2, vae_decoder_steps=0), progress=False).run()
+    seen = []
+    loss = wt.diffusion_loss
+
+    def recording(unet, text_encoder, z0, input_ids, *args):
+        seen.extend(input_ids.tolist())
+        return loss(unet, text_encoder, z0, input_ids, *args)
+
+    monkeypatch.setattr(wt, "diffusion_loss", recording)
+    with pytest.raises(LcmkitError, match="not a pipeline folder"):
+        tiny_config(tmp_path / "x", init_from=str(tmp_path))
+    cfg = tiny_config(tmp_path / "ft", init_from=str(source), open_captions=1.0, caption_dropout=0.0,
+                      unet_steps=6, batch_size=16)
+    trainer = wt.Trainer(cfg, progress=False)
+    before_unet = {k: v.clone() for k, v in trainer.parts.unet.state_dict().items()}
+    folder = trainer.run()
+
+    assert trainer.state.losses["vae"] == [] and trainer.state.losses["decoder"] == []
+    assert len(trainer.state.losses["unet"]) == 6
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    src_vae, new_vae = AutoencoderKL.from_pretrained(source / "vae"), AutoencoderKL.from_pretrained(folder / "vae")
+    assert new_vae.config.scaling_factor == src_vae.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(src_vae.state_dict().values(), new_vae.state_dict().values()))
+    new_unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    assert any(not torch.equal(before_unet[k], v) for k, v in new_unet.state_dict().items())
+
+    tok = trainer.parts.tokenizer
+    named = [world.parse_open_caption(tok.decode(ids, skip_special_tokens=True)) for ids in seen]
+    counts = [len(n) for n in named]
+    assert len(named) == 6 * 16 and min(counts) < 5 and sum(c == 5 for c in counts) < len(counts) / 3

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import world
 from .errors import LcmkitError
 from .evaluate import metrics
-from .evaluate.run import Setting, sample_world
+from .evaluate.run import Setting, eval_prompts, sample_world
 
 ASSETS = Path(__file__).parent / "assets"
 WORLD_TEACHER = ASSETS / "world-teacher"
@@ -40,6 +39,7 @@ class DemoConfig:
     num: int = 300                # generations per column for the report's metrics
     grid_prompts: int = 6
     seed: int = 0
+    prompts: str = "exact"        # evaluation prompts: exact captions or open ones (lcmkit.evaluate.run.eval_prompts)
     overwrite: bool = False
     resume: bool = False
 
@@ -48,6 +48,8 @@ class DemoConfig:
             raise LcmkitError(f"--mode must be lora or full, got {self.mode!r}")
         if self.max_steps < 1 or self.batch_size < 1 or self.num < 2:
             raise LcmkitError("--steps and --batch-size must be positive and --num at least 2")
+        if self.prompts not in ("exact", "open"):
+            raise LcmkitError(f"--prompts must be exact or open, got {self.prompts!r}")
         if not 0.0 <= self.ema < 1.0:
             raise LcmkitError(f"--ema must be in [0, 1) (0 = online target), got {self.ema}")
 
@@ -97,7 +99,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
 
     # 1. distillation (LCD, Algorithm 1) on the world rendered on the fly, ω fixed at the evaluation guidance
     t0 = time.perf_counter()
-    dcfg = DistillConfig(teacher=str(teacher_dir), data="world", out=str(out / "distill"), mode=cfg.mode,
+    dcfg = DistillConfig(teacher=str(teacher_dir), data="world:open" if cfg.prompts == "open" else "world", out=str(out / "distill"), mode=cfg.mode,
                          omega=GUIDANCE - 1.0, solver="ddim", skip=20, loss="huber", batch_size=cfg.batch_size,
                          **({"lora_ema": cfg.ema} if cfg.mode == "lora" else {"ema": cfg.ema}),
                          max_steps=cfg.max_steps, seed=cfg.seed, checkpoint_every=max(cfg.max_steps // 4, 1),
@@ -114,20 +116,20 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
         student, loras = teacher, [str(result_dir / "pytorch_lora_weights.safetensors")]
     else:
         student, loras = load_pipeline(result_dir, device="cpu"), []
-    specs = world.eval_specs(cfg.num, seed=cfg.seed)
+    specs, named, captions = eval_prompts(cfg.num, cfg.seed, prompts=cfg.prompts)
     rows, grid_columns = [], []
     for label, which, setting in columns(cfg.mode):
         pipe = teacher if which == "teacher" else student
         with applied_loras(pipe, loras if which == "student" else []):
-            images, sec = sample_world(pipe, specs, setting, cfg.seed, progress=progress)
-        scores = metrics.evaluate_world(images, specs)
+            images, sec = sample_world(pipe, captions, setting, cfg.seed, progress=progress)
+        scores = metrics.evaluate_world(images, specs, named=named)
         rows.append({"column": label, "sampler": setting.sampler, "steps": setting.steps,
                      "guidance": setting.guidance, "accuracy": scores["prompt"], "world_fid": scores["world_fid"],
                      "seconds_per_image": sec, "n": cfg.num})
         grid_columns.append(images[:cfg.grid_prompts])
 
     # 3. outputs
-    prompts = [world.caption(s) for s in specs[:cfg.grid_prompts]]
+    prompts = captions[:cfg.grid_prompts]
     _labelled_grid(grid_columns, [r["column"] for r in rows], prompts, out / "grid.png")
     report = {"config": asdict(cfg), "distill_minutes": distill_minutes, "distilled": str(result_dir),
               "fid_floor": metrics.fid_floor(), "rows": rows, "grid_prompts": prompts}

@@ -35,7 +35,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--config", default=None, help="YAML file with any of the options (flags override it)")
     a("--data", help="imagefolder with metadata.jsonl, webdataset .tar shards (file/folder/glob/{a..b}), "
-                     "or world / world:outlined")
+                     "or world / world:outlined (add :open for open captions: world:open)")
     a("--resolution", type=int, help="training pixels (default: the model's native size)")
     a("--crop", choices=("center", "random"), help="square crop (default center)")
     a("--flip", type=_bool, help="random horizontal flip, true/false (default false)")

@@ -70,6 +70,9 @@ def _register_quality(bench) -> None:
     _world_scoring(p)
     p.add_argument("--lcm", help="distilled full LCM (pipeline folder)")
     p.add_argument("--lora", help="distilled LCM-LoRA (file or lora/ folder)")
+    p.add_argument("--prompts", choices=["exact", "open"], default="exact",
+                   help="evaluation prompts: exact captions (all five attributes) or open ones (the shape and some of "
+                        "the rest, so the caption leaves the image uncertain); default exact")
     p.add_argument("--parts", type=comma_list(str), default=["table", "skip", "guidance"],
                    help="table, skip, guidance (comma-separated; default all)")
     p.add_argument("--methods", type=comma_list(str), default=["teacher", "control", "lcm-lora", "lcm"],
@@ -193,7 +196,7 @@ def run_quality(args) -> int:
     from ..bench.quality import QualityOptions, bench_quality
 
     _threads(args)
-    options = QualityOptions(lcm=args.lcm, lora=args.lora, parts=args.parts, methods=args.methods,
+    options = QualityOptions(lcm=args.lcm, lora=args.lora, prompts=args.prompts, parts=args.parts, methods=args.methods,
                              ablation_steps=args.ablation_steps, budget=args.budget, evals=args.evals, skips=args.skips,
                              solvers=args.solvers, omegas=args.omegas, distill_batch_size=args.distill_batch_size,
                              **_world_scoring_kwargs(args))

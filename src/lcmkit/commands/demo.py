@@ -24,6 +24,9 @@ def register(sub) -> None:
                    help=f"after a short warm-up (default {d.lr_schedule})")
     p.add_argument("--num", type=int, default=d.num, help=f"generations per column for the metrics (default {d.num})")
     p.add_argument("--teacher", default=d.teacher, help="teacher pipeline folder (default: the shipped world teacher)")
+    p.add_argument("--prompts", choices=["exact", "open"], default=d.prompts,
+                   help=f"distil on and score with exact captions or open ones (the shape and some of the other "
+                        f"attributes named; default {d.prompts})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--overwrite", action="store_true", help="replace a finished demo in --out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
@@ -35,7 +38,7 @@ def run(args) -> int:
 
     cfg = DemoConfig(out=args.out, mode=args.mode, teacher=args.teacher, max_steps=args.max_steps,
                      batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, ema=args.ema, num=args.num,
-                     seed=args.seed,
+                     seed=args.seed, prompts=args.prompts,
                      overwrite=args.overwrite, resume=args.resume)
     out = run_demo(cfg)
     print((out / "report.md").read_text(), end="")

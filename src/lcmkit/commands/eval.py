@@ -26,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--eta", type=float, default=0.3, help="TCD gamma")
     p.add_argument("--style", choices=["filled", "outlined"], default="filled",
                    help="style the prompts ask for and world-FID compares with")
+    p.add_argument("--prompts", choices=["exact", "open"], default="exact",
+                   help="exact captions (all five attributes named) or open ones (the shape and a mix of subsets of "
+                        "size, colour, position and background: the caption leaves the rest to the model)")
     p.add_argument("--teacher", help="teacher folder: adds the trajectory error against its 50-step ODE solution")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)
@@ -52,7 +55,7 @@ def run(args) -> int:
         raise LcmkitError(f"{out} already holds results (eval.json); pass --overwrite to replace them")
     result = evaluate(args.model, settings_grid(args.sampler, args.steps, args.guidance, args.eta), num=args.num,
                       seed=args.seed, loras=args.lora, style=args.style, n_real=args.n_real, teacher=args.teacher,
-                      batch_size=args.batch_size, out_dir=out)
+                      batch_size=args.batch_size, out_dir=out, prompts=args.prompts)
     print(markdown_table(result), end="")
     print(f"wrote {out / 'eval.md'}, {out / 'eval.json'} and {out / 'grid.png'}")
     return 0

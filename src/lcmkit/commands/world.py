@@ -104,6 +104,12 @@ def _register_train_teacher(world_sub) -> None:
                    help="outlined images added to the VAE's training set (default 20000)")
     p.add_argument("--no-vae-bf16", action="store_true", help="train the VAE in float32, not bfloat16 autocast")
     p.add_argument("--unet-bf16", action="store_true", help="train the UNet under bfloat16 autocast")
+    p.add_argument("--warmup-steps", type=int, default=300, help="learning-rate warm-up steps (default 300)")
+    p.add_argument("--open-captions", type=float, default=0.0,
+                   help="probability that a training caption is an open one, naming each of size, colour, position "
+                        "and background with probability 1/2 ('a red circle'); default 0")
+    p.add_argument("--init-from", default=None,
+                   help="start from this teacher pipeline folder (its VAE is kept, only the UNet phase runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -123,6 +129,7 @@ def _register_train_teacher(world_sub) -> None:
             unet=UNetConfig(block_out_channels=channels), ema_decay=args.ema_decay,
             outlined_images=args.outlined_images, checkpoint_every=args.checkpoint_every, threads=args.threads,
             vae_bf16=not args.no_vae_bf16, unet_bf16=args.unet_bf16, seed=args.seed,
+            warmup_steps=args.warmup_steps, open_captions=args.open_captions, init_from=args.init_from,
         )
         pipeline = train_teacher(cfg, resume=args.resume, progress=not args.no_progress)
         print(f"saved the teacher pipeline to {pipeline}")

@@ -49,6 +49,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "position": tuple(POSITIONS),
     "background": tuple(BACKGROUNDS),
 }
+#: The attributes an open caption may leave out (the shape is the caption's noun, always named).
+OPTIONAL = ("size", "colour", "position", "background")
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,24 @@ class ShapeSpec:
         return asdict(self)
 
 
-def caption(spec: ShapeSpec) -> str:
-    """The exact caption format: ``a {size} {colour} {shape} in the {position} on a {background} background``."""
-    return f"a {spec.size} {spec.colour} {spec.shape} in the {spec.position} on a {spec.background} background"
+def caption(spec: ShapeSpec, named: tuple[str, ...] | None = None) -> str:
+    """The exact caption format: ``a {size} {colour} {shape} in the {position} on a {background} background``.
+
+    ``named``: the attributes to name (default all five). A leaf-out *open caption* drops the words of each
+    attribute it does not name (the shape is the noun and is always named): ``a red circle``, ``a large circle
+    on a black background``. Named in full it is the exact caption above.
+    """
+    if named is None:
+        return f"a {spec.size} {spec.colour} {spec.shape} in the {spec.position} on a {spec.background} background"
+    unknown = set(named) - set(ATTRIBUTES)
+    if unknown or "shape" not in named:
+        raise ValueError(f"an open caption names the shape and some of {', '.join(OPTIONAL)}; got {named!r}")
+    words = ["a"] + [getattr(spec, a) for a in ("size", "colour") if a in named] + [spec.shape]
+    if "position" in named:
+        words += ["in", "the", spec.position]
+    if "background" in named:
+        words += ["on", "a", spec.background, "background"]
+    return " ".join(words)
 
 
 def parse_caption(text: str, style: str = "filled") -> ShapeSpec:
@@ -94,6 +111,55 @@ def parse_caption(text: str, style: str = "filled") -> ShapeSpec:
         return ShapeSpec(size, colour, shape, position, background, style)
     except (IndexError, ValueError) as e:
         raise ValueError(f"not a world caption: {text!r}") from e
+
+
+def parse_open_caption(text: str) -> dict[str, str]:
+    """The attributes an open caption (or an exact one) names, ``{attribute: value}``; ``ValueError`` otherwise."""
+    words = text.strip().split(" ")
+    out: dict[str, str] = {}
+    try:
+        if words[0] != "a":
+            raise ValueError
+        i = 1
+        for attr in ("size", "colour"):
+            if words[i] in ATTRIBUTES[attr]:
+                out[attr] = words[i]
+                i += 1
+        if words[i] not in SHAPES:
+            raise ValueError
+        out["shape"] = words[i]
+        rest = " ".join(words[i + 1:])
+        if rest.startswith("in the "):
+            position, _, rest = rest[len("in the "):].partition(" on a ")
+            rest = "on a " + rest if rest else ""
+            if position not in POSITIONS:
+                raise ValueError
+            out["position"] = position
+        if rest:
+            if not (rest.startswith("on a ") and rest.endswith(" background")):
+                raise ValueError
+            background = rest[len("on a "):-len(" background")]
+            if background not in BACKGROUNDS:
+                raise ValueError
+            out["background"] = background
+    except (IndexError, ValueError) as e:
+        raise ValueError(f"not a world caption: {text!r}") from e
+    return out
+
+
+def named_subsets() -> list[tuple[str, ...]]:
+    """The 16 attribute sets an open caption can name (shape always), in a fixed order; the last one is all five."""
+    subsets = []
+    for mask in range(2 ** len(OPTIONAL)):
+        chosen = {a for k, a in enumerate(OPTIONAL) if mask >> k & 1}
+        subsets.append(tuple(a for a in ATTRIBUTES if a == "shape" or a in chosen))
+    return subsets
+
+
+def random_named(rng: np.random.Generator, p_named: float = 0.5) -> tuple[str, ...]:
+    """An open caption's attribute set: each optional attribute named with probability ``p_named``."""
+    draws = rng.random(len(OPTIONAL)) < p_named
+    return tuple(a for a in ATTRIBUTES if a == "shape" or draws[OPTIONAL.index(a)])
 
 
 def all_specs(style: str = "filled") -> list[ShapeSpec]:
@@ -111,6 +177,15 @@ def eval_specs(n: int, seed: int = 0, style: str = "filled") -> list[ShapeSpec]:
     specs = all_specs(style)
     order = np.random.default_rng(seed).permutation(len(specs))
     return [specs[order[i % len(specs)]] for i in range(n)]
+
+
+def eval_named(n: int, seed: int = 0) -> list[tuple[str, ...]]:
+    """The attribute sets of ``n`` open evaluation prompts (pair them with :func:`eval_specs`): the 16 sets in a
+    seeded shuffle, repeated, drawn independently of the specs, so that the images the prompts describe are
+    still uniform over the whole world (the same real set serves world-FID)."""
+    subsets = named_subsets()
+    order = np.random.default_rng([seed, 16]).permutation(len(subsets))
+    return [subsets[order[i % len(subsets)]] for i in range(n)]
 
 
 def random_spec(rng: np.random.Generator, style: str = "filled") -> ShapeSpec:

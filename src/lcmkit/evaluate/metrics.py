@@ -50,18 +50,27 @@ def _model(model: WorldClassifier | None) -> WorldClassifier:
     return load_evaluator() if model is None else model
 
 
-def prompt_scores(images, specs, model: WorldClassifier | None = None) -> dict[str, float]:
-    """Accuracy per caption attribute, ``prompt`` (all five right), ``style_rate``, ``style_accuracy``."""
+def prompt_scores(images, specs, model: WorldClassifier | None = None, named=None) -> dict[str, float]:
+    """Accuracy per caption attribute, ``prompt`` (every named attribute right), ``style_rate``, ``style_accuracy``.
+
+    ``named``: per image, the attributes its prompt names (open captions, :func:`lcmkit.data.world.caption`);
+    default all five. An attribute's accuracy is over the prompts that name it (NaN if none does).
+    """
     x = as_model_input(images)
     if len(x) != len(specs):
         raise LcmkitError(f"{len(x)} images but {len(specs)} specs")
+    if named is not None and len(named) != len(specs):
+        raise LcmkitError(f"{len(named)} attribute sets but {len(specs)} specs")
     if len(x) == 0:
         raise LcmkitError("no images to score")
     preds, _ = predict(_model(model), x)
     labels = spec_labels(specs)
     correct = {name: preds[name] == labels[name] for name in world.ATTRIBUTES}
-    out = {name: float(c.double().mean()) for name, c in correct.items()}
-    out["prompt"] = float(torch.stack(list(correct.values())).all(dim=0).double().mean())
+    asked = {name: torch.tensor([named is None or name in n for n in (named or specs)]) for name in world.ATTRIBUTES}
+    out = {name: float(c[asked[name]].double().mean()) if asked[name].any() else float("nan")
+           for name, c in correct.items()}
+    right = torch.stack([c | ~asked[name] for name, c in correct.items()])  # an attribute not asked for is no error
+    out["prompt"] = float(right.all(dim=0).double().mean())
     out["style_rate"] = float((preds["style"] == world.STYLES.index("outlined")).double().mean())
     out["style_accuracy"] = float((preds["style"] == labels["style"]).double().mean())
     return out
@@ -161,9 +170,9 @@ def trajectory_error(a, b) -> float:
 
 
 def evaluate_world(images, specs, n_real: int = N_REAL, style: str = "filled",
-                   model: WorldClassifier | None = None) -> dict[str, float]:
+                   model: WorldClassifier | None = None, named=None) -> dict[str, float]:
     """:func:`prompt_scores` plus ``world_fid`` (against real ``style`` images) in one dict."""
-    out = prompt_scores(images, specs, model)
+    out = prompt_scores(images, specs, model, named)
     out["world_fid"] = world_fid(images, n_real, style=style, model=model)
     return out
 

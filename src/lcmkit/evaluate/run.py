@@ -42,15 +42,30 @@ def settings_grid(samplers, steps, guidances, eta: float = 0.3) -> list[Setting]
     return [Setting(s, int(n), float(g), eta) for s, n, g in itertools.product(samplers, steps, guidances)]
 
 
-def sample_world(pipe, specs: list, setting: Setting, seed: int = 0, batch_size: int = 100,
-                 progress: bool = True) -> tuple[np.ndarray, float]:
-    """uint8 images (N, 32, 32, 3) for ``specs``' captions, and the seconds per image it took.
+PROMPT_SETS = ("exact", "open")
 
-    Image i uses caption i and seed ``seed + i`` whatever the batch size.
+
+def eval_prompts(num: int, seed: int = 0, style: str = "filled", prompts: str = "exact"):
+    """``(specs, named, captions)`` of the ``num`` evaluation prompts: specs spread over all 540
+    (:func:`lcmkit.data.world.eval_specs`); ``prompts="exact"`` names all five attributes (``named`` is None),
+    ``"open"`` names the shape and a seeded, even mix of subsets of the other four (:func:`world.eval_named`),
+    so the caption leaves the rest of the image to the model."""
+    if prompts not in PROMPT_SETS:
+        raise LcmkitError(f"unknown prompt set {prompts!r}; use one of {', '.join(PROMPT_SETS)}")
+    specs = world.eval_specs(num, seed=seed, style=style)
+    named = world.eval_named(num, seed) if prompts == "open" else None
+    captions = [world.caption(s, None if named is None else named[i]) for i, s in enumerate(specs)]
+    return specs, named, captions
+
+
+def sample_world(pipe, prompts: list[str], setting: Setting, seed: int = 0, batch_size: int = 100,
+                 progress: bool = True) -> tuple[np.ndarray, float]:
+    """uint8 images (N, 32, 32, 3) for ``prompts``, and the seconds per image it took.
+
+    Image i uses prompt i and seed ``seed + i`` whatever the batch size.
     """
     from tqdm.auto import tqdm
 
-    prompts = [world.caption(s) for s in specs]
     out = []
     start = time.perf_counter()
     for lo in tqdm(range(0, len(prompts), batch_size), desc=setting.name, disable=not progress, leave=False):
@@ -65,24 +80,25 @@ def sample_world(pipe, specs: list, setting: Setting, seed: int = 0, batch_size:
 
 def evaluate(model, settings: list[Setting], *, num: int = 1000, seed: int = 0, loras=(), style: str = "filled",
              n_real: int = metrics.N_REAL, teacher=None, batch_size: int = 100, grid_prompts: int = 8,
-             out_dir: str | Path | None = None, progress: bool = True) -> dict:
+             out_dir: str | Path | None = None, progress: bool = True, prompts: str = "exact") -> dict:
     """Score ``model`` (a pipeline or folder) under each setting; write ``eval.json``, ``eval.md`` and
     ``grid.png`` (rows: settings; columns: the first ``grid_prompts`` prompts) to ``out_dir`` if given.
 
     ``style`` is the style the prompts ask for and the real set world-FID compares with ("outlined" for a
     model fine-tuned on the outlined set). ``teacher``: a pipeline or folder whose 50-step DPM-Solver++
-    solution is the reference of the trajectory error.
+    solution is the reference of the trajectory error. ``prompts``: ``exact`` captions or ``open`` ones
+    (:func:`eval_prompts`); prompt accuracy counts the attributes a prompt names.
     """
     if num < 2:
         raise LcmkitError(f"--num must be at least 2 (world-FID needs a covariance), got {num}")
     pipe = load_pipeline(model) if not hasattr(model, "unet") else model
-    specs = world.eval_specs(num, seed=seed, style=style)
+    specs, named, captions = eval_prompts(num, seed, style, prompts)
     rows, grid_rows = [], []
     references = {}
     with applied_loras(pipe, loras):
         for setting in settings:
-            images, sec = sample_world(pipe, specs, setting, seed, batch_size, progress)
-            scores = metrics.evaluate_world(images, specs, n_real=n_real, style=style)
+            images, sec = sample_world(pipe, captions, setting, seed, batch_size, progress)
+            scores = metrics.evaluate_world(images, specs, n_real=n_real, style=style, named=named)
             row = {"method": setting.sampler, "steps": setting.steps, "guidance": setting.guidance,
                    "eta": setting.eta if setting.sampler == "tcd" else None, "n": num,
                    "accuracy": scores["prompt"], "world_fid": scores["world_fid"],
@@ -92,14 +108,14 @@ def evaluate(model, settings: list[Setting], *, num: int = 1000, seed: int = 0, 
                 if setting.guidance not in references:
                     tpipe = load_pipeline(teacher) if not hasattr(teacher, "unet") else teacher
                     ref_setting = Setting(*TRAJECTORY_REFERENCE, setting.guidance)
-                    references[setting.guidance] = sample_world(tpipe, specs, ref_setting, seed, batch_size,
+                    references[setting.guidance] = sample_world(tpipe, captions, ref_setting, seed, batch_size,
                                                                 progress)[0]
                 row["trajectory_error"] = metrics.trajectory_error(images, references[setting.guidance])
             rows.append(row)
             grid_rows.append(images[:grid_prompts])
     result = {"rows": rows, "fid_floor": metrics.fid_floor(n_real, style=style), "n_real": n_real, "seed": seed,
-              "style": style, "settings": [asdict(s) for s in settings],
-              "prompts": [world.caption(s) for s in specs[:grid_prompts]]}
+              "style": style, "prompt_set": prompts, "settings": [asdict(s) for s in settings],
+              "prompts": captions[:grid_prompts]}
     if out_dir is not None:
         write_outputs(result, grid_rows, Path(out_dir))
     return result
@@ -117,7 +133,10 @@ def markdown_table(result: dict) -> str:
             line += f" {r.get('trajectory_error', float('nan')):.4f} |"
         lines.append(line)
     lines.append("")
-    lines.append(f"n = {result['rows'][0]['n']} generations per row, prompts spread over all 540 "
+    kind = ("open prompts (the shape and a mix of subsets of size, colour, position and background named; "
+            "accuracy counts the named ones), specs spread over all 540"
+            if result.get("prompt_set") == "open" else "prompts spread over all 540")
+    lines.append(f"n = {result['rows'][0]['n']} generations per row, {kind} "
                  f"(seed {result['seed']}); world-FID against {result['n_real']} real {result['style']} images, "
                  f"real-vs-real floor {result['fid_floor']:.2f}.")
     return "\n".join(lines) + "\n"

@@ -27,13 +27,21 @@ WORLD_STYLES = ("filled", "outlined")
 
 
 def is_world(data: str) -> bool:
-    """``data`` names the built-in world (``world`` or ``world:<style>``), not files."""
+    """``data`` names the built-in world (``world``, ``world:<style>``, ``world:open``, ``world:<style>:open``),
+    not files."""
     return data == "world" or data.startswith("world:")
 
 
 def world_style(data: str) -> str:
     """The world style ``data`` asks for (``world`` alone: filled)."""
-    return data.split(":", 1)[1] if ":" in data else "filled"
+    parts = [p for p in data.split(":")[1:] if p != "open"]
+    return parts[0] if parts else "filled"
+
+
+def world_open(data: str) -> bool:
+    """``data`` asks for open captions (``…:open``: each of size, colour, position, background named with
+    probability 1/2, drawn per sample), not the exact ones."""
+    return data.split(":")[-1] == "open"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -75,6 +83,7 @@ class DataSource:
         self.dataset = None
         if is_world(cfg.data):
             self.style = world_style(cfg.data)
+            self.open = world_open(cfg.data)
             self.size = cfg.world_samples
         else:
             from ..data.datasets import load_dataset
@@ -92,7 +101,8 @@ class DataSource:
             from ..data import world
 
             images, specs = world.sample(1, seed=self.cfg.seed, style=self.style, start=i)
-            return Image.fromarray(images[0]), world.caption(specs[0])
+            named = world.random_named(np.random.default_rng([self.cfg.seed, i, 16])) if self.open else None
+            return Image.fromarray(images[0]), world.caption(specs[0], named)
         return self.dataset.load(i)
 
     def captions(self) -> list[str]:
@@ -100,6 +110,8 @@ class DataSource:
         if self.dataset is None:
             from ..data import world
 
+            if self.open:
+                return [world.caption(s, n) for s in world.all_specs() for n in world.named_subsets()]
             return world.all_prompts()
         return sorted({r.caption.strip() for r in self.dataset.records if r.caption and r.caption.strip()})
 

@@ -110,6 +110,12 @@ class TrainConfig:
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0  # 0 disables min-SNR weighting
     caption_dropout: float = 0.1
+    # probability that a training caption is an open caption (each of size/colour/position/background named with
+    # probability 1/2) instead of the exact one: the teacher learns prompts that leave the image uncertain
+    open_captions: float = 0.0
+    # a teacher pipeline folder to start from: its VAE, tokenizer, text encoder and UNet are loaded and only the
+    # UNet phase runs (the VAE and decoder phases are skipped; the folder's scaling_factor is kept)
+    init_from: str | None = None
     vae_decoder_steps: int = 1500  # decoder-only polish on the frozen encoder's latents, after caching them
     checkpoint_every: int = 250
     seed: int = 0
@@ -128,6 +134,10 @@ class TrainConfig:
             raise LcmkitError("vae.block_out_channels needs 3 entries (two downsamplings: 32x32 -> 8x8)")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise LcmkitError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.open_captions <= 1.0:
+            raise LcmkitError(f"open_captions must be in [0, 1], got {self.open_captions}")
+        if self.init_from is not None and not (Path(self.init_from) / "model_index.json").is_file():
+            raise LcmkitError(f"--init-from {self.init_from}: not a pipeline folder (no model_index.json)")
         for name in ("vae_steps", "vae_decoder_steps", "unet_steps", "outlined_images"):
             if getattr(self, name) < 0:
                 raise LcmkitError(f"{name} must be 0 or more, got {getattr(self, name)}")
@@ -472,10 +482,25 @@ class Components:
 
     @classmethod
     def build(cls, cfg: TrainConfig) -> "Components":
+        if cfg.init_from is not None:
+            return cls.load(cfg)
         tokenizer = build_tokenizer(cfg.text.max_length)
         vae = build_vae(cfg.vae)
         text_encoder = build_text_encoder(cfg.text, tokenizer)
         unet = build_unet(cfg.unet, cfg.vae.latent_channels, cfg.text.hidden_size)
+        return cls(tokenizer, vae, text_encoder, unet, Ema(text_encoder, cfg.ema_decay), Ema(unet, cfg.ema_decay))
+
+    @classmethod
+    def load(cls, cfg: TrainConfig) -> "Components":
+        """The networks of the pipeline folder ``cfg.init_from`` (float32), EMAs starting from its weights."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+        root = Path(cfg.init_from)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
+        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32)
         return cls(tokenizer, vae, text_encoder, unet, Ema(text_encoder, cfg.ema_decay), Ema(unet, cfg.ema_decay))
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -646,9 +671,15 @@ class Trainer:
             self.latents = torch.cat(chunks)
             atomic_write(path, lambda tmp: torch.save(self.latents, tmp))
             self.state.seconds["latents"] += time.time() - start
-        self.state.scaling_factor = float(1.0 / self.latents.std())
+        if self.cfg.init_from is not None:  # the latents the loaded UNet was trained on: keep its scale
+            self.state.scaling_factor = float(self.parts.vae.config.scaling_factor)
+        else:
+            self.state.scaling_factor = float(1.0 / self.latents.std())
         self.parts.vae.register_to_config(scaling_factor=self.state.scaling_factor)
-        self.input_ids = tokenize(self.parts.tokenizer, world.all_prompts())  # (540, L)
+        # every open caption of every spec: row spec * 16 + subset; subset 15 names all five (the exact caption)
+        self.subsets = world.named_subsets()
+        self.input_ids = tokenize(self.parts.tokenizer, [world.caption(spec, named) for spec in world.all_specs()
+                                                         for named in self.subsets])  # (540 * 16, L)
         self.empty_ids = tokenize(self.parts.tokenizer, [""])  # (1, L)
 
     # -- phase 2: UNet + text encoder -------------------------------------------------------------------------
@@ -662,7 +693,12 @@ class Trainer:
                 group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.unet_steps, cfg.min_lr_ratio)
             idx = self._batch(len(self.latents), cfg.batch_size)
             z0 = self.latents[idx] * self.state.scaling_factor
-            ids = self.input_ids[torch.from_numpy(self.spec_index)[idx]]
+            subset = torch.full((len(idx),), len(self.subsets) - 1)
+            if cfg.open_captions > 0:
+                is_open = torch.rand(len(idx), generator=self.generator) < cfg.open_captions
+                subset = torch.where(is_open, torch.randint(0, len(self.subsets), (len(idx),),
+                                                            generator=self.generator), subset)
+            ids = self.input_ids[torch.from_numpy(self.spec_index)[idx] * len(self.subsets) + subset]
             drop = torch.rand(len(idx), generator=self.generator) < cfg.caption_dropout
             ids = torch.where(drop[:, None], self.empty_ids, ids)  # "" for classifier-free guidance
             with self._autocast(cfg.unet_bf16):
@@ -732,6 +768,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write(self.out / "config.json", lambda tmp: tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2)))
         self.render()
+        if self.cfg.init_from is not None and self.state.phase in ("vae", "decoder"):
+            self.state.phase, self.state.step = "unet", 0  # the loaded VAE is kept as it is
         if self.state.phase == "vae":
             self.train_vae()
         self.encode_latents()
