@@ -142,6 +142,16 @@ def test_bench_quality_smoke(tmp_path):
     assert "Agreement with the LCM paper" in (tmp_path / "quality.md").read_text()
 
 
+@pytest.mark.slow
+def test_bench_quality_open_prompts(tmp_path):
+    assert main(["bench", "quality", "--smoke", "--parts", "table", "--methods", "control", "--prompts", "open",
+                 "--out", str(tmp_path)]) == 0
+    quality = json.loads((tmp_path / "quality.json").read_text())
+    assert quality["options"]["prompts"] == "open" and "--prompts open" in quality["command"]
+    assert {r["method"] for r in quality["rows"]} == {"control"}
+    assert "Open prompts" in (tmp_path / "quality.md").read_text()
+
+
 def test_claim_beats_control():
     row = lambda m, acc, fid: {"method": m, "solver": "lcm", "steps": 1, "accuracy": acc, "world_fid": fid}  # noqa: E731
     control = row("control", 0.88, 2.5)
@@ -188,11 +198,12 @@ def test_bench_style_smoke(tmp_path):
     assert main(["bench", "style", "--smoke", "--out", str(tmp_path)]) == 0
     data = _load(tmp_path / "style.json")
     names = [r["name"] for r in data["rows"]]
-    assert names == ["real", "lcm", "lcf", "style-lora", "lcm-lora", "combined 0.5", "combined 1"]
+    assert names == ["real", "lcm", "lcf", "style-lora", "style-lora-control", "lcm-lora", "combined 0.5",
+                     "combined 1"]
     assert all(0.0 <= r["style_rate"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0 for r in data["rows"])
     combined = [r for r in data["rows"] if "lambda_style" in r]
     assert [len(r["loras"]) for r in combined] == [2, 2] and combined[0]["loras"][0]["weight"] == 0.5
-    assert {b["bar"] for b in data["bars"]} == {"LCF", "task arithmetic"}
+    assert {b["bar"] for b in data["bars"]} == {"LCF", "task arithmetic", "beats the control"}
     for name in ("style.md", "style.png", "style_grid.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -212,6 +223,11 @@ def test_style_bars_judge_the_measured_rows():
     rows[5] = row("combined 0.8", 0.60, 0.9, lambda_style=0.8)
     assert not bars(rows)[1]["met"]
     assert bars(rows[:2]) == []                                                 # nothing to judge: no bar
+    rows[5] = row("combined 0.8", 0.70, 0.9, lambda_style=0.8, world_fid=2.0)
+    control = bars(rows + [row("style-lora-control", 0.75, 0.95, world_fid=3.0)])[2]
+    assert control["bar"] == "beats the control" and control["row"] == "combined 0.8" and not control["met"]
+    assert bars(rows + [row("style-lora-control", 0.6, 0.95, world_fid=3.0)])[2]["met"]
+    assert not bars(rows + [row("style-lora-control", 0.6, 0.95, world_fid=1.5)])[2]["met"]  # FID counts too
 
 
 # --------------------------------------------------------------------------------------------------------------

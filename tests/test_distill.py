@@ -325,6 +325,24 @@ def test_bad_arguments(extra, message, tiny_sd_dir, tmp_path, capsys):
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
+def test_world_open_data_names_subsets_per_sample(tiny_sd_dir, tmp_path, capsys):
+    from lcmkit.data import world
+    from lcmkit.train.data import DataSource
+
+    cfg = make_cfg(tiny_sd_dir, tmp_path / "o", data="world:open", world_samples=64)
+    source = DataSource(cfg, 32)
+    captions = [source.load(i)[1] for i in range(64)]
+    named = [world.parse_open_caption(c) for c in captions]
+    assert captions == [source.load(i)[1] for i in range(64)]  # sample i's caption depends only on (seed, i)
+    assert 8 < sum(len(n) < 5 for n in named) < 64 and all("shape" in n for n in named)
+    assert len(source.captions()) == 540 * 16 and set(captions) <= set(source.captions())
+    exact = DataSource(make_cfg(tiny_sd_dir, tmp_path / "p", data="world", world_samples=4), 32)
+    assert [world.parse_caption(exact.load(i)[1]) for i in range(4)]  # exact captions, all five named
+    code, err = _cli(["--teacher", str(tiny_sd_dir), "--data", "world:open:open", "--out", str(tmp_path / "q")],
+                     capsys)
+    assert code == 2 and "unknown world data" in err and len(err.splitlines()) == 1
+
+
 def test_bad_teacher_and_output(tiny_sd_dir, tmp_path, capsys):
     code, err = _cli(["--teacher", str(tmp_path / "nope"), "--data", "world", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "teacher folder" in err and "not found" in err

@@ -41,3 +41,24 @@ def test_eval_cli_and_refusals(tiny_sd_dir, tmp_path, capsys):
     assert len(err) == 1 and "unknown sampler" in err[0]
     with pytest.raises(SystemExit):
         main(["eval", str(tiny_sd_dir), "--steps", "a,b", "--out", str(tmp_path / "g")])
+
+
+def test_open_prompts_leave_attributes_out_and_count_only_the_named(tiny_sd_dir, tmp_path, capsys):
+    from lcmkit.data import world
+    from lcmkit.errors import LcmkitError
+    from lcmkit.evaluate.run import eval_prompts
+
+    specs, named, captions = eval_prompts(32, seed=0, prompts="open")
+    exact_specs, exact_named, exact_captions = eval_prompts(32, seed=0)
+    assert specs == exact_specs and exact_named is None  # same images asked for, fewer words
+    assert all(world.parse_open_caption(c) == {a: getattr(s, a) for a in n}
+               for s, n, c in zip(specs, named, captions))
+    assert sum(c != e for c, e in zip(captions, exact_captions)) >= 28  # 1 in 16 subsets is the whole caption
+    with pytest.raises(LcmkitError, match="prompt set"):
+        eval_prompts(4, prompts="vague")
+    out = tmp_path / "open"
+    assert main(["eval", str(tiny_sd_dir), "--sampler", "lcm", "--steps", "1", "--guidance", "1", "--num", "4",
+                 "--n-real", "10", "--prompts", "open", "--out", str(out)]) == 0
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["prompt_set"] == "open" and saved["prompts"] == captions[:4]
+    assert "open prompts" in capsys.readouterr().out

@@ -40,6 +40,7 @@ class WorldScoring:
     batch_size: int = 100
     seed: int = 0
     device: str = "auto"
+    prompts: str = "exact"             # evaluation prompts: exact captions or open ones (evaluate.run.eval_prompts)
     is_smoke: bool = False
 
 
@@ -47,7 +48,6 @@ class WorldScoring:
 class QualityOptions(WorldScoring):
     lcm: str | None = None
     lora: str | None = None
-    prompts: str = "exact"             # evaluation prompts: exact captions or open ones (evaluate.run.eval_prompts)
     parts: list[str] = field(default_factory=lambda: list(PARTS))
     methods: list[str] = field(default_factory=lambda: list(METHODS))  # table rows measured by this run
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 25, 50])

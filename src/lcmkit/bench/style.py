@@ -12,6 +12,8 @@ against real *outlined* images):
 - ``real``: real outlined images, the style rate the evaluator gives the real thing (the bars' reference);
 - ``lcm`` and ``lcf`` at ``steps`` LCM steps (w-embedding of ω = guidance − 1);
 - ``style-lora``: the teacher + style LoRA with DPM-Solver++ at ``teacher_steps`` and CFG (the style's reference);
+- ``style-lora-control``: the teacher + style LoRA alone at ``steps`` LCM steps, no CFG: what the combinations
+  must beat for the LCM-LoRA to be what makes the few steps work;
 - ``lcm-lora``: the teacher + LCM-LoRA alone at ``steps`` (guidance baked in);
 - ``combined λ1``: θ_pre + λ1·τ_style + λ2·τ_LCM (LCM-LoRA report, eq. 3), applied on the fly, for each λ1.
 
@@ -88,11 +90,12 @@ def real_row(options: StyleOptions) -> tuple[dict, np.ndarray]:
     so they are not the world-FID reference set)."""
     from ..data import world
     from ..evaluate import metrics
+    from ..evaluate.run import eval_prompts
 
-    specs = world.eval_specs(options.num, seed=options.seed, style=STYLE)
+    specs, named, _ = eval_prompts(options.num, options.seed, STYLE, options.prompts)
     rng = np.random.default_rng([options.seed, 7_000_001])
     images = np.stack([world.render(spec, rng) for spec in specs])
-    scores = metrics.evaluate_world(images, specs, n_real=options.n_real, style=STYLE)
+    scores = metrics.evaluate_world(images, specs, n_real=options.n_real, style=STYLE, named=named)
     row = {"name": "real", "model": "real outlined images", "sampler": None, "steps": None, "guidance": None,
            "loras": [], "n": options.num, "accuracy": scores["prompt"], "world_fid": scores["world_fid"],
            "style_rate": scores["style_rate"], "seconds_per_image": None}
@@ -109,7 +112,7 @@ def score(options: StyleOptions, pipe, name: str, model: str, sampler: str, step
     out = work / name.replace(" ", "-")
     result = evaluate(pipe, [Setting(sampler, steps, guidance)], num=options.num, seed=options.seed, loras=loras,
                       style=STYLE, n_real=options.n_real, batch_size=options.batch_size, grid_prompts=GRID_PROMPTS,
-                      out_dir=out, progress=False)
+                      out_dir=out, progress=False, prompts=options.prompts)
     r = result["rows"][0]
     row = dict({"name": name, "model": model, "sampler": sampler, "steps": steps, "guidance": guidance,
                 "loras": [{"file": str(f), "weight": w} for f, w in loras], "n": r["n"], "accuracy": r["accuracy"],
@@ -143,6 +146,9 @@ def style_rows(options: StyleOptions, models: dict, work: Path, log) -> tuple[li
     if style:
         add(score(options, teacher, "style-lora", models["teacher"], "dpm-solver++", options.teacher_steps,
                   options.guidance, [(style, 1.0)], work))
+    if style:  # control: the style LoRA alone, sampled like the combinations (no LCM-LoRA, no CFG)
+        add(score(options, teacher, "style-lora-control", models["teacher"], "lcm", options.steps, 1.0,
+                  [(style, 1.0)], work))
     if lcm_lora:
         add(score(options, teacher, "lcm-lora", models["teacher"], "lcm", options.steps, 1.0,
                   [(lcm_lora, options.lcm_lora_weight)], work))
@@ -186,6 +192,14 @@ def bars(rows: list[dict]) -> list[dict]:
             judged, key=lambda b: min(b["style_rate"] / max(b["style_rate_needed"], 1e-9),
                                       b["accuracy"] / max(b["accuracy_needed"], 1e-9)))
         out.append(best)
+        control = _row(rows, "style-lora-control")
+        if control:  # the premise of the bar: the LCM-LoRA is what makes the few steps work, not the sampler
+            chosen = _row(rows, best["row"])
+            out.append({"bar": "beats the control", "row": best["row"], "control": control["name"],
+                        "accuracy": chosen["accuracy"], "control_accuracy": control["accuracy"],
+                        "world_fid": chosen["world_fid"], "control_world_fid": control["world_fid"],
+                        "met": bool(chosen["accuracy"] > control["accuracy"]
+                                    and chosen["world_fid"] < control["world_fid"])})
     return out
 
 
@@ -218,8 +232,17 @@ def markdown(result: dict) -> str:
     o = result["options"]
     text += (f"Prompts ask for the outlined style (the teacher never saw it); n = {o['num']} generations per row, "
              f"the same prompts and initial noise in every row; world-FID against real outlined images.\n\n")
+    if o.get("prompts") == "open":
+        text += ("Open prompts: each names the shape and a subset of size, colour, position and background; accuracy "
+                 "counts the named attributes.\n\n")
     text += "## Bars\n\n"
     for b in result["bars"]:
+        if "control" in b:
+            text += (f"- **{'met' if b['met'] else 'not met'}** — the best combination (`{b['row']}`) beats the "
+                     f"style LoRA alone sampled the same way (`{b['control']}`, no LCM-LoRA): accuracy "
+                     f"{b['accuracy']:.3f} vs {b['control_accuracy']:.3f}, world-FID {b['world_fid']:.2f} vs "
+                     f"{b['control_world_fid']:.2f}\n")
+            continue
         text += (f"- **{'met' if b['met'] else 'not met'}** — {b['bar']} (`{b['row']}`): style rate "
                  f"{b['style_rate']:.3f} (needs ≥ {b['style_rate_needed']:.3f}), prompt accuracy {b['accuracy']:.3f} "
                  f"(needs ≥ {b['accuracy_needed']:.3f} = {ACCURACY_BAR} × `{b['accuracy_reference']}`)\n")

@@ -70,9 +70,6 @@ def _register_quality(bench) -> None:
     _world_scoring(p)
     p.add_argument("--lcm", help="distilled full LCM (pipeline folder)")
     p.add_argument("--lora", help="distilled LCM-LoRA (file or lora/ folder)")
-    p.add_argument("--prompts", choices=["exact", "open"], default="exact",
-                   help="evaluation prompts: exact captions (all five attributes) or open ones (the shape and some of "
-                        "the rest, so the caption leaves the image uncertain); default exact")
     p.add_argument("--parts", type=comma_list(str), default=["table", "skip", "guidance"],
                    help="table, skip, guidance (comma-separated; default all)")
     p.add_argument("--methods", type=comma_list(str), default=["teacher", "control", "lcm-lora", "lcm"],
@@ -96,10 +93,14 @@ def _world_scoring(p) -> None:
     p.add_argument("--num", type=int, default=1000, help="generations per row (default 1000)")
     p.add_argument("--n-real", type=int, default=2000, help="real images for world-FID (default 2000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", choices=["exact", "open"], default="exact",
+                   help="evaluation prompts: exact captions (all five attributes) or open ones (the shape and some of "
+                        "the rest, so the caption leaves the image uncertain); default exact")
 
 
 def _world_scoring_kwargs(args) -> dict:
-    return {"teacher": args.teacher, "num": args.num, "n_real": args.n_real, "seed": args.seed, "device": args.device}
+    return {"teacher": args.teacher, "num": args.num, "n_real": args.n_real, "seed": args.seed, "device": args.device,
+            "prompts": args.prompts}
 
 
 def _register_style(bench) -> None:
@@ -196,7 +197,7 @@ def run_quality(args) -> int:
     from ..bench.quality import QualityOptions, bench_quality
 
     _threads(args)
-    options = QualityOptions(lcm=args.lcm, lora=args.lora, prompts=args.prompts, parts=args.parts, methods=args.methods,
+    options = QualityOptions(lcm=args.lcm, lora=args.lora, parts=args.parts, methods=args.methods,
                              ablation_steps=args.ablation_steps, budget=args.budget, evals=args.evals, skips=args.skips,
                              solvers=args.solvers, omegas=args.omegas, distill_batch_size=args.distill_batch_size,
                              **_world_scoring_kwargs(args))
@@ -220,7 +221,12 @@ def run_style(args) -> int:
         options = options.smoke()
     result = bench_style(options, args.out, command(args))
     for bar in result["bars"]:
-        print(f"[{'met' if bar['met'] else 'not met'}] {bar['bar']} ({bar['row']}): style rate "
+        verdict = "met" if bar["met"] else "not met"
+        if "control" in bar:
+            print(f"[{verdict}] {bar['row']} beats {bar['control']}: accuracy {bar['accuracy']:.3f} > "
+                  f"{bar['control_accuracy']:.3f}, world-FID {bar['world_fid']:.2f} < {bar['control_world_fid']:.2f}")
+            continue
+        print(f"[{verdict}] {bar['bar']} ({bar['row']}): style rate "
               f"{bar['style_rate']:.3f} >= {bar['style_rate_needed']:.3f}, accuracy {bar['accuracy']:.3f} >= "
               f"{bar['accuracy_needed']:.3f}")
     print(f"wrote {args.out}/style.json, style.md, style.png, style_grid.png")
