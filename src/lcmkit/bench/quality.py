@@ -88,9 +88,9 @@ def smoke_models(work: Path) -> tuple[str, str, str]:
 
 
 def teacher_dir(options: QualityOptions) -> str:
-    from .subjects import WORLD_TEACHER
+    from ..data.world import shipped_teacher
 
-    folder = Path(options.teacher) if options.teacher else WORLD_TEACHER
+    folder = Path(options.teacher) if options.teacher else shipped_teacher(options.prompts)
     if not (folder / "model_index.json").is_file():
         raise LcmkitError(f"world teacher not found at {folder}; pass --teacher DIR (or --smoke)")
     return str(folder)

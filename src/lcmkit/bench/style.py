@@ -70,9 +70,10 @@ def smoke_models(work: Path) -> dict[str, str]:
 
 
 def _models(options: StyleOptions) -> dict[str, str | None]:
-    from .subjects import WORLD_TEACHER, lora_file
+    from ..data.world import shipped_teacher
+    from .subjects import lora_file
 
-    models = {"teacher": options.teacher or str(WORLD_TEACHER), "lcm": options.lcm, "lcf": options.lcf}
+    models = {"teacher": options.teacher or str(shipped_teacher(options.prompts)), "lcm": options.lcm, "lcf": options.lcf}
     for name in ("lcm", "lcf"):
         if models[name] is not None and not Path(models[name]).is_dir():
             raise LcmkitError(f"--{name} {models[name]} not found; pass a pipeline folder")

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ..data import world
 from ..errors import LcmkitError
 from . import configs
 
 #: where the world teacher is shipped once trained
-WORLD_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "world-teacher"
+WORLD_TEACHER = world.shipped_teacher()
 MODEL_NAMES = ("world", "sd15", "sdxl", "tiny")
 
 

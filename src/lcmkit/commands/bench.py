@@ -89,7 +89,8 @@ def _register_quality(bench) -> None:
 
 def _world_scoring(p) -> None:
     """The flags of :class:`lcmkit.bench.quality.WorldScoring` (benches that score models on the world)."""
-    p.add_argument("--teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
+    p.add_argument("--teacher", help="world teacher folder (default: the shipped one for --prompts: "
+                                     "src/lcmkit/assets/world-teacher, or world-teacher-open for open prompts)")
     p.add_argument("--num", type=int, default=1000, help="generations per row (default 1000)")
     p.add_argument("--n-real", type=int, default=2000, help="real images for world-FID (default 2000)")
     p.add_argument("--seed", type=int, default=0)

@@ -23,7 +23,8 @@ def register(sub) -> None:
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=d.lr_schedule,
                    help=f"after a short warm-up (default {d.lr_schedule})")
     p.add_argument("--num", type=int, default=d.num, help=f"generations per column for the metrics (default {d.num})")
-    p.add_argument("--teacher", default=d.teacher, help="teacher pipeline folder (default: the shipped world teacher)")
+    p.add_argument("--teacher", default=d.teacher,
+                   help="teacher pipeline folder (default: the shipped world teacher for --prompts)")
     p.add_argument("--prompts", choices=["exact", "open"], default=d.prompts,
                    help=f"distil on and score with exact captions or open ones (the shape and some of the other "
                         f"attributes named; default {d.prompts})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -49,6 +50,16 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "position": tuple(POSITIONS),
     "background": tuple(BACKGROUNDS),
 }
+#: Where lcmkit ships the world's teachers (diffusers pipeline folders)
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def shipped_teacher(prompts: str = "exact") -> Path:
+    """The shipped teacher for a prompt set: ``world-teacher`` (trained on exact captions) or, for ``open``
+    prompts, ``world-teacher-open`` (the same teacher fine-tuned on open captions too)."""
+    return ASSETS / ("world-teacher-open" if prompts == "open" else "world-teacher")
+
+
 #: The attributes an open caption may leave out (the shape is the caption's noun, always named).
 OPTIONAL = ("size", "colour", "position", "background")
 
