@@ -67,6 +67,18 @@ def test_webdataset_round_trip_and_patterns(tmp_path):
         resolve_shards(str(out / "shard-{000000..000005}.tar"))
 
 
+@pytest.mark.parametrize("fmt", ["imagefolder", "webdataset"])
+def test_open_caption_export_matches_the_world_data_source(fmt, tmp_path):
+    out = export_world(tmp_path / fmt, 40, fmt=fmt, seed=5, captions="open", style="outlined")
+    images, specs = world.sample(40, seed=5, style="outlined")
+    got = read_all(load_dataset(out))
+    assert [c for _, c in got] == [world.caption(s, world.sample_named(5, i)) for i, s in enumerate(specs)]
+    assert all(np.array_equal(a, b) for (a, _), b in zip(got, images))
+    assert sum(len(world.parse_open_caption(c)) < 5 for _, c in got) > 20
+    with pytest.raises(LcmkitError, match="unknown captions"):
+        export_world(tmp_path / "bad", 4, captions="vague")
+
+
 def test_export_is_deterministic_and_refuses_non_empty(tmp_path):
     a = export_world(tmp_path / "a", 12, fmt="webdataset", seed=1, shard_size=5)
     b = export_world(tmp_path / "b", 12, fmt="webdataset", seed=1, shard_size=5)

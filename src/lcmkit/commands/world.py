@@ -22,6 +22,9 @@ def _register_export(world_sub) -> None:
     p.add_argument("--format", dest="fmt", choices=("imagefolder", "webdataset"), default="imagefolder",
                    help="imagefolder: PNGs + metadata.jsonl; webdataset: shard-000000.tar, ... (default imagefolder)")
     p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default 0)")
+    p.add_argument("--captions", choices=("exact", "open"), default="exact",
+                   help="exact captions (all five attributes) or open ones (the shape and a random subset of the "
+                        "rest, drawn per image from (seed, i)); default exact")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per webdataset shard (default 1000)")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out; replaces earlier export files")
 
@@ -29,8 +32,8 @@ def _register_export(world_sub) -> None:
         from lcmkit.data.export import export_world
 
         out = export_world(args.out, args.n, style=args.style, fmt=args.fmt, seed=args.seed,
-                           shard_size=args.shard_size, overwrite=args.overwrite, progress=True)
-        print(f"wrote {args.n} {args.style} images ({args.fmt}, seed {args.seed}) to {out}")
+                           shard_size=args.shard_size, overwrite=args.overwrite, progress=True, captions=args.captions)
+        print(f"wrote {args.n} {args.style} images ({args.fmt}, seed {args.seed}, {args.captions} captions) to {out}")
         return 0
 
     p.set_defaults(run=run)

@@ -60,12 +60,14 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             p.unlink()
 
 
-def _iter_world(n: int, seed: int, style: str):
-    """Yield ``(index, image, spec)`` for images ``0 .. n-1`` of the world set ``seed``, rendered in chunks."""
+def _iter_world(n: int, seed: int, style: str, captions: str = "exact"):
+    """Yield ``(index, image, spec, caption)`` for images ``0 .. n-1`` of the world set ``seed``, rendered in chunks;
+    ``captions="open"`` names the shape and a random subset of the rest (:func:`world.sample_named`)."""
     for start in range(0, n, _RENDER_CHUNK):
         images, specs = world.sample(min(_RENDER_CHUNK, n - start), seed=seed, style=style, start=start)
         for j, (image, spec) in enumerate(zip(images, specs)):
-            yield start + j, image, spec
+            i = start + j
+            yield i, image, spec, world.caption(spec, world.sample_named(seed, i) if captions == "open" else None)
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -78,7 +80,8 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def export_world(out_dir, n: int, style: str = "filled", fmt: str = "imagefolder", seed: int = 0,
-                 shard_size: int = 1000, overwrite: bool = False, progress: bool = False) -> Path:
+                 shard_size: int = 1000, overwrite: bool = False, progress: bool = False,
+                 captions: str = "exact") -> Path:
     """Render ``n`` world images with ``seed`` and write them to ``out_dir`` as ``fmt``; returns ``out_dir``.
 
     ``fmt`` is ``"imagefolder"`` or ``"webdataset"`` (see the module docstring). A non-empty ``out_dir`` is
@@ -89,13 +92,15 @@ def export_world(out_dir, n: int, style: str = "filled", fmt: str = "imagefolder
         raise LcmkitError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if style not in world.STYLES:
         raise LcmkitError(f"unknown style {style!r}; expected one of {', '.join(world.STYLES)}")
+    if captions not in ("exact", "open"):
+        raise LcmkitError(f"unknown captions {captions!r}; expected exact or open")
     if n < 1:
         raise LcmkitError(f"--n must be at least 1, got {n}")
     if shard_size < 1:
         raise LcmkitError(f"shard size must be at least 1, got {shard_size}")
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite)
-    items = _iter_world(n, seed, style)
+    items = _iter_world(n, seed, style, captions)
     if progress:
         from tqdm.auto import tqdm
 
@@ -110,24 +115,24 @@ def export_world(out_dir, n: int, style: str = "filled", fmt: str = "imagefolder
 
 def _write_imagefolder(out_dir: Path, items, width: int) -> None:
     with open(out_dir / METADATA_FILE, "w", encoding="utf-8") as meta:
-        for i, image, spec in items:
+        for i, image, spec, caption in items:
             name = f"{i:0{width}d}.png"
             (out_dir / name).write_bytes(png_bytes(image))
-            record = {"file_name": name, "text": world.caption(spec), "attributes": spec.to_dict()}
+            record = {"file_name": name, "text": caption, "attributes": spec.to_dict()}
             meta.write(json.dumps(record) + "\n")
 
 
 def _write_webdataset(out_dir: Path, items, width: int, shard_size: int) -> None:
     tar = None
     try:
-        for i, image, spec in items:
+        for i, image, _, caption in items:
             if i % shard_size == 0:
                 if tar is not None:
                     tar.close()
                 tar = tarfile.open(out_dir / SHARD_PATTERN.format(i // shard_size), "w", format=tarfile.USTAR_FORMAT)
             key = f"{i:0{width}d}"
             _tar_add(tar, f"{key}.png", png_bytes(image))
-            _tar_add(tar, f"{key}.txt", world.caption(spec).encode("utf-8"))
+            _tar_add(tar, f"{key}.txt", caption.encode("utf-8"))
     finally:
         if tar is not None:
             tar.close()

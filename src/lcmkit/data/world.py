@@ -173,6 +173,12 @@ def random_named(rng: np.random.Generator, p_named: float = 0.5) -> tuple[str, .
     return tuple(a for a in ATTRIBUTES if a == "shape" or draws[OPTIONAL.index(a)])
 
 
+def sample_named(seed: int, index: int) -> tuple[str, ...]:
+    """The attribute set of image ``index``'s open caption in the set ``seed`` (training data and exports): depends
+    only on (seed, index), like the image."""
+    return random_named(np.random.default_rng([seed, index, 16]))
+
+
 def all_specs(style: str = "filled") -> list[ShapeSpec]:
     """Every combination of the five attributes (540), in a fixed order."""
     return [ShapeSpec(*combo, style=style) for combo in itertools.product(*ATTRIBUTES.values())]

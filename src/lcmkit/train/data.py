@@ -101,7 +101,7 @@ class DataSource:
             from ..data import world
 
             images, specs = world.sample(1, seed=self.cfg.seed, style=self.style, start=i)
-            named = world.random_named(np.random.default_rng([self.cfg.seed, i, 16])) if self.open else None
+            named = world.sample_named(self.cfg.seed, i) if self.open else None
             return Image.fromarray(images[0]), world.caption(specs[0], named)
         return self.dataset.load(i)
 
