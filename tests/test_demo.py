@@ -26,7 +26,13 @@ def test_demo_end_to_end_on_tiny_teacher(tiny_sd_dir, tmp_path, capsys):
     assert (out / "grid.png").stat().st_size > 0
     assert (out / "distill" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert "| LCM-LoRA 4 |" in (out / "report.md").read_text()
-    assert "lora_ema: 0.95" in (out / "distill" / "config.yaml").read_text()  # the EMA target is the default
+    config = (out / "distill" / "config.yaml").read_text()
+    assert "lora_ema: 0.95" in config  # the EMA target is the default
+    assert "data: world:open" in config and report["config"]["prompts"] == "open"  # open captions by default
+    from lcmkit.data import world
+
+    assert all(world.parse_open_caption(p) for p in report["grid_prompts"])
+    assert "open prompts" in (out / "report.md").read_text()
     # a finished demo is not overwritten without --overwrite
     assert main(["demo", "--out", str(out), "--teacher", str(tiny_sd_dir), "--steps", "2"]) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -39,7 +39,7 @@ class DemoConfig:
     num: int = 300                # generations per column for the report's metrics
     grid_prompts: int = 6
     seed: int = 0
-    prompts: str = "exact"        # evaluation prompts: exact captions or open ones (lcmkit.evaluate.run.eval_prompts)
+    prompts: str = "open"         # distil on and score with open captions (the teacher for them) or exact ones
     overwrite: bool = False
     resume: bool = False
 
