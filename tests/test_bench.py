@@ -224,10 +224,14 @@ def test_style_bars_judge_the_measured_rows():
     assert not bars(rows)[1]["met"]
     assert bars(rows[:2]) == []                                                 # nothing to judge: no bar
     rows[5] = row("combined 0.8", 0.70, 0.9, lambda_style=0.8, world_fid=2.0)
+    rows[6] = row("combined 1.2", 0.69, 0.99, lambda_style=1.2, world_fid=1.0)
     control = bars(rows + [row("style-lora-control", 0.75, 0.95, world_fid=3.0)])[2]
     assert control["bar"] == "beats the control" and control["row"] == "combined 0.8" and not control["met"]
     assert bars(rows + [row("style-lora-control", 0.6, 0.95, world_fid=3.0)])[2]["met"]
-    assert not bars(rows + [row("style-lora-control", 0.6, 0.95, world_fid=1.5)])[2]["met"]  # FID counts too
+    assert not bars(rows + [row("style-lora-control", 0.6, 0.95, world_fid=0.5)])[2]["met"]  # FID counts too
+    # the most accurate bar-meeting combination loses on FID, another one that meets the bar beats the control
+    control = bars(rows + [row("style-lora-control", 0.6, 0.95, world_fid=1.5)])[2]
+    assert control["met"] and control["row"] == "combined 1.2"
 
 
 # --------------------------------------------------------------------------------------------------------------

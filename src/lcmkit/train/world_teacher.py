@@ -441,8 +441,9 @@ def save_pipeline(out_dir: Path, vae, text_encoder, tokenizer, unet, float16: tu
     os.replace(tmp, out_dir)
 
 
-def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
-    """One panel per curve (raw and a running mean), log-scale y; written with the Agg backend."""
+def plot_losses(curves: dict[str, list[float]], path: Path, step_every: int = 1) -> None:
+    """One panel per curve (raw and a running mean), log-scale y; written with the Agg backend. Value i of a curve
+    is at step ``i * step_every``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -456,8 +457,8 @@ def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
         v = np.asarray(values)
         k = max(1, len(v) // 50)
         smooth = np.convolve(v, np.ones(k) / k, mode="valid")
-        ax.plot(v, alpha=0.3, lw=0.5)
-        ax.plot(np.arange(k - 1, len(v)), smooth, lw=1.5)
+        ax.plot(np.arange(len(v)) * step_every, v, alpha=0.3, lw=0.5)
+        ax.plot(np.arange(k - 1, len(v)) * step_every, smooth, lw=1.5)
         ax.set_yscale("log")
         ax.set_title(f"{name} loss")
         ax.set_xlabel("step")
