@@ -8,12 +8,12 @@ from lcmkit.demo import DemoConfig, columns, run_demo
 
 def test_columns():
     labels = [c[0] for c in columns("lora")]
-    assert labels == ["teacher DPM-Solver++ 25", "teacher DDIM 4", "teacher LCM-sampler 1 (no distillation)",
+    assert labels == ["teacher DPM-Solver++ 25", "teacher DDIM 4", "control: teacher, LCM 1",
                       "LCM-LoRA 1", "LCM-LoRA 2", "LCM-LoRA 4"]
     control = columns("lora")[2]
     assert control[1] == "teacher" and (control[2].sampler, control[2].steps, control[2].guidance) == ("lcm", 1, 1.0)
     assert all(s.guidance == 1.0 for _, which, s in columns("lora") if which == "student")  # guidance baked in
-    assert all(s.guidance == 7.5 for label, _, s in columns("full") if "no distillation" not in label)  # ω = 6.5
+    assert all(s.guidance == 7.5 for label, _, s in columns("full") if not label.startswith("control"))  # ω = 6.5
 
 
 def test_demo_end_to_end_on_tiny_teacher(tiny_sd_dir, tmp_path, capsys):
