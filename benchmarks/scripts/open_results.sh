@@ -18,22 +18,46 @@ if [ -z "${SKIP_TEACHER:-}" ]; then
     --warmup-steps 100 --no-progress > runs/teacher-open.log 2>&1
   rm -rf $T && cp -r runs/teacher-open/pipeline $T
 fi
-# 1. full LCM and LCM-LoRA (EMA target), distilled on open captions, side by side on one core each
-OMP_NUM_THREADS=1 $L distill --teacher $T --data world:open --out runs/open-lcm --mode full --omega-min 5 \
-  --omega-max 15 --solver ddim --skip 20 --loss huber --batch-size 32 --max-steps 1200 --lr 2e-4 --warmup-steps 50 \
-  --checkpoint-every 300 --validate-every 0 --no-progress --overwrite > runs/open-lcm.log 2>&1 &
+# 1. full LCM (ω range; then fixed ω) and LCM-LoRA (EMA target), distilled on open captions, one core each
+OMP_NUM_THREADS=1 $L distill --teacher $T --data world:open --out runs/open-lcm2 --mode full --omega-min 5 \
+  --omega-max 15 --solver ddim --skip 20 --loss huber --batch-size 32 --max-steps 1800 --lr 2e-4 --lr-schedule cosine \
+  --warmup-steps 50 --checkpoint-every 600 --validate-every 0 --no-progress --overwrite > runs/open-lcm2.log 2>&1 &
 full=$!
 OMP_NUM_THREADS=1 $L distill --teacher $T --data world:open --out runs/open-lora --mode lora --omega 6.5 \
   --solver ddim --skip 20 --loss huber --batch-size 32 --max-steps 1000 --lr 1e-3 --lr-schedule cosine \
   --warmup-steps 50 --lora-ema 0.95 --checkpoint-every 250 --validate-every 0 --no-progress --overwrite \
   > runs/open-lora.log 2>&1
+OMP_NUM_THREADS=1 $L distill --teacher $T --data world:open --out runs/open-lcm3 --mode full --omega 6.5 \
+  --solver ddim --skip 20 --loss huber --batch-size 32 --max-steps 1800 --lr 2e-4 --lr-schedule cosine \
+  --warmup-steps 50 --checkpoint-every 600 --validate-every 0 --no-progress --overwrite > runs/open-lcm3.log 2>&1
 wait $full
-# 2. the paper's Table 1 on open prompts (1,000 generations per cell), with the control row
-$L bench quality --prompts open --parts table --teacher $T --lcm runs/open-lcm/pipeline --lora runs/open-lora/lora \
-  --num 1000 --threads 2 --out $R
+# 2. the paper's Table 1 on open prompts (1,000 generations per cell), with the control row; the guidance ablation
+$L bench quality --prompts open --parts table --num 1000 --threads 2 --lcm runs/open-lcm2/pipeline \
+  --lora runs/open-lora/lora --out $R
+$L bench quality --prompts open --parts guidance --lcm runs/open-lcm2/pipeline --num 1000 --threads 2 --out $R
+$L bench quality --prompts open --parts table --methods lcm --lcm runs/open-lcm3/pipeline --num 1000 --threads 2 \
+  --out $R/lcm-fixed-omega
+.venv/bin/python benchmarks/scripts/plot_losses.py $R/distill-loss.png "LCM-LoRA (1000 steps)=runs/open-lora" \
+  "full LCM, ω range (1800 steps)=runs/open-lcm2" "full LCM, fixed ω (1800 steps)=runs/open-lcm3"
 # 3. the teacher's quality bar on exact captions still holds after the fine-tune
 $L eval $T --sampler dpm-solver++ --steps 25 --guidance 7.5 --num 1000 --out $R/teacher-exact --overwrite
 # 4. trajectory error against the guided teacher's 50-step ODE solution: control vs the distilled models
 $L eval $T --prompts open --sampler lcm --steps 1,2,4 --guidance 1 --num 300 --teacher $T --out $R/traj-control --overwrite
-$L eval runs/open-lcm/pipeline --prompts open --sampler lcm --steps 1,2,4 --guidance 7.5 --num 300 --teacher $T \
+$L eval runs/open-lcm2/pipeline --prompts open --sampler lcm --steps 1,2,4 --guidance 7.5 --num 300 --teacher $T \
   --out $R/traj-lcm --overwrite
+$L eval $T --lora runs/open-lora/lora/pytorch_lora_weights.safetensors --prompts open --sampler lcm --steps 1,2,4 \
+  --guidance 1 --num 300 --teacher $T --out $R/traj-lora --overwrite
+# 5. a new style: style LoRA on the open teacher, LCF of a full LCM (the 1,200-step constant-lr one the results used:
+#    runs/open-lcm, the step-1 command with --max-steps 1200 and no --lr-schedule), task arithmetic
+OMP_NUM_THREADS=1 $L distill --teacher $T --data world:open --out runs/open-lcm --mode full --omega-min 5 \
+  --omega-max 15 --solver ddim --skip 20 --loss huber --batch-size 32 --max-steps 1200 --lr 2e-4 --warmup-steps 50 \
+  --checkpoint-every 300 --validate-every 0 --no-progress --overwrite > runs/open-lcm.log 2>&1
+$L world export --out runs/outlined-open --n 5000 --style outlined --captions open --overwrite
+OMP_NUM_THREADS=1 $L lora train --model $T --data runs/outlined-open --out runs/open-style-lora/outlined.safetensors \
+  --lora-rank 16 --lora-alpha 16 --caption-dropout 0.1 --batch-size 32 --max-steps 800 --lr 5e-4 --lr-schedule cosine \
+  --cache-latents true --no-progress
+OMP_NUM_THREADS=1 $L finetune --model runs/open-lcm/pipeline --data runs/outlined-open --out runs/open-lcf \
+  --batch-size 32 --max-steps 2200 --lr 2e-4 --cache-latents true --checkpoint-every 550 --no-progress
+$L bench style --prompts open --lcm runs/open-lcm/pipeline --lcf runs/open-lcf/pipeline \
+  --style-lora runs/open-style-lora/outlined.safetensors --lcm-lora runs/open-lora/lora --lambdas 0.4,0.6,0.8,1,1.2 \
+  --num 1000 --threads 2 --out $R/style

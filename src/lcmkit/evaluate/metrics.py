@@ -66,7 +66,8 @@ def prompt_scores(images, specs, model: WorldClassifier | None = None, named=Non
     preds, _ = predict(_model(model), x)
     labels = spec_labels(specs)
     correct = {name: preds[name] == labels[name] for name in world.ATTRIBUTES}
-    asked = {name: torch.tensor([named is None or name in n for n in (named or specs)]) for name in world.ATTRIBUTES}
+    asked = {name: torch.tensor([name in n for n in named], dtype=torch.bool) if named is not None
+             else torch.ones(len(specs), dtype=torch.bool) for name in world.ATTRIBUTES}
     out = {name: float(c[asked[name]].double().mean()) if asked[name].any() else float("nan")
            for name, c in correct.items()}
     right = torch.stack([c | ~asked[name] for name, c in correct.items()])  # an attribute not asked for is no error
