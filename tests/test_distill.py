@@ -340,7 +340,7 @@ def test_world_open_data_names_subsets_per_sample(tiny_sd_dir, tmp_path, capsys)
     assert [world.parse_caption(exact.load(i)[1]) for i in range(4)]  # exact captions, all five named
     code, err = _cli(["--teacher", str(tiny_sd_dir), "--data", "world:open:open", "--out", str(tmp_path / "q")],
                      capsys)
-    assert code == 2 and "unknown world data" in err and len(err.splitlines()) == 1
+    assert code == 2 and "unknown world style" in err and len(err.splitlines()) == 1
 
 
 def test_bad_teacher_and_output(tiny_sd_dir, tmp_path, capsys):

@@ -10,7 +10,8 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="distil an LCM-LoRA from the built-in world teacher and report (≈10 min, CPU)",
                        description="Distils the world teacher shipped with lcmkit, then writes OUT/grid.png (rows: "
                                    "prompts; columns: teacher DPM-Solver++ 25 steps, teacher DDIM 4 steps, the "
-                                   "distilled model at 1, 2 and 4 steps) and OUT/report.md.")
+                                   "undistilled teacher with the LCM sampler at 1 step (the control), the distilled "
+                                   "model at 1, 2 and 4 steps) and OUT/report.md. Open prompts by default.")
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument("--mode", choices=["lora", "full"], default=d.mode, help="LCM-LoRA (default) or full LCM")
     p.add_argument("--steps", type=int, default=d.max_steps, dest="max_steps",

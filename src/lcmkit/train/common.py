@@ -364,7 +364,7 @@ class TrainingOptions:
             raise LcmkitError(f"data {self.data} not found; pass an imagefolder, .tar shards, or 'world'")
         parts = self.data.split(":")[1:-1] if world_open(self.data) else self.data.split(":")[1:]
         if is_world(self.data) and (len(parts) > 1 or any(p not in WORLD_STYLES for p in parts)):
-            raise LcmkitError(f"unknown world data {self.data!r}; use world, world:filled, world:outlined, "
+            raise LcmkitError(f"unknown world style in {self.data!r}; use world, world:filled or world:outlined, "
                               "optionally followed by :open (open captions)")
         if self.resolution is not None and self.resolution < 8:
             raise LcmkitError(f"resolution must be >= 8 pixels, got {self.resolution}")
