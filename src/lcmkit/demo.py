@@ -23,7 +23,6 @@ from .errors import LcmkitError
 from .evaluate import metrics
 from .evaluate.run import Setting, eval_prompts, sample_world
 
-WORLD_TEACHER = world.shipped_teacher()
 GUIDANCE = 7.5  # diffusers convention; ω = 6.5
 CONTROL = "control: teacher, LCM 1"  # the undistilled teacher, LCM sampler, 1 step, no CFG
 
@@ -51,7 +50,7 @@ class DemoConfig:
             raise LcmkitError(f"--mode must be lora or full, got {self.mode!r}")
         if self.max_steps < 1 or self.batch_size < 1 or self.num < 2:
             raise LcmkitError("--steps and --batch-size must be positive and --num at least 2")
-        if self.prompts not in ("exact", "open"):
+        if self.prompts not in world.CAPTION_SETS:
             raise LcmkitError(f"--prompts must be exact or open, got {self.prompts!r}")
         if not 0.0 <= self.ema < 1.0:
             raise LcmkitError(f"--ema must be in [0, 1) (0 = online target), got {self.ema}")

@@ -92,7 +92,7 @@ def export_world(out_dir, n: int, style: str = "filled", fmt: str = "imagefolder
         raise LcmkitError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if style not in world.STYLES:
         raise LcmkitError(f"unknown style {style!r}; expected one of {', '.join(world.STYLES)}")
-    if captions not in ("exact", "open"):
+    if captions not in world.CAPTION_SETS:
         raise LcmkitError(f"unknown captions {captions!r}; expected exact or open")
     if n < 1:
         raise LcmkitError(f"--n must be at least 1, got {n}")

@@ -60,6 +60,8 @@ def shipped_teacher(prompts: str = "exact") -> Path:
     return ASSETS / ("world-teacher-open" if prompts == "open" else "world-teacher")
 
 
+#: The caption sets: exact (all five attributes named) and open (the shape and a subset of the rest).
+CAPTION_SETS = ("exact", "open")
 #: The attributes an open caption may leave out (the shape is the caption's noun, always named).
 OPTIONAL = ("size", "colour", "position", "background")
 

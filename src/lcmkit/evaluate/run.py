@@ -42,7 +42,7 @@ def settings_grid(samplers, steps, guidances, eta: float = 0.3) -> list[Setting]
     return [Setting(s, int(n), float(g), eta) for s, n, g in itertools.product(samplers, steps, guidances)]
 
 
-PROMPT_SETS = ("exact", "open")
+PROMPT_SETS = world.CAPTION_SETS
 
 
 def eval_prompts(num: int, seed: int = 0, style: str = "filled", prompts: str = "exact"):

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import LcmkitError
-from .data import WORLD_STYLES, is_world, world_open
+from .data import is_world, world_data
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
@@ -362,10 +362,8 @@ class TrainingOptions:
             raise LcmkitError(f"{model_key} {model} is not a diffusers pipeline folder (no model_index.json)")
         if not is_world(self.data) and not any(c in self.data for c in "*{") and not Path(self.data).exists():
             raise LcmkitError(f"data {self.data} not found; pass an imagefolder, .tar shards, or 'world'")
-        parts = self.data.split(":")[1:-1] if world_open(self.data) else self.data.split(":")[1:]
-        if is_world(self.data) and (len(parts) > 1 or any(p not in WORLD_STYLES for p in parts)):
-            raise LcmkitError(f"unknown world style in {self.data!r}; use world, world:filled or world:outlined, "
-                              "optionally followed by :open (open captions)")
+        if is_world(self.data):
+            world_data(self.data)  # raises on an unknown style
         if self.resolution is not None and self.resolution < 8:
             raise LcmkitError(f"resolution must be >= 8 pixels, got {self.resolution}")
         if self.crop not in ("center", "random"):

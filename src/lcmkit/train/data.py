@@ -32,16 +32,17 @@ def is_world(data: str) -> bool:
     return data == "world" or data.startswith("world:")
 
 
-def world_style(data: str) -> str:
-    """The world style ``data`` asks for (``world`` alone: filled)."""
-    parts = [p for p in data.split(":")[1:] if p != "open"]
-    return parts[0] if parts else "filled"
-
-
-def world_open(data: str) -> bool:
-    """``data`` asks for open captions (``…:open``: each of size, colour, position, background named with
-    probability 1/2, drawn per sample), not the exact ones."""
-    return data.split(":")[-1] == "open"
+def world_data(data: str) -> tuple[str, bool]:
+    """``(style, open captions)`` a world ``data`` string asks for: ``world[:filled|:outlined][:open]`` (``world``
+    alone: filled, exact captions; ``:open``: each of size, colour, position, background named with probability
+    1/2, drawn per sample). Anything else is an ``LcmkitError``."""
+    parts = data.split(":")[1:]
+    is_open = bool(parts) and parts[-1] == "open"
+    styles = parts[:-1] if is_open else parts
+    if len(styles) > 1 or any(p not in WORLD_STYLES for p in styles):
+        raise LcmkitError(f"unknown world style in {data!r}; use world, world:filled or world:outlined, "
+                          "optionally followed by :open (open captions)")
+    return (styles[0] if styles else "filled"), is_open
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,8 +83,7 @@ class DataSource:
         self.cfg = cfg
         self.dataset = None
         if is_world(cfg.data):
-            self.style = world_style(cfg.data)
-            self.open = world_open(cfg.data)
+            self.style, self.open = world_data(cfg.data)
             self.size = cfg.world_samples
         else:
             from ..data.datasets import load_dataset
