@@ -94,9 +94,14 @@ def test_bench_speed_keeps_models_measured_by_an_earlier_run(tmp_path):
     (tmp_path / "speed.json").write_text(json.dumps(earlier))
     now = {"options": {"estimate_only": False}, "models": {"world": {"methods": {"new": 1}, "command": "c1"}}}
     keep_other_models(now, tmp_path)
-    assert list(now["models"]) == ["world", "sd15"]                      # this run's first: it is the reference
+    assert list(now["models"]) == ["world", "sd15"]
     assert now["models"]["world"]["methods"] == {"new": 1}
     assert now["models"]["sd15"]["command"] == earlier["command"] and now["models"]["sd15"]["date"] == "d0"
+    # an SDXL run alone keeps the world first: the headline's reference model stays the world
+    (tmp_path / "speed.json").write_text(json.dumps(dict(earlier, models={"world": {"methods": {"w": 1}}})))
+    now = {"options": {"estimate_only": False}, "models": {"sdxl": {"methods": {"x": 1}, "command": "c2"}}}
+    keep_other_models(now, tmp_path)
+    assert list(now["models"]) == ["world", "sdxl"]
 
 
 def test_bench_distill_smoke(tmp_path):
@@ -151,6 +156,26 @@ def test_bench_quality_open_prompts(tmp_path):
     assert {r["method"] for r in quality["rows"]} == {"control"}
     assert "Open prompts" in (tmp_path / "quality.md").read_text()
 
+
+@pytest.mark.slow
+def test_bench_quality_skip_ablation_split_over_runs_is_merged(tmp_path):
+    """The skip ablation's (solver, k) runs may be made by separate calls into one folder: each keeps the other's
+    rows (same budget, checkpoints and scoring), the claims are judged on all of them, and both commands show."""
+    base = ["bench", "quality", "--smoke", "--parts", "skip", "--skips", "1,50", "--out", str(tmp_path)]
+    assert main(base + ["--solvers", "ddim"]) == 0
+    first = _load(tmp_path / "ablation_skip.json")
+    assert main(base + ["--solvers", "dpm-solver++"]) == 0
+    merged = _load(tmp_path / "ablation_skip.json")
+    assert [(r["solver"], r["skip"]) for r in merged["rows"]] == [
+        ("ddim", 1), ("ddim", 50), ("dpm-solver++", 1), ("dpm-solver++", 50)]
+    assert [r for r in merged["rows"] if r["solver"] == "ddim"] == first["rows"]
+    assert len(merged["measured_by"]) == 2 and "--solvers ddim" in merged["measured_by"][0]
+    claims = {c["claim"]: c["verdict"] for c in _load(tmp_path / "quality.json")["claims"]}
+    assert claims["at large k, DDIM is weaker than DPM-Solver and DPM-Solver++ (k = 50)"] != "not measured"
+    assert "--solvers dpm-solver++" in (tmp_path / "quality.md").read_text()
+    # a different budget is another experiment: its rows replace the earlier ones instead of mixing with them
+    assert main(base + ["--solvers", "ddim", "--budget", "3"]) == 0
+    assert {r["solver"] for r in _load(tmp_path / "ablation_skip.json")["rows"]} == {"ddim"}
 
 def test_claim_beats_control():
     row = lambda m, acc, fid: {"method": m, "solver": "lcm", "steps": 1, "accuracy": acc, "world_fid": fid}  # noqa: E731

@@ -125,6 +125,20 @@ def unet_denoiser(unet, alphas_cumprod: Tensor, cond: TextConditioning, *, predi
     # CFG forward layout: [uncond; cond], the order diffusers' pipelines use
     cfg_cond = None if uncond is None else uncond.cat(cond)
     unet_dtype = unet.dtype  # looked up once: the property walks every module
+    # Per-call constants, computed on first use and reused by every step of a sampling loop (on a small UNet the
+    # sampler's own tensor ops are a visible share of a step): the guidance embedding of the fixed ω per batch
+    # size and device, and α_t, σ_t for every integer timestep per device (the same values alpha_sigma gives).
+    w_embs: dict[tuple, Tensor] = {}
+    tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def coefficients(t: Tensor, device) -> tuple[Tensor, Tensor]:
+        if torch.is_floating_point(t):  # DPM-Solver's intermediate times: interpolated, not tabulated
+            return alpha_sigma(alphas_cumprod.to(device), t)
+        if device not in tables:
+            ac = alphas_cumprod.to(device)
+            tables[device] = alpha_sigma(ac, torch.arange(len(ac), device=device))
+        alpha, sigma = tables[device]
+        return alpha[t], sigma[t]
 
     def denoiser(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         batch = x_t.shape[0]
@@ -133,8 +147,11 @@ def unet_denoiser(unet, alphas_cumprod: Tensor, cond: TextConditioning, *, predi
         x_t = x_t.to(torch.promote_types(x_t.dtype, torch.float32))
         w_emb = None
         if w_omega is not None:  # (B, d), the LCM's guidance embedding of ω
-            w_emb = guidance_embedding(_per_sample(w_omega, batch, "cpu"), unet.config.time_cond_proj_dim)
-            w_emb = w_emb.to(x_t.device)
+            key = (batch, x_t.device)
+            if key not in w_embs:
+                w_embs[key] = guidance_embedding(_per_sample(w_omega, batch, "cpu"),
+                                                 unet.config.time_cond_proj_dim).to(x_t.device)
+            w_emb = w_embs[key]
         if cfg_cond is None:
             out = unet_output(unet, x_t, t, cond, w_emb, unet_dtype)
         else:
@@ -143,7 +160,7 @@ def unet_denoiser(unet, alphas_cumprod: Tensor, cond: TextConditioning, *, predi
             out_uncond, out_cond = both.chunk(2)
             om = append_dims(_per_sample(omega, batch, x_t.device).to(x_t.dtype), x_t.ndim)
             out = cfg(out_cond, out_uncond, om)
-        alpha_t, sigma_t = alpha_sigma(alphas_cumprod.to(x_t.device), t)
+        alpha_t, sigma_t = coefficients(t, x_t.device)
         alpha_t, sigma_t = (append_dims(v, x_t.ndim).to(x_t.dtype) for v in (alpha_t, sigma_t))
         return to_x0_eps(out, x_t, alpha_t, sigma_t, prediction_type)
 

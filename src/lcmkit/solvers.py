@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .math.consistency import consistency_function
+from .math.consistency import boundary_scalings
 from .math.schedule import alpha_sigma, append_dims, log_snr, timestep_from_log_snr
 
 Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -149,17 +149,24 @@ def sample_lcm(denoiser: Denoiser, x: Tensor, timesteps: Sequence[int], alphas_c
     For each τ_i: x̂0 = f_θ(x, τ_i) (boundary-conditioned); unless it is the last step,
     x ← α_{τ_{i+1}}·x̂0 + σ_{τ_{i+1}}·ε with fresh ε from ``generator``. The last step returns f_θ itself.
     """
-    for i, t in enumerate(timesteps):
-        x0_hat, _ = denoiser(x, _as_batch(int(t), x))
-        denoised = consistency_function(x, x0_hat, int(t))
+    if len(timesteps) == 0:
+        raise ValueError("sample_lcm needs at least one timestep")
+    # every step's scalars at once, before the loop (the same values consistency_function and alpha_sigma give
+    # step by step): c_skip, c_out at τ_i, and α, σ of τ_{i+1} for the re-noising
+    ts = torch.as_tensor([int(t) for t in timesteps])
+    c_skip, c_out = (c.to(x.device).unbind() for c in boundary_scalings(ts, dtype=x.dtype))
+    alpha, sigma = (v.to(x.device, x.dtype).unbind()
+                    for v in alpha_sigma(alphas_cumprod, ts.to(alphas_cumprod.device)))
+    batch_t = [_as_batch(int(t), x) for t in timesteps]
+    for i in range(len(timesteps)):
+        x0_hat, _ = denoiser(x, batch_t[i])
+        denoised = c_skip[i] * x + c_out[i] * x0_hat
         if callback is not None:
             callback(i)
         if i == len(timesteps) - 1:
             return denoised
-        alpha, sigma = alpha_sigma(alphas_cumprod, int(timesteps[i + 1]))
         noise = randn(x.shape, generator, x.device, denoised.dtype)
-        x = alpha.to(x.dtype) * denoised + sigma.to(x.dtype) * noise
-    raise ValueError("sample_lcm needs at least one timestep")
+        x = alpha[i + 1] * denoised + sigma[i + 1] * noise
 
 
 def sample_tcd(denoiser: Denoiser, x: Tensor, timesteps: Sequence[int], alphas_cumprod: Tensor,

@@ -64,9 +64,13 @@ class QualityOptions(WorldScoring):
     world_samples: int = 10000
 
     def smoke(self) -> "QualityOptions":
-        """Tiny random models (built in a temp folder), 4 generations per row, 2-step distillations."""
+        """Tiny random models (built in a temp folder), 4 generations per row, 2-step distillations. The skip
+        ablation's budget, skips and solvers shrink only where they were left at their defaults."""
+        default = QualityOptions()
+        pick = lambda name, small: small if getattr(self, name) == getattr(default, name) else getattr(self, name)  # noqa: E731
         return replace(self, teacher=None, lcm=None, lora=None, num=4, n_real=8, teacher_steps=[2],
-                       lcm_steps=[2], budget=2, evals=1, skips=[1, 50], solvers=["ddim", "dpm-solver++"],
+                       lcm_steps=[2], budget=pick("budget", 2), evals=1, skips=pick("skips", [1, 50]),
+                       solvers=pick("solvers", ["ddim", "dpm-solver++"]),
                        omegas=[2.0, 7.5], ablation_steps=2, distill_batch_size=2, world_samples=4, batch_size=4,
                        device="cpu", is_smoke=True)
 
@@ -186,6 +190,31 @@ def skip_rows(options: QualityOptions, teacher: str, work: Path, log) -> list[di
                          score(pipe, "lcm", ["lcm"], [options.ablation_steps], [options.guidance], options,
                                skip=k, train_steps=step)]
     return rows
+
+
+def keep_other_skip_rows(part: dict, options: QualityOptions, out_dir: Path, log) -> None:
+    """Skip-ablation runs of (solver, k) pairs this call did not make stay as an earlier call wrote them into
+    ``out_dir``, when it used the same budget, checkpoints, scoring steps and prompts: the 15 runs of the ablation
+    are an hour or more, and may be split over processes (``--solvers ddim`` in one, the DPM solvers in another).
+    Rows are then ordered by solver, k and training step; the commands that made them are recorded."""
+    path = out_dir / "ablation_skip.json"
+    if not path.is_file():
+        return
+    earlier = json.loads(path.read_text())
+    same = ("budget", "evals", "ablation_steps", "prompts", "num", "seed")
+    mismatch = [k for k in same if earlier.get("options", {}).get(k) != getattr(options, k)]
+    if mismatch:
+        log(f"[quality] earlier skip ablation in {out_dir} differs in {', '.join(mismatch)}: not merged")
+        return
+    ran = {(r["solver"], r["skip"]) for r in part["rows"]}
+    kept = [r for r in earlier.get("rows", []) if (r["solver"], r["skip"]) not in ran]
+    if not kept:
+        return
+    solvers = {name: i for i, name in enumerate(TEACHER_SOLVERS)}
+    part["rows"] = sorted(kept + part["rows"], key=lambda r: (solvers.get(r["solver"], len(solvers)), r["skip"],
+                                                              r["train_steps"]))
+    commands = earlier.get("measured_by") or [earlier["command"]]
+    part["measured_by"] = list(dict.fromkeys(commands + [part["command"]]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,6 +383,8 @@ def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, lo
         result["quality"]["rows"] = sorted(kept + table, key=lambda r: order.get(r["method"], len(order)))
     if ran["quality"]:
         result["quality"]["measured_by"] = measured_by
+    if ran["ablation_skip"]:
+        keep_other_skip_rows(result["ablation_skip"], options, out_dir, log)
     result["quality"]["claims"] = claims(*(result[n]["rows"] for n in ("quality", "ablation_skip",
                                                                          "ablation_guidance")))
     write_outputs(result, out_dir, [n for n, done in ran.items() if done] + ["quality"])
@@ -389,10 +420,12 @@ def markdown(result: dict) -> str:
 
 
 def _own_command(part: dict, quality: dict) -> str:
-    """A part measured by another run than the table says so, with that run's command and n."""
-    if part["command"] == quality["command"]:
+    """A part measured by another run than the table says so, with that run's command(s) and n."""
+    commands = part.get("measured_by") or [part["command"]]
+    if commands == [quality["command"]]:
         return ""
-    return f"Measured by `{part['command']}` (n = {part['options']['num']} per row, {part['machine']['date']}).\n\n"
+    return (f"Measured by {' and '.join(f'`{c}`' for c in commands)} (n = {part['options']['num']} per row, "
+            f"{part['machine']['date']}).\n\n")
 
 
 def _axes(n: int, title: str):

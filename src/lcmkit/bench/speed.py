@@ -323,18 +323,25 @@ def bench_speed(options: SpeedOptions, out_dir: str | Path, command: str, log=pr
     return result
 
 
+MODEL_ORDER = ("world", "sd15", "sdxl")
+
+
 def keep_other_models(result: dict, out_dir: Path) -> None:
-    """Models an earlier run measured into ``out_dir`` and this one did not stay, after this run's (each model
-    records its own command and date): a minutes-long world re-run keeps the hour of SD 1.5 behind it."""
+    """Models an earlier run measured into ``out_dir`` and this one did not stay (each model records its own
+    command and date): a minutes-long world re-run keeps the hour of SD 1.5 behind it, an SDXL run keeps the world.
+    Models are then listed world, sd15, sdxl (others after), so the reference model of the headline does not
+    depend on which model was measured last."""
     path = out_dir / "speed.json"
-    if result["options"]["estimate_only"] or not path.is_file():
-        return
-    earlier = json.loads(path.read_text())
-    for name, entry in earlier.get("models", {}).items():
-        if name not in result["models"] and "methods" in entry:
-            entry.setdefault("command", earlier.get("command"))
-            entry.setdefault("date", earlier.get("machine", {}).get("date"))
-            result["models"][name] = entry
+    if not result["options"]["estimate_only"] and path.is_file():
+        earlier = json.loads(path.read_text())
+        for name, entry in earlier.get("models", {}).items():
+            if name not in result["models"] and "methods" in entry:
+                entry.setdefault("command", earlier.get("command"))
+                entry.setdefault("date", earlier.get("machine", {}).get("date"))
+                result["models"][name] = entry
+    rank = {name: i for i, name in enumerate(MODEL_ORDER)}
+    names = sorted(result["models"], key=lambda n: rank.get(n, len(rank)))  # stable: unknown names keep their order
+    result["models"] = {n: result["models"][n] for n in names}
 
 
 def add_headline(result: dict) -> None:
