@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The world results on open prompts (benchmarks/results/open/), in one go, from the shipped world teacher.
-# Usage: bash benchmarks/scripts/open_results.sh   (from the repository root, after `make install`; ~1.5 h on 2 cores)
+# Usage: bash benchmarks/scripts/open_results.sh   (from the repository root, after `make install`; ~3.5 h on 2 cores)
 # Open prompts name the shape and only some of size, colour, position and background ("a red circle"), so the
 # caption leaves the image uncertain: the undistilled teacher's one-step x̂0 is then a blurred average, and the
 # table can show what distillation buys. Step 0 (re-)trains the open teacher; it is shipped, so skip it with
@@ -31,12 +31,24 @@ OMP_NUM_THREADS=1 $L distill --teacher $T --data world:open --out runs/open-lcm3
   --solver ddim --skip 20 --loss huber --batch-size 32 --max-steps 1800 --lr 2e-4 --lr-schedule cosine \
   --warmup-steps 50 --checkpoint-every 600 --validate-every 0 --no-progress --overwrite > runs/open-lcm3.log 2>&1
 wait $full
+# the longer fixed-ω full LCM (session 5: 4,500 steps, ≈ 65 min on one core)
+OMP_NUM_THREADS=1 $L distill --teacher $T --data world:open --out runs/open-lcm4 --mode full --omega 6.5 \
+  --solver ddim --skip 20 --loss huber --batch-size 32 --max-steps 4500 --lr 2e-4 --lr-schedule cosine \
+  --warmup-steps 50 --checkpoint-every 750 --validate-every 0 --no-progress --overwrite > runs/open-lcm4.log 2>&1
 # 2. the paper's Table 1 on open prompts (1,000 generations per cell), with the control row; the guidance ablation
 $L bench quality --prompts open --parts table --num 1000 --threads 2 --lcm runs/open-lcm2/pipeline \
   --lora runs/open-lora/lora --out $R
 $L bench quality --prompts open --parts guidance --lcm runs/open-lcm2/pipeline --num 1000 --threads 2 --out $R
 $L bench quality --prompts open --parts table --methods lcm --lcm runs/open-lcm3/pipeline --num 1000 --threads 2 \
   --out $R/lcm-fixed-omega
+$L bench quality --prompts open --parts table --methods lcm --lcm runs/open-lcm4/pipeline --num 1000 --threads 2 \
+  --out $R/lcm-4500
+# the skip-k × solver ablation (15 distillations of 300 steps, scored at 1 LCM step on 500 generations each);
+# one solver per call, so the calls can run side by side (each keeps the others' rows in $R/ablation_skip.json)
+for s in ddim dpm-solver dpm-solver++; do
+  OMP_NUM_THREADS=1 $L bench quality --prompts open --parts skip --solvers $s --budget 300 --evals 3 --num 500 \
+    --ablation-steps 1 --threads 1 --out $R
+done
 .venv/bin/python benchmarks/scripts/plot_losses.py $R/distill-loss.png "LCM-LoRA (1000 steps)=runs/open-lora" \
   "full LCM, ω range (1800 steps)=runs/open-lcm2" "full LCM, fixed ω (1800 steps)=runs/open-lcm3"
 # 3. the teacher's quality bar on exact captions still holds after the fine-tune
