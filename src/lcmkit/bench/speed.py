@@ -34,7 +34,7 @@ import torch
 
 from ..errors import LcmkitError
 from . import machine
-from .hooks import ForwardMeter, pipeline_meters
+from .hooks import pipeline_meters
 from .subjects import Subject, describe, load_subject
 
 TEACHER = ("dpm-solver++", 25, 7.5)
