@@ -96,6 +96,19 @@ def test_sampling_loop_computes_its_constants_once(monkeypatch):
                 z = a1 * f + s1 * torch.randn(z.shape, generator=g)
     torch.testing.assert_close(sample, f, atol=1e-5, rtol=1e-5)
 
+
+def test_memoised_constants_survive_inference_mode():
+    """A denoiser first called under torch.inference_mode (sampling) can then be trained through: its memoised
+    ω embedding and α/σ table are ordinary tensors."""
+    unet = tiny.tiny_unet(time_cond_proj_dim=256)
+    x, t, cond, _ = _inputs()
+    denoiser = unet_denoiser(unet, AC, cond, w_omega=6.5)
+    with torch.inference_mode():
+        denoiser(x, t)
+    x0, _ = denoiser(x, t)
+    x0.square().mean().backward()
+    assert unet.time_embedding.cond_proj.weight.grad is not None
+
 def test_consistency_fn_boundary_and_grad():
     """f(x, 0) = x (paper eq. 2), and gradients reach the student's parameters."""
     unet = tiny.tiny_unet()

@@ -17,8 +17,8 @@ The contract (:mod:`lcmkit.solvers`): ``denoiser(x_t, t) -> (x0_hat, eps_hat)``,
 Guidance convention in this module: always the paper's ω (0 = conditional only). Conversion from diffusers'
 ``guidance_scale`` happens once, in :mod:`lcmkit.pipelines`.
 
-Everything here is pure: a denoiser is a closure over its inputs, holds no state and never touches autograd
-mode (wrap calls in ``torch.no_grad()`` for a teacher; leave grads on for a student).
+Everything here is pure: a denoiser is a closure over its inputs, holds no state but constants memoised on first
+use (the ω embedding, the α/σ table) and never touches autograd mode (wrap calls in ``torch.no_grad()`` for a teacher; leave grads on for a student).
 """
 
 from __future__ import annotations
@@ -131,12 +131,15 @@ def unet_denoiser(unet, alphas_cumprod: Tensor, cond: TextConditioning, *, predi
     w_embs: dict[tuple, Tensor] = {}
     tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
+    # (made outside inference mode, so a denoiser first called under torch.inference_mode can later be trained through)
+
     def coefficients(t: Tensor, device) -> tuple[Tensor, Tensor]:
         if torch.is_floating_point(t):  # DPM-Solver's intermediate times: interpolated, not tabulated
             return alpha_sigma(alphas_cumprod.to(device), t)
         if device not in tables:
-            ac = alphas_cumprod.to(device)
-            tables[device] = alpha_sigma(ac, torch.arange(len(ac), device=device))
+            with torch.inference_mode(False):
+                ac = alphas_cumprod.to(device)
+                tables[device] = alpha_sigma(ac, torch.arange(len(ac), device=device))
         alpha, sigma = tables[device]
         return alpha[t], sigma[t]
 
@@ -149,8 +152,9 @@ def unet_denoiser(unet, alphas_cumprod: Tensor, cond: TextConditioning, *, predi
         if w_omega is not None:  # (B, d), the LCM's guidance embedding of ω
             key = (batch, x_t.device)
             if key not in w_embs:
-                w_embs[key] = guidance_embedding(_per_sample(w_omega, batch, "cpu"),
-                                                 unet.config.time_cond_proj_dim).to(x_t.device)
+                with torch.inference_mode(False):
+                    w_embs[key] = guidance_embedding(_per_sample(w_omega, batch, "cpu"),
+                                                     unet.config.time_cond_proj_dim).to(x_t.device)
             w_emb = w_embs[key]
         if cfg_cond is None:
             out = unet_output(unet, x_t, t, cond, w_emb, unet_dtype)
