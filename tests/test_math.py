@@ -1,6 +1,5 @@
 """lcmkit.math against diffusers' schedulers and the paper's definitions, in float64."""
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, LCMScheduler, TCDScheduler

@@ -6,8 +6,6 @@ recording the machine and the exact command. ``--smoke`` runs the same code on t
 
 from __future__ import annotations
 
-import argparse
-
 from ._training import comma_list
 
 DEFAULT_OUT = "benchmarks/results"
@@ -188,7 +186,7 @@ def run_distill(args) -> int:
                                       batch_size=args.batch_size, device=args.device, world_teacher=args.world_teacher,
                                       subprocess=not args.in_process, threads=args.threads)
     result = bench_distill(options, args.out, command(args))
-    print(f"LCM-LoRA trainable parameters: " + ", ".join(
+    print("LCM-LoRA trainable parameters: " + ", ".join(
         f"{k} {v['trainable_params'] / 1e6:.1f}M" for k, v in result["lora_trainable_params"].items())
         + f"; wrote {args.out}/distill.*")
     return 0
