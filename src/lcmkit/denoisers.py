@@ -18,7 +18,8 @@ Guidance convention in this module: always the paper's ω (0 = conditional only)
 ``guidance_scale`` happens once, in :mod:`lcmkit.pipelines`.
 
 Everything here is pure: a denoiser is a closure over its inputs, holds no state but constants memoised on first
-use (the ω embedding, the α/σ table) and never touches autograd mode (wrap calls in ``torch.no_grad()`` for a teacher; leave grads on for a student).
+use (the ω embedding, the α/σ table) and never touches autograd mode (wrap calls in ``torch.no_grad()`` for a
+teacher; leave grads on for a student).
 """
 
 from __future__ import annotations
@@ -128,10 +129,10 @@ def unet_denoiser(unet, alphas_cumprod: Tensor, cond: TextConditioning, *, predi
     # Per-call constants, computed on first use and reused by every step of a sampling loop (on a small UNet the
     # sampler's own tensor ops are a visible share of a step): the guidance embedding of the fixed ω per batch
     # size and device, and α_t, σ_t for every integer timestep per device (the same values alpha_sigma gives).
+    # They are made outside inference mode, so a denoiser first called under torch.inference_mode can later be
+    # trained through.
     w_embs: dict[tuple, Tensor] = {}
     tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
-
-    # (made outside inference mode, so a denoiser first called under torch.inference_mode can later be trained through)
 
     def coefficients(t: Tensor, device) -> tuple[Tensor, Tensor]:
         if torch.is_floating_point(t):  # DPM-Solver's intermediate times: interpolated, not tabulated

@@ -67,7 +67,10 @@ class QualityOptions(WorldScoring):
         """Tiny random models (built in a temp folder), 4 generations per row, 2-step distillations. The skip
         ablation's budget, skips and solvers shrink only where they were left at their defaults."""
         default = QualityOptions()
-        pick = lambda name, small: small if getattr(self, name) == getattr(default, name) else getattr(self, name)  # noqa: E731
+
+        def pick(name, small):
+            return small if getattr(self, name) == getattr(default, name) else getattr(self, name)
+
         return replace(self, teacher=None, lcm=None, lora=None, num=4, n_real=8, teacher_steps=[2],
                        lcm_steps=[2], budget=pick("budget", 2), evals=1, skips=pick("skips", [1, 50]),
                        solvers=pick("solvers", ["ddim", "dpm-solver++"]),
