@@ -35,7 +35,7 @@ import torch
 from ..errors import LcmkitError
 from . import machine
 from .hooks import pipeline_meters
-from .subjects import Subject, describe, load_subject
+from .subjects import MODEL_NAMES, Subject, describe, load_subject
 
 TEACHER = ("dpm-solver++", 25, 7.5)
 RESULT_NAMES = ("speed.json", "speed.md", "speed.png")
@@ -323,9 +323,6 @@ def bench_speed(options: SpeedOptions, out_dir: str | Path, command: str, log=pr
     return result
 
 
-MODEL_ORDER = ("world", "sd15", "sdxl")
-
-
 def keep_other_models(result: dict, out_dir: Path) -> None:
     """Models an earlier run measured into ``out_dir`` and this one did not stay (each model records its own
     command and date): a minutes-long world re-run keeps the hour of SD 1.5 behind it, an SDXL run keeps the world.
@@ -339,7 +336,7 @@ def keep_other_models(result: dict, out_dir: Path) -> None:
                 entry.setdefault("command", earlier.get("command"))
                 entry.setdefault("date", earlier.get("machine", {}).get("date"))
                 result["models"][name] = entry
-    rank = {name: i for i, name in enumerate(MODEL_ORDER)}
+    rank = {name: i for i, name in enumerate(MODEL_NAMES)}
     names = sorted(result["models"], key=lambda n: rank.get(n, len(rank)))  # stable: unknown names keep their order
     result["models"] = {n: result["models"][n] for n in names}
 
