@@ -112,6 +112,24 @@ def test_lora_ema_target_is_the_shadow_weights(tiny_sd_pipe):
         torch.testing.assert_close(v, 0.9 * before[n] + 0.1 * online[n].detach())
 
 
+def test_top_fraction_draws():
+    """p = 0 draws what the reference draws; p > 0 puts P(n = N−1) = p + (1 − p)/N and keeps ω and ε."""
+    from lcmkit.train.distill import draw
+
+    shape = (4000, 1, 1, 1)
+    ref = draw(4000, shape, (5.0, 15.0), 50, common.generator_for(3, 0))
+    same = draw(4000, shape, (5.0, 15.0), 50, common.generator_for(3, 0), 0.0)
+    top = draw(4000, shape, (5.0, 15.0), 50, common.generator_for(3, 0), 0.5)
+    for a, b in zip(ref, same):
+        assert torch.equal(a, b)
+    assert torch.equal(ref[0], top[0]) and torch.equal(ref[2], top[2])
+    moved = top[1] != ref[1]
+    assert bool((top[1][moved] == 49).all())
+    share = float((top[1] == 49).double().mean())
+    assert abs(share - (0.5 + 0.5 / 50)) < 0.03, share
+    assert float((ref[1] == 49).double().mean()) < 0.05
+
+
 def test_lr_schedule_is_in_optimizer_steps():
     assert [common.lr_factor(s, 2, 10, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
     assert common.lr_factor(2, 2, 10, "cosine") == 1.0
@@ -318,6 +336,7 @@ def _cli(args, capsys) -> tuple[int, str]:
     (["--skip", "0"], "skip k must be >= 1"),
     (["--omega", "4", "--omega-min", "1"], "either a fixed --omega"),
     (["--ema", "1.5"], "ema must be in [0, 1)"),
+    (["--top-fraction", "1"], "top_fraction must be in [0, 1)"),
     (["--mode", "lora", "--cache-latents", "true", "--crop", "random"], "cache_latents needs crop=center"),
 ])
 def test_bad_arguments(extra, message, tiny_sd_dir, tmp_path, capsys):

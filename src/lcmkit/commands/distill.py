@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "(default 0 = the online model, as the LCM-LoRA scripts)")
     a("--omega", type=float, help="fixed paper guidance omega (= guidance_scale - 1)")
     a("--solver", choices=("ddim", "dpm-solver", "dpm-solver++"), help="teacher ODE solver (default ddim)")
+    a("--top-fraction", type=float, help="extra share of pairs at the grid's top point, where 1-step sampling "
+      "starts (not in the paper; default 0 = uniform)")
     add_consistency_args(p)
     add_training_args(p)
     p.set_defaults(run=run)

@@ -85,6 +85,7 @@ class DistillConfig(common.TrainingOptions):
     skip: int = 20                    # skipping step k
     loss: str = "huber"               # l2 (paper) or huber (pseudo-Huber)
     huber_c: float = 0.001
+    top_fraction: float = 0.0         # extra share of pairs drawn at the grid's top point (the 1-step sampler's t)
     validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     validation_omega: float = 7.0     # ω of the full LCM's w-embedding in validation grids
 
@@ -116,6 +117,8 @@ class DistillConfig(common.TrainingOptions):
             raise LcmkitError(f"loss must be one of {', '.join(LOSS_TYPES)}, got {self.loss!r}")
         if self.huber_c <= 0:
             raise LcmkitError(f"huber_c must be > 0 (0.001 is the reference), got {self.huber_c}")
+        if not (math.isfinite(self.top_fraction) and 0.0 <= self.top_fraction < 1.0):
+            raise LcmkitError(f"top_fraction must be in [0, 1) (0 = uniform n, the reference), got {self.top_fraction}")
         if not self.validation_steps or any(s < 1 for s in self.validation_steps):
             raise LcmkitError(f"validation_steps must be positive step counts, got {self.validation_steps}")
 
@@ -320,12 +323,20 @@ def omega_range(cfg, arch: str) -> tuple[float, float]:
 
 
 def draw(batch: int, shape: tuple, omega_range: tuple[float, float], num_points: int,
-         generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """ω ~ U[ω_min, ω_max] (B,) float64, n ~ U{0 … N−1} (B,), ε ~ N(0, I) (B, C, H, W), in that order, on CPU."""
+         generator: torch.Generator, top_fraction: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """ω ~ U[ω_min, ω_max] (B,) float64, n ~ U{0 … N−1} (B,), ε ~ N(0, I) (B, C, H, W), in that order, on CPU.
+
+    ``top_fraction`` p > 0 (not in the paper): each n is then the top point N − 1 with probability p and uniform
+    otherwise (one more uniform draw per sample, after ε), so P(n = N − 1) = p + (1 − p)/N. p = 0 draws exactly
+    what the reference does.
+    """
     lo, hi = omega_range
     omega = lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=torch.float64)
     index = torch.randint(0, num_points, (batch,), generator=generator)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if top_fraction > 0:
+        top = torch.rand(batch, generator=generator, dtype=torch.float64) < top_fraction
+        index = torch.where(top, torch.full_like(index, num_points - 1), index)
     return omega, index, noise
 
 
@@ -462,7 +473,7 @@ def distill(cfg: DistillConfig) -> Path:
         """The LCD loss of one micro-batch: the next samples, the draws (ω, n, ε) of (seed, step, micro, rank)."""
         z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
         omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points,
-                                   common.generator_for(cfg.seed, step, micro, rank))
+                                   common.generator_for(cfg.seed, step, micro, rank), cfg.top_fraction)
         student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
         loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device), models.alphas_cumprod,
                            skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss, huber_c=cfg.huber_c)
