@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The full-LCM recipe sweep of session 6 (benchmarks/results/open/recipes/), from the shipped open teacher.
+# Usage: bash benchmarks/scripts/lcm_recipes.sh   (from the repository root, after `make install`; each
+# distillation takes 15–45 min on one core; run two at a time, one thread each, on a 2-core machine).
+# The base recipe is the session-5 one (runs/open-lcm5, lcm-lr5e-5/, in open_results.sh): full LCM, fixed ω = 6.5,
+# DDIM, k = 20, pseudo-Huber, batch 32, lr 5e-5 cosine, EMA 0.95, 1,800 steps. Each run changes one thing.
+set -euo pipefail
+export HF_HUB_OFFLINE=1
+L=.venv/bin/lcmkit
+T=src/lcmkit/assets/world-teacher-open
+R=benchmarks/results/open
+base="--teacher $T --data world:open --mode full --omega 6.5 --solver ddim --skip 20 --batch-size 32 --lr 5e-5
+  --lr-schedule cosine --warmup-steps 50 --checkpoint-every 600 --validate-every 0 --no-progress --overwrite"
+mkdir -p runs
+distill() {  # distill RUN FOLDER [options that override the base]
+  local run=$1 folder=$2; shift 2
+  OMP_NUM_THREADS=1 $L distill $base --loss huber --max-steps 1800 --out runs/$run "$@" > runs/$run.log 2>&1
+  OMP_NUM_THREADS=1 $L bench quality --prompts open --parts table --methods lcm --lcm runs/$run/pipeline --num 1000 \
+    --threads 1 --out $R/$folder
+}
+distill open-lcm6 lcm-3600 --max-steps 3600
+distill open-lcm7 lcm-dpmpp-k50 --solver dpm-solver++ --skip 50
+distill open-lcm8 lcm-top0.25 --top-fraction 0.25
+distill open-lcm9 lcm-l2 --loss l2
+distill open-lcm10 lcm-1200 --max-steps 1200
+distill open-lcm11 lcm-batch64 --batch-size 64
+distill open-lcm12 lcm-ema0 --ema 0
+# two more evaluation seeds (other prompts and noise) for the teacher and the closest recipes
+for s in 1 2; do
+  $L eval $T --sampler dpm-solver++ --prompts open --steps 25 --guidance 7.5 --num 1000 --seed $s \
+    --out $R/seeds/teacher-seed$s --overwrite
+  $L eval runs/open-lcm5/pipeline --prompts open --steps 1,4 --guidance 7.5 --num 1000 --seed $s \
+    --out $R/seeds/lcm-lr5e-5-seed$s --overwrite
+  $L eval runs/open-lcm8/pipeline --prompts open --steps 1,4 --guidance 7.5 --num 1000 --seed $s \
+    --out $R/seeds/lcm-top0.25-seed$s --overwrite
+  $L eval runs/open-lcm9/pipeline --prompts open --steps 1,2,4 --guidance 7.5 --num 1000 --seed $s \
+    --out $R/seeds/lcm-l2-seed$s --overwrite
+done
+.venv/bin/python benchmarks/scripts/lcm_recipes.py
