@@ -30,6 +30,7 @@ RECIPES = [
     ("lcm-dpmpp-k50", "lr 5e-5, 1,800 steps, DPM-Solver++ k = 50"),
     ("lcm-top0.25", "lr 5e-5, 1,800 steps, --top-fraction 0.25"),
     ("lcm-l2", "lr 5e-5, 1,800 steps, L2 loss (the paper's)"),
+    ("lcm-huber-c0.02", "lr 5e-5, 1,800 steps, pseudo-Huber c = 0.02"),
     ("lcm-batch64", "lr 5e-5, 1,800 steps, batch 64"),
     ("lcm-ema0", "lr 5e-5, 1,800 steps, EMA 0 (target = online)"),
 ]

@@ -22,6 +22,7 @@ distill open-lcm6 lcm-3600 --max-steps 3600
 distill open-lcm7 lcm-dpmpp-k50 --solver dpm-solver++ --skip 50
 distill open-lcm8 lcm-top0.25 --top-fraction 0.25
 distill open-lcm9 lcm-l2 --loss l2
+distill open-lcm13 lcm-huber-c0.02 --huber-c 0.02
 distill open-lcm10 lcm-1200 --max-steps 1200
 distill open-lcm11 lcm-batch64 --batch-size 64
 distill open-lcm12 lcm-ema0 --ema 0
@@ -35,5 +36,7 @@ for s in 1 2; do
     --out $R/seeds/lcm-top0.25-seed$s --overwrite
   $L eval runs/open-lcm9/pipeline --prompts open --steps 1,2,4 --guidance 7.5 --num 1000 --seed $s \
     --out $R/seeds/lcm-l2-seed$s --overwrite
+  $L eval runs/open-lcm13/pipeline --prompts open --steps 1,2,4 --guidance 7.5 --num 1000 --seed $s \
+    --out $R/seeds/lcm-huber-c0.02-seed$s --overwrite
 done
 .venv/bin/python benchmarks/scripts/lcm_recipes.py
