@@ -39,4 +39,12 @@ for s in 1 2; do
   $L eval runs/open-lcm13/pipeline --prompts open --steps 1,2,4 --guidance 7.5 --num 1000 --seed $s \
     --out $R/seeds/lcm-huber-c0.02-seed$s --overwrite
 done
+# the base run's EMA target at its 600- and 1,200-step checkpoints (500 generations each)
+for st in 600 1200; do
+  .venv/bin/python benchmarks/scripts/checkpoint_pipeline.py runs/open-lcm5 $st runs/open-lcm5-step$st
+  $L eval runs/open-lcm5-step$st --prompts open --steps 1,4 --guidance 7.5 --num 500 \
+    --out $R/recipes/lcm-lr5e-5-step$st --overwrite
+done
+# where one step goes wrong (accuracy by named attributes; the terminal-SNR leak)
+.venv/bin/python benchmarks/scripts/one_step_diagnostics.py runs/open-lcm5/pipeline $R/one-step
 .venv/bin/python benchmarks/scripts/lcm_recipes.py
