@@ -47,4 +47,8 @@ for st in 600 1200; do
 done
 # where one step goes wrong (accuracy by named attributes; the terminal-SNR leak)
 .venv/bin/python benchmarks/scripts/one_step_diagnostics.py runs/open-lcm5/pipeline $R/one-step
+.venv/bin/python benchmarks/scripts/plot_losses.py $R/recipes/distill-loss.png "base, 1,800 steps=runs/open-lcm5" \
+  "3,600 steps=runs/open-lcm6" "DPM-Solver++ k 50=runs/open-lcm7" "top-fraction 0.25=runs/open-lcm8" \
+  "L2 loss=runs/open-lcm9" "1,200 steps=runs/open-lcm10" "batch 64=runs/open-lcm11" "EMA 0=runs/open-lcm12" \
+  "pseudo-Huber c 0.02=runs/open-lcm13"
 .venv/bin/python benchmarks/scripts/lcm_recipes.py
