@@ -29,6 +29,8 @@ RECIPES = [
     ("lcm-3600", "lr 5e-5, 3,600 steps"),
     ("lcm-dpmpp-k50", "lr 5e-5, 1,800 steps, DPM-Solver++ k = 50"),
     ("lcm-top0.25", "lr 5e-5, 1,800 steps, --top-fraction 0.25"),
+    ("lcm-top0.9", "lr 5e-5, 1,800 steps, --top-fraction 0.9"),
+    ("recipes/lcm-omega10.5", "lr 5e-5, 1,800 steps, fixed ω = 10.5 (scored at guidance 11.5; lcmkit eval)"),
     ("lcm-l2", "lr 5e-5, 1,800 steps, L2 loss (the paper's)"),
     ("lcm-huber-c0.02", "lr 5e-5, 1,800 steps, pseudo-Huber c = 0.02"),
     ("lcm-batch64", "lr 5e-5, 1,800 steps, batch 64"),
@@ -36,9 +38,10 @@ RECIPES = [
 ]
 
 
-def table_rows(folder: Path) -> dict[int, dict]:
-    """LCM rows of a bench quality table by step count."""
-    data = json.loads((folder / "quality.json").read_text())
+def table_rows(folder: Path) -> tuple[dict[int, dict], dict]:
+    """LCM rows by step count of a bench quality table (quality.json) or of an ``lcmkit eval`` run (eval.json)."""
+    name = "quality.json" if (folder / "quality.json").is_file() else "eval.json"
+    data = json.loads((folder / name).read_text())
     return {r["steps"]: r for r in data["rows"] if r["method"] == "lcm"}, data
 
 
@@ -74,11 +77,11 @@ def main() -> None:
     t = teacher()
     recipes, machine = [], None
     for folder, label in RECIPES:
-        if not (R / folder / "quality.json").is_file():
-            print(f"skipped {folder}: no quality.json yet")
+        if not any((R / folder / f).is_file() for f in ("quality.json", "eval.json")):
+            print(f"skipped {folder}: no quality.json or eval.json yet")
             continue
         rows, data = table_rows(R / folder)
-        machine = machine or data["machine"]
+        machine = machine or data.get("machine")
         extra = seed_rows(folder)
         entry = {"folder": folder, "recipe": label, "seed0": {}, "pooled": {}}
         for steps, r in sorted(rows.items()):
@@ -159,7 +162,7 @@ def plot(result: dict, path: Path) -> None:
     ax.text(ax.get_xlim()[0], BARS[4] * t["pooled"], " 4-step bar", fontsize=8, color="grey", va="bottom")
     ax.set_xlabel("1-step prompt accuracy (pooled where measured)")
     ax.set_ylabel("4-step prompt accuracy (pooled where measured)")
-    ax.set_title("Full LCM recipes on open prompts (recipes.md names them); the bars are top right")
+    ax.set_title("Full LCM recipes, open prompts (recipes.md names them)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

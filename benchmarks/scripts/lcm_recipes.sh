@@ -21,6 +21,12 @@ distill() {  # distill RUN FOLDER [options that override the base]
 distill open-lcm6 lcm-3600 --max-steps 3600
 distill open-lcm7 lcm-dpmpp-k50 --solver dpm-solver++ --skip 50
 distill open-lcm8 lcm-top0.25 --top-fraction 0.25
+distill open-lcm14 lcm-top0.9 --top-fraction 0.9
+# a fixed ω = 10.5 (guidance 11.5): the bench scores at guidance 7.5, so this one is scored with lcmkit eval
+OMP_NUM_THREADS=1 $L distill $base --loss huber --max-steps 1800 --out runs/open-lcm15 --omega 10.5 \
+  > runs/open-lcm15.log 2>&1
+$L eval runs/open-lcm15/pipeline --prompts open --steps 1,2,4,8 --guidance 11.5 --num 1000 \
+  --out $R/recipes/lcm-omega10.5 --overwrite
 distill open-lcm9 lcm-l2 --loss l2
 distill open-lcm13 lcm-huber-c0.02 --huber-c 0.02
 distill open-lcm10 lcm-1200 --max-steps 1200
@@ -50,5 +56,5 @@ done
 .venv/bin/python benchmarks/scripts/plot_losses.py $R/recipes/distill-loss.png "base, 1,800 steps=runs/open-lcm5" \
   "3,600 steps=runs/open-lcm6" "DPM-Solver++ k 50=runs/open-lcm7" "top-fraction 0.25=runs/open-lcm8" \
   "L2 loss=runs/open-lcm9" "1,200 steps=runs/open-lcm10" "batch 64=runs/open-lcm11" "EMA 0=runs/open-lcm12" \
-  "pseudo-Huber c 0.02=runs/open-lcm13"
+  "pseudo-Huber c 0.02=runs/open-lcm13" "top-fraction 0.9=runs/open-lcm14" "omega 10.5=runs/open-lcm15"
 .venv/bin/python benchmarks/scripts/lcm_recipes.py
