@@ -10,13 +10,14 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from lcmkit.pipelines import load_pipeline
+from lcmkit.train import common
 
 if __name__ == "__main__":
     run, step, out = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-    weights = run / "checkpoints" / f"step-{step:07d}" / "target.safetensors"
-    if not weights.is_file():
-        raise SystemExit(f"no checkpoint at step {step}: {weights} does not exist")
+    found = {int(d.name[len(common.CHECKPOINT_PREFIX):]): d for d in common.checkpoint_dirs(run)}
+    if step not in found:
+        raise SystemExit(f"no complete checkpoint at step {step} under {run}; there are {sorted(found)}")
     pipe = load_pipeline(run / "pipeline", device="cpu")
-    pipe.unet.load_state_dict(load_file(str(weights)))
+    pipe.unet.load_state_dict(load_file(str(found[step] / "target.safetensors")))
     pipe.save_pretrained(out)
     print(f"wrote {out}")

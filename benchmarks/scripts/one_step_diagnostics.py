@@ -54,7 +54,6 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--num", type=int, default=1000)
     args = p.parse_args()
-    torch.manual_seed(0)
     pipe = load_pipeline(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     specs, named, captions = run.eval_prompts(args.num, 0, "filled", "open")
