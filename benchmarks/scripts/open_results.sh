@@ -43,6 +43,10 @@ OMP_NUM_THREADS=1 $L distill --teacher $T --data world:open --out runs/open-lcm5
 $L bench quality --prompts open --parts table --num 1000 --threads 2 --lcm runs/open-lcm2/pipeline \
   --lora runs/open-lora/lora --out $R
 $L bench quality --prompts open --parts guidance --lcm runs/open-lcm2/pipeline --num 1000 --threads 2 --out $R
+# (session 7) the table's full-LCM rows are now the recipe sweep's pseudo-Huber c = 0.02 model (runs/open-lcm13, its
+# distill command is in benchmarks/scripts/lcm_recipes.sh); the other rows stay as the call above wrote them
+$L bench quality --prompts open --parts table --methods lcm --lcm runs/open-lcm13/pipeline --num 1000 --threads 1 \
+  --out $R
 $L bench quality --prompts open --parts table --methods lcm --lcm runs/open-lcm3/pipeline --num 1000 --threads 2 \
   --out $R/lcm-fixed-omega
 $L bench quality --prompts open --parts table --methods lcm --lcm runs/open-lcm4/pipeline --num 1000 --threads 2 \
