@@ -1,19 +1,22 @@
-"""Can the student UNet hold the teacher's one-step map at all? A capacity probe for issue 4's 1-step bar.
+"""Is the full LCM's one-step gap (issue 4) the network or the training signal? Probes, not a recipe.
 
-LCD learns f(x_T) at the top grid point by bootstrapping through ~T/k consistency pairs. This probe removes the
-bootstrapping: it takes a distilled full LCM and regresses its one-step output f_θ(x_T, ω, c, 999) directly onto
-the teacher's own ODE solution from the same x_T (DPM-Solver++ 25 steps, guidance 7.5: the bar's reference), on
-pairs whose noise and prompts are disjoint from the evaluation's (eval seeds 0…999, pairs from 10,000 up).
-If even this ideal target leaves one step below the bar, the limit is the network, not the distillation.
+LCD learns f(x_T) at the top grid point by bootstrapping: its target there is the EMA student's own one step from
+t = 979. A probe removes the bootstrapping: it takes a distilled full LCM and regresses its one-step output
+f_θ(x_T, ω = 6.5, c, 999) directly onto a deterministic solution from the same x_T, on pairs whose noise and
+prompts are disjoint from the evaluation's (eval seeds 0…999, pairs from 10,000 up): the teacher's DPM-Solver++ 25
+at guidance 7.5 (the bar's reference), or, ~10 × cheaper, the LCM's own deterministic TCD (γ = 0) in a few steps.
+Alone it trains the top timestep only (the 2- and 4-step samplers then break); ``--anchor`` also holds the rest of
+the grid to the starting model. If even the teacher's target left one step below the bar, the limit would be the
+network.
 
-Not a training recipe: it uses only the top timestep, so the model's 2- and 4-step sampling is not its concern.
-
-    python benchmarks/scripts/one_step_capacity.py pairs TEACHER OUT.safetensors --start 0 --count 3000
-    python benchmarks/scripts/one_step_capacity.py train LCM_PIPELINE OUT_DIR --pairs A.safetensors,B.safetensors \
-        [--steps 1500 --batch 32 --lr 1e-4 --loss huber --huber-c 0.001 --holdout 500 --cosine]
+    python benchmarks/scripts/one_step_capacity.py pairs TEACHER OUT.safetensors --start 0 --count 4000
+    python benchmarks/scripts/one_step_capacity.py pairs LCM OUT.safetensors --start 20000 --count 48000 --tcd-steps 4
+    python benchmarks/scripts/one_step_capacity.py train LCM OUT_DIR --pairs A.safetensors,B.safetensors \
+        [--steps 1500 --batch 32 --lr 1e-4 --loss huber --huber-c 0.001 --holdout 500 --cosine --anchor]
 then score it: ``lcmkit eval OUT_DIR/pipeline --prompts open --steps 1,2,4 --guidance 7.5 --out OUT_DIR/eval``, and
-    python benchmarks/scripts/one_step_capacity.py report RESULTS_DIR --lcd BENCH_FOLDER --probe LABEL=OUT_DIR ... \
-        --teacher-accuracy 0.993
+    python benchmarks/scripts/one_step_capacity.py report RESULTS_DIR --lcd LABEL=BENCH_FOLDER ... \
+        --probe LABEL=OUT_DIR ... --teacher-accuracy 0.993
+Every command that made benchmarks/results/open/one-step/: benchmarks/scripts/one_step_probes.sh.
 """
 
 import argparse

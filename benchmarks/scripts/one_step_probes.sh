@@ -14,6 +14,9 @@ mkdir -p runs/s7
 # 1. is guidance a lever at one step? (the ω-range model open-lcm2 and the fixed-ω = 6.5 model open-lcm5)
 $L eval runs/open-lcm2/pipeline --prompts open --steps 1 --guidance 3,5,7.5,10,13,16 --num 1000 --out $R/guidance-lcm2
 $L eval runs/open-lcm5/pipeline --prompts open --steps 1 --guidance 4,6,7.5,9,11 --num 1000 --out $R/guidance-lcm5
+# the c = 0.02 LCM's deterministic TCD (γ = 0), the pair source of step 4's self-targeted probe
+$L eval runs/open-lcm13/pipeline --prompts open --sampler tcd --eta 0 --steps 2,4,8 --guidance 7.5 --num 1000 \
+  --out $R/tcd0-lcm13
 # 2. the teacher's ODE solutions (DPM-Solver++ 25, guidance 7.5) from 12,000 noises and open prompts, none of
 #    them the evaluation's (≈ 9 min per 4,000 on one core)
 for s in 0 4000 8000; do
