@@ -20,11 +20,12 @@ Every command that made benchmarks/results/open/one-step/: benchmarks/scripts/on
 """
 
 import argparse
+import copy
 import json
 import math
 import time
-from statistics import mean
 from pathlib import Path
+from statistics import mean
 
 import torch
 from safetensors import safe_open
@@ -37,9 +38,9 @@ from lcmkit.evaluate.run import eval_prompts
 from lcmkit.losses import consistency_distance
 from lcmkit.math.schedule import alpha_sigma, alphas_cumprod_from_config, append_dims
 from lcmkit.math.timesteps import lcm_timesteps, training_grid
-from lcmkit.solvers import sample_tcd
 from lcmkit.pipelines import (encode_prompt, encode_unconditional, initial_latents, load_pipeline,
                               sample_teacher, teacher_scheduler, teacher_timesteps)
+from lcmkit.solvers import sample_tcd
 
 PAIR_SEED = 10_000     # noise of pair i: seed PAIR_SEED + i (the evaluation uses seeds 0 … num − 1)
 CAPTION_SEED = 100     # captions: eval_prompts(count, seed=CAPTION_SEED + start) (the evaluation uses seed 0)
@@ -101,9 +102,9 @@ def train(lcm: str, out: Path, files: list[str], steps: int, batch: int, lr: flo
     """Regress the one-step output onto the teacher's solutions; the last ``holdout`` pairs are never trained on
     and their loss is logged every 250 steps (train loss falling while it stays flat = too few pairs).
 
-    ``anchor``: also hold the consistency function at the rest of the grid (t = 19 … 979) to the starting model's
-    (a frozen copy), at z_t = α_t·z0 + σ_t·ε of the pairs' solutions z0: the top timestep learns while the
-    2- and 4-step samplers keep what LCD gave them."""
+    ``anchor``: add (weight 1) the distance of the consistency function at the rest of the grid (t = 19 … 979, one
+    draw per sample) to the starting model's (a frozen copy), at z_t = α_t·z0 + σ_t·ε of the pairs' solutions z0:
+    the top timestep learns while the 2- and 4-step samplers keep what LCD gave them."""
     pipe = load_pipeline(lcm, device="cpu")
     ac = alphas_cumprod_from_config(pipe.scheduler.config)
     noise, z0, captions, targets = load_pairs(files)
@@ -116,9 +117,7 @@ def train(lcm: str, out: Path, files: list[str], steps: int, batch: int, lr: flo
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)) if cosine else 1.0)
     n_train = len(captions) - holdout
-    frozen = None
     if anchor:
-        import copy
         frozen = copy.deepcopy(unet).eval().requires_grad_(False)
         grid = training_grid(len(ac), len(ac) // ORIGINAL_STEPS)[:-1]  # all but the top
 
@@ -166,8 +165,9 @@ def train(lcm: str, out: Path, files: list[str], steps: int, batch: int, lr: flo
             heldout.append((step + 1, heldout_loss()))
     unet.eval()
     pipe.save_pretrained(out / "pipeline")
-    summary = {"lcm": lcm, "pairs": files, "targets": targets, "num_pairs": len(captions), "steps": steps, "batch": batch, "lr": lr,
-               "cosine": cosine, "anchor": anchor, "holdout": holdout, "heldout_losses": heldout, "loss": loss, "huber_c": huber_c, "seconds": time.perf_counter() - t0,
+    summary = {"lcm": lcm, "pairs": files, "targets": targets, "num_pairs": len(captions), "steps": steps,
+               "batch": batch, "lr": lr, "cosine": cosine, "anchor": anchor, "holdout": holdout,
+               "heldout_losses": heldout, "loss": loss, "huber_c": huber_c, "seconds": time.perf_counter() - t0,
                "loss_first_50": mean(log[:50]), "loss_last_50": mean(log[-50:]), "losses": log}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     held = f", held-out {heldout[0][1]:.4f} -> {heldout[-1][1]:.4f}" if heldout else ""
@@ -230,7 +230,8 @@ def report(out: Path, probes: list[tuple[str, Path]], bases: list[tuple[str, Pat
                      "world_fid": {k: v["world_fid"] for k, v in ev.items()}, "pooled": _pooled([ev] + seeds),
                      "losses": summary["losses"]})
     need = bar * teacher_accuracy
-    lines = [f"# One step: can the student learn the map at all? (issue 4's 1-step bar: ≥ {bar} × {teacher_accuracy} "
+    lines = [f"# One step: can the student learn the map at all? (issue 4's 1-step bar: ≥ {bar} × "
+             f"{teacher_accuracy} "
              f"= {need:.3f})", "",
              "Each probe starts from a distilled full LCM and regresses its one-step output f(x_T, ω = 6.5, c, 999) "
              "onto a deterministic solution from the same x_T (pseudo-Huber c = 0.001, batch 32, AdamW), on "
@@ -268,7 +269,8 @@ def report(out: Path, probes: list[tuple[str, Path]], bases: list[tuple[str, Pat
         smooth = torch.nn.functional.avg_pool1d(v[None, None], k, 1)[0, 0]
         line, = axes[0].plot(range(k - 1, len(v)), smooth.tolist(), lw=1, label=f"{r['probe']} (train)")
         if r["heldout_loss"] and len(r["heldout_loss"]) > 1:
-            axes[0].plot(*zip(*r["heldout_loss"]), "o--", ms=3, color=line.get_color(), label=f"{r['probe']} (held-out)")
+            axes[0].plot(*zip(*r["heldout_loss"]), "o--", ms=3, color=line.get_color(),
+                         label=f"{r['probe']} (held-out)")
     names = [f"{label} (LCD)" for label in base_rows] + [r["probe"] for r in rows]
     values = [b[1]["accuracy"] for b in base_rows.values()] + [r["accuracy"][1] for r in rows]
     axes[1].barh(names, values, color=["gray"] * len(base_rows) + ["C0"] * len(rows))
@@ -307,7 +309,8 @@ if __name__ == "__main__":
     r = sub.add_parser("report")
     r.add_argument("out", type=Path)
     r.add_argument("--lcd", action="append", required=True,
-                   help="LABEL=BENCH_FOLDER (split at the last =): a starting LCD model's bench quality table (repeatable)")
+                   help="LABEL=BENCH_FOLDER (split at the last =): a starting LCD model's bench quality table "
+                        "(repeatable)")
     r.add_argument("--probe", action="append", required=True, help="LABEL=PROBE_DIR (repeatable)")
     r.add_argument("--teacher-accuracy", type=float, required=True)
     r.add_argument("--bar", type=float, default=0.85)
@@ -323,4 +326,5 @@ if __name__ == "__main__":
             seeds.setdefault(label, []).append(folder)
         report(a.out, pairs(a.probe), pairs(a.lcd), a.teacher_accuracy, a.bar, seeds)
     else:
-        train(a.lcm, a.out, a.pairs.split(","), a.steps, a.batch, a.lr, a.loss, a.huber_c, a.holdout, a.cosine, a.anchor)
+        train(a.lcm, a.out, a.pairs.split(","), a.steps, a.batch, a.lr, a.loss, a.huber_c, a.holdout, a.cosine,
+              a.anchor)

@@ -62,5 +62,7 @@ $P report $R/capacity --lcd "c = 0.001=$O/lcm-lr5e-5" --lcd "c = 0.02=$O/lcm-hub
   --probe "L2, anchored, own TCD-4 targets=runs/s7/cap-l2-tcd-anchor" --teacher-accuracy 0.993
 for r in cap-lr1e-4 cap-lr3e-4 cap-long cap-tcd-anchor cap-teacher-anchor cap-l2-tcd-anchor; do
   mkdir -p $R/capacity/$r && cp runs/s7/$r/summary.json $R/capacity/$r/
-  for e in runs/s7/$r/eval*; do mkdir -p $R/capacity/$r/$(basename $e) && cp $e/eval.md $e/eval.json $R/capacity/$r/$(basename $e)/; done
+  for e in runs/s7/$r/eval*; do
+    mkdir -p $R/capacity/$r/$(basename $e) && cp $e/eval.md $e/eval.json $R/capacity/$r/$(basename $e)/
+  done
 done
