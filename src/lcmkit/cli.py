@@ -17,7 +17,7 @@ import sys
 from .errors import LcmkitError
 
 #: Subcommand modules under lcmkit.commands, in the order ``lcmkit --help`` lists them.
-COMMANDS = ["generate", "world", "eval", "distill", "finetune", "lora", "bench", "demo"]
+COMMANDS = ["generate", "world", "eval", "distill", "finetune", "refine", "lora", "bench", "demo"]
 
 
 class OneLineParser(argparse.ArgumentParser):

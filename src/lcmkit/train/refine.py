@@ -1,0 +1,525 @@
+"""One-step refinement of a full LCM after distillation (``lcmkit refine``). **Not in the LCM paper**: lcmkit's own
+stage, motivated by a measured gap (benchmarks/results/open/README.md, "Session 7").
+
+Why: LCD's target at the top grid point (t = 999, the 1-step sampler's timestep) is bootstrapped, the EMA student's
+own one step from t = 979, so one-step samples lag the rest of the grid. Regressing the model's one-step output
+directly onto deterministic solutions from the same initial noise, while holding the consistency function at the
+rest of the grid to the starting model, lifted 1-step accuracy on the world from 0.763 to 0.861 and kept 2 and 4
+steps (the probe: benchmarks/scripts/one_step_capacity.py, ``make_pairs`` and ``train --anchor``; measured with
+batch 32, lr 1e-4 cosine without warm-up, 3,000–4,000 steps).
+
+**Pairs**, made once at the start on the main process and written atomically to ``out/pairs.safetensors``
+(``noise``, ``z0``; captions, solver and settings in its metadata; a ``--resume`` reuses the file): ``num_pairs``
+prompts drawn uniformly from the captions of ``--data`` (:meth:`~lcmkit.train.data.DataSource.captions`, generator
+(seed, :data:`CAPTION_KEY`)), pair i's noise x_T from generator (seed, :data:`NOISE_KEY`, i) (never an evaluation
+seed), and its solution z0 from the same x_T:
+
+- ``--teacher DIR``: the teacher's DPM-Solver++ (order 2) in 25 steps with classifier-free guidance ω (guidance
+  scale ω + 1), as ``lcmkit generate --sampler dpm-solver++ --steps 25`` in latent space;
+- otherwise: the LCM's own deterministic TCD (γ = 0) in ``pair_steps`` steps, ω through its w-embedding (about
+  10 × cheaper; a smooth map of x_T like the ODE's).
+
+**The recipe**, per optimizer step (one micro-batch per ``grad_accum``): pair indices i ~ U{0 … N−1} (B of them),
+grid timesteps t ~ U(grid below the top) (:func:`~lcmkit.math.timesteps.training_grid` with k = T //
+``original_inference_steps`` of the model's scheduler, all but its last point) and ε ~ N(0, I), drawn in that order
+from a generator seeded by (seed, step, micro-batch, rank), so a resumed run redraws them exactly; then
+
+    loss = d(f_θ(x_T, ω, c, t_top), z0) + anchor_weight · d(f_θ(z_t, ω, c, t), f_θ₀(z_t, ω, c, t)),
+    z_t = α_t·z0 + σ_t·ε,
+
+f = :func:`~lcmkit.denoisers.consistency_fn` over the UNet (ω in the w-embedding), t_top the model's 1-step LCM
+timestep, θ₀ a frozen copy of the starting UNet and d :func:`~lcmkit.losses.consistency_distance`. Then
+:func:`lcmkit.train.common.optimizer_step` (gradients averaged over processes, non-finite steps skipped, clipping,
+AdamW, LR schedule). No EMA: the result is θ.
+
+Output folder ``out/``: ``config.yaml``, ``pairs.safetensors``, ``checkpoints/step-N/`` (θ only: θ₀ is reloaded from
+``--model``), ``logs/`` (the total loss, plus lines with ``top_loss`` and ``anchor_loss``), ``summary.json`` and
+``pipeline/``: the input pipeline (same class and components, its ``LCMScheduler`` unchanged) with θ as its UNet.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..denoisers import TextConditioning, consistency_fn, has_w_embedding, unet_denoiser
+from ..errors import LcmkitError
+from ..losses import LOSS_TYPES, consistency_distance
+from ..math.schedule import alpha_sigma, alphas_cumprod_from_config, append_dims
+from ..math.timesteps import lcm_timesteps, training_grid
+from . import common
+from .data import DataSource, is_world
+from .finetune import freeze_frozen_parts
+
+PAIRS_FILE = "pairs.safetensors"
+RESULT_NAMES = ("pipeline", "summary.json", PAIRS_FILE)
+TEACHER_SOLVER, TEACHER_STEPS = "dpm-solver++", 25
+#: tags of the pairs' generators: noise of pair i from generator_for(seed, NOISE_KEY, i), the captions' draw from
+#: generator_for(seed, CAPTION_KEY)
+NOISE_KEY, CAPTION_KEY = 0x9A125, 0xCA9
+#: pairs solved per batch (the solutions do not depend on it beyond float round-off)
+PAIR_CHUNK = 64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RefineConfig(common.TrainingOptions):
+    """Everything ``lcmkit refine`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
+
+    model: str = ""                   # full LCM pipeline folder (UNet with time_cond_proj_dim)
+    out: str = ""                     # output folder
+    teacher: str | None = None        # base pipeline: pairs are its DPM-Solver++ 25 solutions; None = own TCD
+    omega: float = 6.5                # paper ω: the w-embedding's, and the teacher's CFG (guidance ω + 1)
+    num_pairs: int = 12000
+    pair_steps: int = 4               # TCD (γ = 0) steps of the self-made pairs (no --teacher)
+    anchor_weight: float = 1.0        # weight of the rest-of-grid anchor to the starting model; 0 = top only
+    loss: str = "huber"               # l2 or huber (pseudo-Huber)
+    huber_c: float = 0.001
+
+    def __post_init__(self):
+        self.check_training(model_key="model")
+        if self.teacher is not None:
+            teacher = Path(self.teacher).expanduser()
+            if not (teacher / "model_index.json").is_file():
+                raise LcmkitError(f"teacher {teacher} is not a diffusers pipeline folder (no model_index.json); "
+                                  "pass the base model the LCM was distilled from, or drop --teacher")
+        if not (math.isfinite(self.omega) and self.omega >= 0):
+            raise LcmkitError(f"omega must be a finite number >= 0 (paper ω = guidance_scale − 1), got {self.omega}")
+        if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
+            raise LcmkitError(f"anchor_weight must be a finite number >= 0 (1 is the measured recipe; 0 = the top "
+                              f"timestep only), got {self.anchor_weight}")
+        if self.pair_steps < 1:
+            raise LcmkitError(f"pair_steps must be >= 1 (TCD steps of the self-made pairs), got {self.pair_steps}")
+        if self.num_pairs < self.batch_size:
+            raise LcmkitError(f"num_pairs ({self.num_pairs}) must be >= batch_size ({self.batch_size})")
+        if self.loss not in LOSS_TYPES:
+            raise LcmkitError(f"loss must be one of {', '.join(LOSS_TYPES)}, got {self.loss!r}")
+        if self.huber_c <= 0:
+            raise LcmkitError(f"huber_c must be > 0 (0.001 is the reference), got {self.huber_c}")
+
+    @property
+    def pair_source(self) -> str:
+        """What makes the pairs' solutions, as written in the pairs file and the summary."""
+        return f"teacher {TEACHER_SOLVER}-{TEACHER_STEPS}" if self.teacher else f"self tcd-{self.pair_steps}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models: θ (trained) and θ₀ (the frozen starting UNet)
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RefineModels:
+    pipe: object               # the LCM pipeline (text encoders, tokenizers, scheduler)
+    student: torch.nn.Module   # θ
+    frozen: torch.nn.Module    # θ₀: a copy of the starting UNet, eval, no gradients
+    alphas_cumprod: Tensor     # (T,) float64, on the device
+    prediction_type: str
+    device: torch.device
+    mixed_precision: str
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def checkpoint_weights(self) -> dict[str, dict[str, Tensor]]:
+        return {"unet": self.student.state_dict()}
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, dict[str, Tensor]], path) -> None:
+        if "unet" not in weights:
+            raise LcmkitError(f"checkpoint {path} is not an lcmkit refine checkpoint (no unet weights)")
+        self.student.load_state_dict(weights["unet"])
+
+
+def build_models(cfg: RefineConfig, pipe, device: torch.device) -> RefineModels:
+    """θ = the LCM's UNet (float32, trainable), θ₀ = a frozen copy; text encoders frozen in the weight dtype."""
+    unet = pipe.unet
+    if not has_w_embedding(unet):
+        raise LcmkitError(f"{cfg.model} is not a full LCM (its UNet has no guidance embedding, time_cond_proj_dim); "
+                          "lcmkit refine takes the output of lcmkit distill --mode full")
+    freeze_frozen_parts(pipe, device, cfg.mixed_precision)
+    student = unet.to(device, torch.float32).train().requires_grad_(True)
+    frozen = copy.deepcopy(student).requires_grad_(False).eval()
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler.config).to(device)
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    return RefineModels(pipe, student, frozen, alphas_cumprod, prediction_type, device, cfg.mixed_precision)
+
+
+def lcm_grid(pipe, num_train_timesteps: int) -> tuple[int, int, Tensor]:
+    """(original_inference_steps, the 1-step LCM timestep t_top, the grid points below it) of the LCM's scheduler."""
+    original = int(pipe.scheduler.config.get("original_inference_steps", 50))
+    top = lcm_timesteps(1, num_train_timesteps, original)[0]
+    grid = training_grid(num_train_timesteps, num_train_timesteps // original)[:-1]
+    return original, int(top), grid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pairs: (x_T, z0) made once, on the main process
+# ---------------------------------------------------------------------------------------------------------------
+
+def pair_captions(cfg: RefineConfig, resolution: int) -> list[str]:
+    """``num_pairs`` captions drawn uniformly (with replacement) from the captions of ``--data``."""
+    captions = DataSource(cfg, resolution).captions()
+    if not captions:
+        raise LcmkitError(f"data {cfg.data} has no captions; refine needs prompts")
+    draws = torch.randint(0, len(captions), (cfg.num_pairs,), generator=common.generator_for(cfg.seed, CAPTION_KEY))
+    return [captions[int(i)] for i in draws]
+
+
+def pair_noise(cfg: RefineConfig, pipe, indices: range, resolution: int) -> Tensor:
+    """x_T of pairs ``indices`` (float32, CPU): pair i from its own generator (seed, NOISE_KEY, i)."""
+    from ..pipelines import initial_latents
+
+    generators = [common.generator_for(cfg.seed, NOISE_KEY, i) for i in indices]
+    return initial_latents(pipe, generators, resolution, resolution, torch.float32, "cpu")
+
+
+def _load_teacher(cfg: RefineConfig, models: RefineModels):
+    """The --teacher pipeline on the device (weight dtype), checked against the LCM."""
+    from ..pipelines import load_pipeline, vae_scale_factor
+
+    dtype = common.weight_dtype(cfg.mixed_precision)
+    teacher = load_pipeline(cfg.teacher, device="cpu", dtype=None)
+    if has_w_embedding(teacher.unet):
+        raise LcmkitError(f"teacher {cfg.teacher} is a full LCM (its UNet has a guidance embedding); pass the base "
+                          "model the LCM was distilled from, or drop --teacher to use the LCM's own TCD solutions")
+    lcm = models.pipe
+    if (teacher.unet.config.in_channels != lcm.unet.config.in_channels
+            or vae_scale_factor(teacher) != vae_scale_factor(lcm)):
+        raise LcmkitError(f"teacher {cfg.teacher} has another latent space than {cfg.model} (channels or VAE scale "
+                          "factor differ)")
+    ac = alphas_cumprod_from_config(teacher.scheduler.config)
+    if ac.shape != models.alphas_cumprod.shape or not torch.allclose(ac, models.alphas_cumprod.cpu()):
+        raise LcmkitError(f"teacher {cfg.teacher} has another noise schedule than {cfg.model}; its solutions would "
+                          "solve another ODE")
+    for module in (teacher.unet, getattr(teacher, "text_encoder", None), getattr(teacher, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False).eval().to(models.device, dtype)
+    return teacher, ac.to(models.device)
+
+
+@torch.no_grad()
+def make_pairs(cfg: RefineConfig, models: RefineModels, resolution: int, progress: bool) -> dict:
+    """Every pair (noise, z0 float32 on CPU) and the metadata of the pairs file."""
+    from tqdm.auto import tqdm
+
+    from ..pipelines import (encode_prompt, encode_unconditional, sample_teacher, teacher_scheduler,
+                             teacher_timesteps)
+    from ..solvers import sample_tcd
+
+    captions = pair_captions(cfg, resolution)
+    T = len(models.alphas_cumprod)
+    original, _, _ = lcm_grid(models.pipe, T)
+    device = models.device
+    if cfg.teacher:
+        teacher, teacher_ac = _load_teacher(cfg, models)
+        teacher_pt = teacher.scheduler.config.get("prediction_type", "epsilon")
+    else:
+        tcd_steps = lcm_timesteps(cfg.pair_steps, T, original)
+    noises, solutions = [], []
+    for lo in tqdm(range(0, cfg.num_pairs, PAIR_CHUNK), desc=f"pairs ({cfg.pair_source})", disable=not progress):
+        chunk = captions[lo:lo + PAIR_CHUNK]
+        x = pair_noise(cfg, models.pipe, range(lo, lo + len(chunk)), resolution)
+        if cfg.teacher:
+            cond = encode_prompt(teacher, chunk, resolution, resolution)
+            uncond = encode_unconditional(teacher, None, len(chunk), resolution, resolution, cond)
+            den = unet_denoiser(teacher.unet, teacher_ac, cond, prediction_type=teacher_pt, uncond=uncond,
+                                omega=cfg.omega)
+            scheduler = teacher_scheduler(teacher, TEACHER_SOLVER)
+            timesteps = teacher_timesteps(scheduler, TEACHER_STEPS, 1.0)
+            z0 = sample_teacher(scheduler, den, x.to(device) * scheduler.init_noise_sigma, timesteps)
+        else:
+            cond = encode_prompt(models.pipe, chunk, resolution, resolution)
+            den = unet_denoiser(models.frozen, models.alphas_cumprod, cond, prediction_type=models.prediction_type,
+                                w_omega=cfg.omega)
+            with common.autocast(device, cfg.mixed_precision):
+                z0 = sample_tcd(den, x.to(device), tcd_steps, models.alphas_cumprod, gamma=0.0)
+        noises.append(x)
+        solutions.append(z0.float().cpu())
+    if cfg.teacher:
+        del teacher
+    metadata = {"captions": json.dumps(captions), "source": cfg.pair_source, "omega": repr(float(cfg.omega)),
+                "seed": str(cfg.seed), "num_pairs": str(cfg.num_pairs), "resolution": str(resolution),
+                "model": str(cfg.model), "teacher": str(cfg.teacher or "")}
+    return {"noise": torch.cat(noises), "z0": torch.cat(solutions), "metadata": metadata}
+
+
+def write_pairs(path: Path, pairs: dict) -> None:
+    """The pairs file, written atomically (a temp file beside it, fsync, ``os.replace``)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file({"noise": pairs["noise"].contiguous(), "z0": pairs["z0"].contiguous()}, str(tmp),
+              metadata=pairs["metadata"])
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_pairs(path: Path, cfg: RefineConfig, resolution: int) -> tuple[Tensor, Tensor, list[str]]:
+    """(noise, z0, captions) of a pairs file; refuses one made with other settings than this run's."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            noise, z0 = f.get_tensor("noise"), f.get_tensor("z0")
+    except Exception as e:
+        raise LcmkitError(f"pairs file {path} could not be read ({type(e).__name__}: {e}); delete it to make the "
+                          "pairs again") from e
+    want = {"source": cfg.pair_source, "omega": repr(float(cfg.omega)), "seed": str(cfg.seed),
+            "num_pairs": str(cfg.num_pairs), "resolution": str(resolution)}
+    for key, value in want.items():
+        if meta.get(key) != value:
+            raise LcmkitError(f"pairs file {path} was made with {key}={meta.get(key)}, this run has {value}; "
+                              "resume with the same settings (or start a new --out)")
+    captions = json.loads(meta["captions"])
+    if not (len(captions) == noise.shape[0] == z0.shape[0] == cfg.num_pairs):
+        raise LcmkitError(f"pairs file {path} is inconsistent ({len(captions)} captions, {noise.shape[0]} noises, "
+                          f"{z0.shape[0]} solutions); delete it to make the pairs again")
+    return noise, z0, captions
+
+
+class PairText:
+    """Text conditioning of pair captions: from a cache of every distinct caption (``cache``), else encoded per
+    batch."""
+
+    def __init__(self, pipe, captions: list[str], resolution: int, cache: bool):
+        from ..pipelines import encode_prompt
+
+        self.pipe, self.captions, self.resolution = pipe, captions, resolution
+        self.table: TextConditioning | None = None
+        if cache:
+            distinct = sorted(set(captions))
+            self.position = {c: j for j, c in enumerate(distinct)}
+            with torch.no_grad():
+                parts = [encode_prompt(pipe, distinct[i:i + PAIR_CHUNK], resolution, resolution)
+                         for i in range(0, len(distinct), PAIR_CHUNK)]
+            join = lambda vs: None if vs[0] is None else torch.cat(vs)  # noqa: E731
+            self.table = TextConditioning(join([p.encoder_hidden_states for p in parts]),
+                                          join([p.text_embeds for p in parts]), join([p.time_ids for p in parts]))
+
+    @torch.no_grad()
+    def __call__(self, indices: Tensor) -> TextConditioning:
+        from ..pipelines import encode_prompt
+
+        chosen = [self.captions[int(i)] for i in indices]
+        if self.table is None:
+            return encode_prompt(self.pipe, chosen, self.resolution, self.resolution)
+        rows = torch.tensor([self.position[c] for c in chosen], device=self.table.encoder_hidden_states.device)
+        pick = lambda v: None if v is None else v[rows]  # noqa: E731
+        return TextConditioning(pick(self.table.encoder_hidden_states), pick(self.table.text_embeds),
+                                pick(self.table.time_ids))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------------------------
+
+def draw_batch(batch: int, num_pairs: int, grid: Tensor, shape: tuple, generator: torch.Generator
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Pair indices (B,), anchor timesteps t from ``grid`` (B,), ε (B, C, H, W): in that order, on CPU."""
+    index = torch.randint(0, num_pairs, (batch,), generator=generator)
+    t = grid[torch.randint(0, len(grid), (batch,), generator=generator)]
+    noise = torch.randn((batch, *shape), generator=generator, dtype=torch.float32)
+    return index, t, noise
+
+
+def refine_loss(models: RefineModels, cfg: RefineConfig, x_T: Tensor, z0: Tensor, cond: TextConditioning,
+                top: int, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, top term, anchor term) of one micro-batch; the anchor term is 0 (not computed) at weight 0. With
+    the anchor on, θ runs once on [x_T; z_t] (batch 2B)."""
+    device, ac = models.device, models.alphas_cumprod
+    x_T, z0 = x_T.to(device), z0.to(device)
+    batch = x_T.shape[0]
+    top_t = torch.full((batch,), top, device=device, dtype=torch.long)
+    anchored = cfg.anchor_weight > 0
+    with common.autocast(device, models.mixed_precision):
+        if anchored:
+            t = t.to(device)
+            a, s = (append_dims(v.float(), z0.ndim) for v in alpha_sigma(ac, t))
+            z_t = a * z0 + s * noise.to(device)
+            both = cond.cat(cond)
+            f = consistency_fn(unet_denoiser(models.student, ac, both, prediction_type=models.prediction_type,
+                                             w_omega=cfg.omega))
+            out_top, out_anchor = f(torch.cat([x_T, z_t]), torch.cat([top_t, t])).chunk(2)
+            with torch.no_grad():
+                f0 = consistency_fn(unet_denoiser(models.frozen, ac, cond, prediction_type=models.prediction_type,
+                                                  w_omega=cfg.omega))
+                reference = f0(z_t, t)
+            anchor = consistency_distance(out_anchor, reference, cfg.loss, cfg.huber_c)
+        else:
+            f = consistency_fn(unet_denoiser(models.student, ac, cond, prediction_type=models.prediction_type,
+                                             w_omega=cfg.omega))
+            out_top = f(x_T, top_t)
+            anchor = torch.zeros((), device=device)
+        top_term = consistency_distance(out_top, z0, cfg.loss, cfg.huber_c)
+    return top_term + cfg.anchor_weight * anchor, top_term, anchor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+def save_pipeline(models: RefineModels, model_dir: str, folder: Path) -> None:
+    """The input pipeline (same class, its own float32 components from disk, its scheduler unchanged) with θ."""
+    from diffusers import DiffusionPipeline
+
+    from ..pipelines import _quiet_loading
+
+    unet = copy.deepcopy(models.student).to("cpu", torch.float32).eval()
+    with _quiet_loading():
+        pipe = DiffusionPipeline.from_pretrained(model_dir, unet=unet, use_safetensors=True)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+class _NoDataPosition:
+    """refine draws its pair indices from each step's generator: there is no data position to checkpoint."""
+
+    def state(self) -> tuple[int, int]:
+        return 0, 0
+
+    def restore(self, epoch: int, position: int) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------------------------
+
+def _setup(cfg: RefineConfig, device: torch.device):
+    """LCM pipeline + models + resolution + (t_top, grid), shared by :func:`refine` and :func:`fixed_pair_losses`."""
+    from ..pipelines import load_pipeline, vae_scale_factor
+
+    pipe = load_pipeline(cfg.model, device="cpu", dtype=None)
+    models = build_models(cfg, pipe, device)
+    _, top, grid = lcm_grid(pipe, len(models.alphas_cumprod))
+    factor = vae_scale_factor(pipe)
+    resolution = cfg.resolution or models.student.config.sample_size * factor
+    if resolution % factor:
+        raise LcmkitError(f"resolution {resolution} is not a multiple of the VAE scale factor {factor}")
+    return pipe, models, resolution, top, grid
+
+
+def refine(cfg: RefineConfig) -> Path:
+    """Run one-step refinement; returns ``out/pipeline``."""
+    accelerator = common.setup_accelerator(cfg.mixed_precision, cpu=cfg.device == "cpu")
+    device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    out = Path(cfg.out)
+    checkpoints = common.open_run_folder(out, RESULT_NAMES, cfg, accelerator, "lcmkit refine")
+
+    pipe, models, resolution, top, grid = _setup(cfg, device)
+    resolved = {"resolution": resolution, "top_timestep": top, "anchor_timesteps": [int(grid[0]), int(grid[-1])],
+                "pair_source": cfg.pair_source}
+    write_config = lambda folder: common.save_config(cfg, folder, resolved)  # noqa: E731
+    if main:
+        write_config(out)
+
+    # the pairs: made once by the main process (kept for a resume), then read by every process
+    pairs_path = out / PAIRS_FILE
+    pair_seconds = None
+    if main and not pairs_path.is_file():
+        t0 = time.perf_counter()
+        write_pairs(pairs_path, make_pairs(cfg, models, resolution, cfg.progress))
+        pair_seconds = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    noise, z0, captions = read_pairs(pairs_path, cfg, resolution)
+    cache_text = cfg.cache_text if cfg.cache_text is not None else is_world(cfg.data)
+    text = PairText(pipe, captions, resolution, cache_text)
+
+    params = models.trainable()
+    optimizer, scheduler, scaler, guard = common.make_optimisation(params, cfg, device)
+    position = _NoDataPosition()
+    step, overflow = 0, 0
+    if cfg.resume and checkpoints:
+        step, overflow = common.resume_run(checkpoints[-1], optimizer, scheduler, scaler, guard,
+                                           {"processes": world_size, "pair_source": cfg.pair_source},
+                                           models.load_weights, position, rank)
+
+    parts: dict[str, list[float]] = {"top": [], "anchor": []}
+
+    def micro_loss(step: int, micro: int) -> Tensor:
+        """The refine loss of one micro-batch: the draws (pairs, t, ε) of (seed, step, micro, rank)."""
+        index, t, eps = draw_batch(cfg.batch_size, len(captions), grid, tuple(noise.shape[1:]),
+                                   common.generator_for(cfg.seed, step, micro, rank))
+        total, top_term, anchor = refine_loss(models, cfg, noise[index], z0[index], text(index).to(device), top,
+                                              t, eps)
+        parts["top"].append(float(top_term.detach()))
+        parts["anchor"].append(float(anchor.detach()))
+        return total
+
+    top_losses, anchor_losses = [], []
+    progress = common.RunProgress(cfg, out / "logs", "refine", step, main)
+    try:
+        while step < progress.stop:
+            t0 = time.perf_counter()
+            outcome = common.training_step(micro_loss, step, cfg, params, optimizer, scheduler, scaler, guard,
+                                           accelerator)
+            overflow += int(outcome.fp16_overflow)
+            step += 1
+            top_losses.append(sum(parts["top"]) / len(parts["top"]))
+            anchor_losses.append(sum(parts["anchor"]) / len(parts["anchor"]))
+            parts["top"].clear()
+            parts["anchor"].clear()
+            progress.record(step, outcome, time.perf_counter() - t0, guard.skipped, overflow)
+            if step % cfg.log_every == 0 or step == progress.stop:
+                progress.logger.log(step, {"top_loss": top_losses[-1], "anchor_loss": anchor_losses[-1]})
+            if progress.checkpoint_due(step):
+                common.save_run_checkpoint(out, step, models.checkpoint_weights(), optimizer, scheduler, scaler,
+                                           guard, position, accelerator, write_config, cfg.keep_checkpoints,
+                                           fp16_overflow=overflow, pair_source=cfg.pair_source)
+    finally:
+        progress.close()
+
+    sums, consistent = common.check_same_weights(params, accelerator)
+    finished = step >= cfg.max_steps
+    result = out / "pipeline"
+    if main:
+        if finished:
+            def write_result(folder: Path) -> None:
+                save_pipeline(models, cfg.model, folder)
+                write_config(folder)
+            common.atomic_folder(result, write_result)
+        common.write_json_atomic(out / "summary.json", {
+            "step": step, "max_steps": cfg.max_steps, "finished": finished, "num_pairs": len(captions),
+            "pair_source": cfg.pair_source, "pairs_made_seconds": pair_seconds, "omega": cfg.omega,
+            "anchor_weight": cfg.anchor_weight, "top_timestep": top, "nonfinite_skipped": guard.skipped,
+            "fp16_overflow": overflow, "processes": world_size, "ranks_consistent": consistent,
+            "weights_checksum": sums[0], "sec_per_step": progress.sec_per_step(), "losses": progress.losses,
+            "top_losses": top_losses, "anchor_losses": anchor_losses, "result": str(result) if finished else None})
+    accelerator.wait_for_everyone()
+    return result
+
+
+@torch.no_grad()
+def fixed_pair_losses(cfg: RefineConfig, checkpoint=None, count: int = 8, seed: int = 1234) -> dict[str, float]:
+    """The two terms of ``checkpoint`` (None: the starting model) on a fixed evaluation set: the first ``count``
+    pairs of ``out/pairs.safetensors`` and one fixed draw of (t, ε). ``top``: d(f_θ(x_T, t_top), z0); ``anchor``:
+    d(f_θ(z_t, t), f_θ₀(z_t, t)), whatever ``anchor_weight`` is. Deterministic, so checkpoints can be compared."""
+    device = torch.device("cpu") if cfg.device == "cpu" else \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe, models, resolution, top, grid = _setup(cfg, device)
+    if checkpoint is not None:
+        models.load_weights(common.load_checkpoint(checkpoint)[0], checkpoint)
+    models.student.eval()
+    noise, z0, captions = read_pairs(Path(cfg.out) / PAIRS_FILE, cfg, resolution)
+    index = torch.arange(min(count, len(captions)))
+    _, t, eps = draw_batch(len(index), len(captions), grid, tuple(noise.shape[1:]), common.generator_for(seed))
+    cond = PairText(pipe, captions, resolution, False)(index).to(device)
+    measure = copy.copy(cfg)
+    measure.anchor_weight = 1.0
+    _, top_term, anchor = refine_loss(models, measure, noise[index], z0[index], cond, top, t, eps)
+    return {"top": float(top_term), "anchor": float(anchor)}
