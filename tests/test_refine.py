@@ -62,6 +62,10 @@ def test_refine_lowers_the_one_step_loss_and_saves_an_lcm_pipeline(source, tiny_
     assert len(summary["top_losses"]) == len(summary["anchor_losses"]) == 10
     assert (tmp_path / "run" / "logs" / "log.jsonl").is_file() and (result / "config.yaml").is_file()
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / PAIRS_FILE).is_file()
+    from PIL import Image  # the validation grid of the last step: rows 1, 2, 4 LCM steps, ≤ 4 prompt columns
+
+    grid = Image.open(tmp_path / "run" / "validation" / "step-0000010.png")
+    assert grid.size[1] == 3 * 64 and grid.size[0] in {64 * n for n in range(1, 5)}
 
     pipe = LatentConsistencyModelPipeline.from_pretrained(str(result))
     original = LatentConsistencyModelPipeline.from_pretrained(str(tiny_lcm_dir))

@@ -8,7 +8,9 @@ rest of the grid to the starting model, lifted 1-step accuracy on the world from
 steps (the probe: benchmarks/scripts/one_step_capacity.py, ``make_pairs`` and ``train --anchor``; measured with
 batch 32, lr 1e-4 cosine without warm-up, 3,000–4,000 steps).
 
-**Pairs**, made once at the start on the main process and written atomically to ``out/pairs.safetensors``
+**Pairs**, made once at the start on the main process (the other processes wait at a barrier meanwhile: with a
+slow teacher and many pairs, make them in a one-process run first, then ``--resume`` with more processes; the
+file is reused) and written atomically to ``out/pairs.safetensors``
 (``noise``, ``z0``; captions, solver and settings in its metadata; a ``--resume`` reuses the file): ``num_pairs``
 prompts drawn uniformly from the captions of ``--data`` (:meth:`~lcmkit.train.data.DataSource.captions`, generator
 (seed, :data:`CAPTION_KEY`)), pair i's noise x_T from generator (seed, :data:`NOISE_KEY`, i) (never an evaluation
@@ -33,7 +35,8 @@ timestep, θ₀ a frozen copy of the starting UNet and d :func:`~lcmkit.losses.c
 AdamW, LR schedule). No EMA: the result is θ.
 
 Output folder ``out/``: ``config.yaml``, ``pairs.safetensors``, ``checkpoints/step-N/`` (θ only: θ₀ is reloaded from
-``--model``), ``logs/`` (the total loss, plus lines with ``top_loss`` and ``anchor_loss``), ``summary.json`` and
+``--model``), ``logs/`` (the total loss, plus lines with ``top_loss`` and ``anchor_loss``), ``validation/step-N.png``
+(rows: 1, 2, 4 LCM steps of θ; columns: prompts, fixed seeds), ``summary.json`` and
 ``pipeline/``: the input pipeline (same class and components, its ``LCMScheduler`` unchanged) with θ as its UNet.
 """
 
@@ -60,7 +63,7 @@ from .data import DataSource, is_world
 from .finetune import freeze_frozen_parts
 
 PAIRS_FILE = "pairs.safetensors"
-RESULT_NAMES = ("pipeline", "summary.json", PAIRS_FILE)
+RESULT_NAMES = ("pipeline", "summary.json", PAIRS_FILE, "validation")
 TEACHER_SOLVER, TEACHER_STEPS = "dpm-solver++", 25
 #: tags of the pairs' generators: noise of pair i from generator_for(seed, NOISE_KEY, i), the captions' draw from
 #: generator_for(seed, CAPTION_KEY)
@@ -385,6 +388,36 @@ def save_pipeline(models: RefineModels, model_dir: str, folder: Path) -> None:
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
+VALIDATION_STEPS = (1, 2, 4)
+
+
+@torch.no_grad()
+def validation_images(models: RefineModels, cfg: RefineConfig, prompts: list[str], resolution: int) -> list[list]:
+    """LCM sampling (Algorithm 3) of the current θ: one row per step count in :data:`VALIDATION_STEPS`, one column
+    per prompt, prompt i always from ``validation_seed`` + i."""
+    from ..pipelines import decode_latents, encode_prompt, initial_latents, to_pil
+    from ..solvers import sample_lcm
+
+    T = len(models.alphas_cumprod)
+    original, _, _ = lcm_grid(models.pipe, T)
+    cond = encode_prompt(models.pipe, prompts, resolution, resolution).to(models.device)
+    denoiser = unet_denoiser(models.student, models.alphas_cumprod, cond, prediction_type=models.prediction_type,
+                             w_omega=cfg.omega)
+    was_training = models.student.training
+    models.student.eval()
+    rows = []
+    try:
+        for n in VALIDATION_STEPS:
+            gens = [torch.Generator(models.device).manual_seed(cfg.validation_seed + i) for i in range(len(prompts))]
+            x = initial_latents(models.pipe, gens, resolution, resolution, torch.float32, models.device)
+            with common.autocast(models.device, models.mixed_precision):
+                z0 = sample_lcm(denoiser, x, lcm_timesteps(n, T, original), models.alphas_cumprod, gens)
+            rows.append(to_pil(decode_latents(models.pipe, z0.float())))
+    finally:
+        models.student.train(was_training)
+    return rows
+
+
 class _NoDataPosition:
     """refine draws its pair indices from each step's generator: there is no data position to checkpoint."""
 
@@ -439,6 +472,8 @@ def refine(cfg: RefineConfig) -> Path:
     noise, z0, captions = read_pairs(pairs_path, cfg, resolution)
     cache_text = cfg.cache_text if cfg.cache_text is not None else is_world(cfg.data)
     text = PairText(pipe, captions, resolution, cache_text)
+    # validation grids: --validation-prompts, else the first (≤ 4) distinct pair captions, the same on every run
+    validation_prompts = list(cfg.validation_prompts) or list(dict.fromkeys(captions))[:4]
 
     params = models.trainable()
     optimizer, scheduler, scaler, guard = common.make_optimisation(params, cfg, device)
@@ -481,6 +516,9 @@ def refine(cfg: RefineConfig) -> Path:
                 common.save_run_checkpoint(out, step, models.checkpoint_weights(), optimizer, scheduler, scaler,
                                            guard, position, accelerator, write_config, cfg.keep_checkpoints,
                                            fp16_overflow=overflow, pair_source=cfg.pair_source)
+            if main and progress.validation_due(step):
+                common.save_image_grid(validation_images(models, cfg, validation_prompts, resolution),
+                                       out / "validation" / f"step-{step:07d}.png")
     finally:
         progress.close()
 
