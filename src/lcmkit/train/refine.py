@@ -8,9 +8,9 @@ rest of the grid to the starting model, lifted 1-step accuracy on the world from
 steps (the probe: benchmarks/scripts/one_step_capacity.py, ``make_pairs`` and ``train --anchor``; measured with
 batch 32, lr 1e-4 cosine without warm-up, 3,000–4,000 steps).
 
-**Pairs**, made once at the start on the main process (the other processes wait at a barrier meanwhile: with a
-slow teacher and many pairs, make them in a one-process run first, then ``--resume`` with more processes; the
-file is reused) and written atomically to ``out/pairs.safetensors``
+**Pairs**, made once at the start on the main process (the other processes wait at a barrier meanwhile; with a
+slow teacher and many pairs that can exceed the process group's timeout, 30 min by default: untested with several
+processes) and written atomically to ``out/pairs.safetensors``
 (``noise``, ``z0``; captions, solver and settings in its metadata; a ``--resume`` reuses the file): ``num_pairs``
 prompts drawn uniformly from the captions of ``--data`` (:meth:`~lcmkit.train.data.DataSource.captions`, generator
 (seed, :data:`CAPTION_KEY`)), pair i's noise x_T from generator (seed, :data:`NOISE_KEY`, i) (never an evaluation
