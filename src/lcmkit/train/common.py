@@ -769,6 +769,17 @@ def save_image_grid(rows: list[list], path: str | os.PathLike) -> Path:
     return path
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then ``os.replace`` it onto ``path``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
     """``data`` as indented JSON at ``path``, via a temp file and ``os.replace`` (never half written)."""
     path = Path(path)

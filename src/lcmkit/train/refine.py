@@ -45,7 +45,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,15 +259,11 @@ def make_pairs(cfg: RefineConfig, models: RefineModels, resolution: int, progres
 
 
 def write_pairs(path: Path, pairs: dict) -> None:
-    """The pairs file, written atomically (a temp file beside it, fsync, ``os.replace``)."""
+    """The pairs file, written atomically (:func:`lcmkit.train.common.atomic_write`)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file({"noise": pairs["noise"].contiguous(), "z0": pairs["z0"].contiguous()}, str(tmp),
-              metadata=pairs["metadata"])
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tensors = {"noise": pairs["noise"].contiguous(), "z0": pairs["z0"].contiguous()}
+    common.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=pairs["metadata"]))
 
 
 def read_pairs(path: Path, cfg: RefineConfig, resolution: int) -> tuple[Tensor, Tensor, list[str]]:

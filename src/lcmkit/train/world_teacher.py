@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..data import world
 from ..errors import LcmkitError
+from .common import atomic_write
 
 #: Special tokens of the word-level tokenizer (CLIP's names, so SD-style code finds what it expects).
 BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"
@@ -360,15 +361,6 @@ class Ema:
 
     def copy_to(self, module: torch.nn.Module) -> None:
         module.load_state_dict(self.shadow, strict=False)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync the file, then ``os.replace`` it onto ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
