@@ -4,7 +4,8 @@
 # Open prompts name the shape and only some of size, colour, position and background ("a red circle"), so the
 # caption leaves the image uncertain: the undistilled teacher's one-step x̂0 is then a blurred average, and the
 # table can show what distillation buys. Step 0 (re-)trains the open teacher; it is shipped, so skip it with
-# SKIP_TEACHER=1.
+# SKIP_TEACHER=1. The Table 1 full-LCM rows read models made by two other scripts, run them first:
+# benchmarks/scripts/lcm_recipes.sh (runs/open-lcm13) then benchmarks/scripts/one_step_probes.sh (runs/refine-teacher).
 set -euo pipefail
 export HF_HUB_OFFLINE=1
 L=.venv/bin/lcmkit
@@ -46,6 +47,10 @@ $L bench quality --prompts open --parts guidance --lcm runs/open-lcm2/pipeline -
 # (session 7) the table's full-LCM rows are now the recipe sweep's pseudo-Huber c = 0.02 model (runs/open-lcm13, its
 # distill command is in benchmarks/scripts/lcm_recipes.sh); the other rows stay as the call above wrote them
 $L bench quality --prompts open --parts table --methods lcm --lcm runs/open-lcm13/pipeline --num 1000 --threads 1 \
+  --out $R
+# (session 8) and now the two-stage full LCM: runs/open-lcm13 + lcmkit refine --teacher (runs/refine-teacher, its
+# command is in benchmarks/scripts/one_step_probes.sh, step 7); the c = 0.02 LCD-only table stays in lcm-huber-c0.02/
+$L bench quality --prompts open --parts table --methods lcm --lcm runs/refine-teacher/pipeline --num 1000 --threads 1 \
   --out $R
 $L bench quality --prompts open --parts table --methods lcm --lcm runs/open-lcm3/pipeline --num 1000 --threads 2 \
   --out $R/lcm-fixed-omega
