@@ -21,7 +21,7 @@ from lcmkit.train.refine import (NOISE_KEY, PAIRS_FILE, TEACHER_STEPS, RefineCon
 torch.set_num_threads(1)
 
 RUN = dict(data="world:open", num_pairs=16, batch_size=4, max_steps=10, lr=1e-4, warmup_steps=0,
-           checkpoint_every=100, log_every=1, progress=False, device="cpu", seed=3)
+           lr_schedule="constant", checkpoint_every=100, log_every=1, progress=False, device="cpu", seed=3)
 
 
 def refine_cfg(model, out, **kw) -> RefineConfig:
@@ -155,6 +155,81 @@ def test_teacher_pairs_are_diffusers_dpm_solver_pp_25_with_cfg(tiny_lcm_dir, tin
 
 
 # --------------------------------------------------------------------------------------------------------------
+# pairs made in shares (one per process), merged; a killed run's finished share is kept
+# --------------------------------------------------------------------------------------------------------------
+
+class _OneProcess:
+    """The part of an accelerate.Accelerator that make_pairs_file uses, for one process."""
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_pairs_in_shares_equal_the_pairs_made_at_once_and_a_finished_share_is_kept(tiny_lcm_dir, tmp_path):
+    from lcmkit.train.refine import PARTS_FOLDER, _setup, make_pairs, make_pairs_file, share, write_pairs
+
+    for n, w in ((5, 1), (5, 2), (7, 3), (4, 4)):
+        shares = [share(n, r, w) for r in range(w)]
+        assert [i for s in shares for i in s] == list(range(n)) and max(map(len, shares)) - min(map(len, shares)) <= 1
+
+    out = tmp_path / "run"
+    cfg = refine_cfg(tiny_lcm_dir, out, num_pairs=5, batch_size=2, max_steps=1, pair_steps=2)
+    _, models, resolution, _, _ = _setup(cfg, torch.device("cpu"))
+    whole = make_pairs(cfg, models, resolution, False)
+    halves = [make_pairs(cfg, models, resolution, False, r) for r in (range(0, 2), range(2, 5))]
+    assert torch.equal(whole["noise"], torch.cat([h["noise"] for h in halves]))
+    assert torch.allclose(whole["z0"], torch.cat([h["z0"] for h in halves]), rtol=1e-5, atol=1e-4)
+    assert [h["metadata"]["stop"] for h in halves] == ["2", "5"]
+
+    # a share a killed run finished (marked: z0 + 1) is used as it is; one with other settings is made again
+    part = out / PARTS_FOLDER / "part-000-of-001.safetensors"
+    part.parent.mkdir(parents=True)
+    write_pairs(part, {**whole, "z0": whole["z0"] + 1})
+    assert make_pairs_file(cfg, models, resolution, out, _OneProcess()) > 0
+    noise, z0, _ = read_pairs(out / PAIRS_FILE, cfg, resolution)
+    assert torch.equal(noise, whole["noise"]) and torch.equal(z0, whole["z0"] + 1)
+    assert not (out / PARTS_FOLDER).exists()
+    assert make_pairs_file(cfg, models, resolution, out, _OneProcess()) is None  # there already: kept
+
+    (out / PAIRS_FILE).unlink()
+    part.parent.mkdir()
+    write_pairs(part, {**whole, "z0": whole["z0"] + 1, "metadata": {**whole["metadata"], "omega": "9.0"}})
+    make_pairs_file(cfg, models, resolution, out, _OneProcess())
+    assert torch.allclose(read_pairs(out / PAIRS_FILE, cfg, resolution)[1], whole["z0"], rtol=1e-5, atol=1e-4)
+
+
+def test_two_processes_torchrun_share_the_pairs(tiny_lcm_dir, tmp_path):
+    """torchrun, 2 processes (gloo on CPU): each makes half of the pairs, the merged file equals a one-process
+    run's, the weights agree across ranks, and one result line is printed."""
+    import subprocess
+    import sys
+
+    from lcmkit.train.refine import PARTS_FOLDER
+
+    kw = dict(num_pairs=6, batch_size=2, max_steps=2, pair_steps=2)
+    one = refine_cfg(tiny_lcm_dir, tmp_path / "one", **kw)
+    refine(one)
+    out = tmp_path / "two"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29900 + os.getpid() % 90), "-m",
+           "lcmkit.cli", "refine", "--model", str(tiny_lcm_dir), "--data", "world:open", "--out", str(out),
+           "--num-pairs", "6", "--batch-size", "2", "--max-steps", "2", "--pair-steps", "2", "--seed", "3",
+           "--validate-every", "0", "--no-progress", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines() == [str(out / "pipeline")]
+    summary = _summary(out)
+    assert summary["processes"] == 2 and summary["ranks_consistent"] and summary["finished"]
+    assert not (out / PARTS_FOLDER).exists()
+    two_cfg = refine_cfg(tiny_lcm_dir, out, **kw)
+    n1, z1, c1 = read_pairs(tmp_path / "one" / PAIRS_FILE, one, 64)
+    n2, z2, c2 = read_pairs(out / PAIRS_FILE, two_cfg, 64)
+    assert c1 == c2 and torch.equal(n1, n2) and torch.allclose(z1, z2, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # resume: N steps straight == N/2, stop, resume, N/2 more (bit for bit); the pairs are reused
 # --------------------------------------------------------------------------------------------------------------
 
@@ -208,3 +283,34 @@ def test_refine_bad_arguments(tiny_lcm_dir, tiny_sd_dir, tmp_path, capsys):
         code = main(args)
         err = capsys.readouterr().err.strip()
         assert code == 2 and message in err and len(err.splitlines()) == 1, (extra, err)
+
+
+def test_refine_defaults_are_the_measured_recipe(tiny_lcm_dir, tmp_path, capsys):
+    """Refine's loop defaults are its measured recipe (batch 32, 4,000 steps, cosine lr 1e-4 without warm-up), as
+    the help says; YAML and flags still override them, and the other recipes keep the shared defaults."""
+    from lcmkit.cli import main
+    from lcmkit.commands._training import LOOP_DEFAULTS
+    from lcmkit.commands.refine import DEFAULTS
+    from lcmkit.train.distill import DistillConfig
+
+    base = {"model": str(tiny_lcm_dir), "data": "world:open", "out": str(tmp_path / "o")}
+    cfg = common.build_config(RefineConfig, None, base)
+    got = {"batch_size": cfg.batch_size, "max_steps": cfg.max_steps, "warmup_steps": cfg.optim.warmup_steps,
+           "lr_schedule": cfg.optim.lr_schedule}
+    assert got == DEFAULTS == {"batch_size": 32, "max_steps": 4000, "warmup_steps": 0, "lr_schedule": "cosine"}
+    assert cfg.optim.lr == 1e-4 and RefineConfig(**base).optim == cfg.optim  # built in code: the same defaults
+
+    yaml_file = tmp_path / "r.yaml"
+    yaml_file.write_text("optim:\n  lr_schedule: constant\n  warmup_steps: 7\nbatch_size: 16\n")
+    cfg = common.build_config(RefineConfig, yaml_file, {**base, "warmup_steps": 3})
+    assert (cfg.optim.lr_schedule, cfg.optim.warmup_steps, cfg.batch_size, cfg.max_steps) == ("constant", 3, 16, 4000)
+
+    distill = DistillConfig(teacher=str(tiny_lcm_dir), data="world", out=str(tmp_path / "d"))
+    assert {"batch_size": distill.batch_size, "max_steps": distill.max_steps,
+            "warmup_steps": distill.optim.warmup_steps, "lr_schedule": distill.optim.lr_schedule} == LOOP_DEFAULTS
+
+    with pytest.raises(SystemExit):
+        main(["refine", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "micro-batch (default 32)" in text and "optimizer steps (default 4000)" in text
+    assert "warm-up, optimizer steps (default 0)" in text and "after warm-up (default cosine)" in text

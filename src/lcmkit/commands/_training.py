@@ -30,8 +30,15 @@ def _bool(text: str) -> bool:
 
 
 
-def add_training_args(p: argparse.ArgumentParser) -> None:
-    """Data, loop, checkpoint, validation, precision and AdamW options (names as the config fields)."""
+#: defaults of the shared options that a recipe may change (its config class sets the same values; the help says them)
+LOOP_DEFAULTS = {"batch_size": 8, "max_steps": 1000, "warmup_steps": 100, "lr_schedule": "constant"}
+
+
+def add_training_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """Data, loop, checkpoint, validation, precision and AdamW options (names as the config fields).
+
+    ``defaults``: the recipe's own values of any :data:`LOOP_DEFAULTS` key, for the help text."""
+    d = {**LOOP_DEFAULTS, **(defaults or {})}
     a = p.add_argument
     a("--config", default=None, help="YAML file with any of the options (flags override it)")
     a("--data", help="imagefolder with metadata.jsonl, webdataset .tar shards (file/folder/glob/{a..b}), "
@@ -43,9 +50,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a("--world-samples", type=int, help="size of the built-in world dataset (default 10000)")
     a("--cache-latents", type=_bool, help="encode every image once with the VAE posterior mean (default false)")
     a("--cache-text", type=_bool, help="encode every caption once (default: true for the world)")
-    a("--batch-size", type=int, help="per process and micro-batch (default 8)")
+    a("--batch-size", type=int, help=f"per process and micro-batch (default {d['batch_size']})")
     a("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    a("--max-steps", type=int, help="optimizer steps (default 1000)")
+    a("--max-steps", type=int, help=f"optimizer steps (default {d['max_steps']})")
     a("--stop-at", type=int, help="stop with a checkpoint after this step (schedule unchanged; continue with --resume)")
     a("--mixed-precision", choices=("no", "fp16", "bf16"), help="(default no)")
     a("--gradient-checkpointing", type=_bool, help="trade compute for memory (default false)")
@@ -66,8 +73,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a("--adam-beta2", type=float)
     a("--weight-decay", type=float, help="(default 0)")
     a("--adam-eps", type=float)
-    a("--warmup-steps", type=int, help="linear warm-up, optimizer steps (default 100)")
-    a("--lr-schedule", choices=("constant", "cosine"), help="after warm-up (default constant)")
+    a("--warmup-steps", type=int, help=f"linear warm-up, optimizer steps (default {d['warmup_steps']})")
+    a("--lr-schedule", choices=("constant", "cosine"), help=f"after warm-up (default {d['lr_schedule']})")
     a("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 = off)")
 
 

@@ -13,6 +13,9 @@ import argparse
 
 from ._training import add_training_args, run_recipe
 
+#: refine's loop defaults (as :class:`lcmkit.train.refine.RefineConfig` sets them): the measured recipe, AdamW lr 1e-4
+DEFAULTS = {"batch_size": 32, "max_steps": 4000, "warmup_steps": 0, "lr_schedule": "cosine"}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("refine", help="one-step refinement of a full LCM after distillation (lcmkit's addition)",
@@ -33,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                           "0 = the top timestep only)")
     a("--loss", choices=("l2", "huber"), help="distance (default huber)")
     a("--huber-c", type=float, help="pseudo-Huber c (default 0.001)")
-    add_training_args(p)
+    add_training_args(p, DEFAULTS)
     p.set_defaults(run=run)
 
 

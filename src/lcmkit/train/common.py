@@ -122,8 +122,11 @@ def build_config(cls, yaml_path: str | os.PathLike | None = None, overrides: dic
     flat.update(_flatten({k: v for k, v in (overrides or {}).items() if v is not None}, cls, "the command line"))
     keys, sections = config_keys(cls), _sections(cls)
     top = {k: v for k, v in flat.items() if keys[k] is None}
+    defaults = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.name in sections}
     for section, sub in sections.items():
-        top[section] = _construct(sub, {k: v for k, v in flat.items() if keys[k] == section})
+        # a recipe may set its own section defaults (its field's default_factory): they come before YAML and flags
+        base = dataclasses.asdict(defaults[section]()) if defaults[section] is not dataclasses.MISSING else {}
+        top[section] = _construct(sub, {**base, **{k: v for k, v in flat.items() if keys[k] == section}})
     return _construct(cls, top)
 
 

@@ -5,12 +5,12 @@ Why: LCD's target at the top grid point (t = 999, the 1-step sampler's timestep)
 own one step from t = 979, so one-step samples lag the rest of the grid. Regressing the model's one-step output
 directly onto deterministic solutions from the same initial noise, while holding the consistency function at the
 rest of the grid to the starting model, lifted 1-step accuracy on the world from 0.763 to 0.861 and kept 2 and 4
-steps (the probe: benchmarks/scripts/one_step_capacity.py, ``make_pairs`` and ``train --anchor``; measured with
-batch 32, lr 1e-4 cosine without warm-up, 3,000–4,000 steps).
+steps (the probe: benchmarks/scripts/one_step_capacity.py, ``make_pairs`` and ``train --anchor``). This stage with
+``--teacher`` and its defaults (12,000 pairs; batch 32, 4,000 steps, AdamW lr 1e-4 cosine without warm-up) took the
+c = 0.02 LCD model from 0.763 to 0.873 at one step and to 0.995 at four (benchmarks/results/open/refine-teacher/).
 
-**Pairs**, made once at the start on the main process (the other processes wait at a barrier meanwhile; with a
-slow teacher and many pairs that can exceed the process group's timeout, 30 min by default: untested with several
-processes) and written atomically to ``out/pairs.safetensors``
+**Pairs**, made once at the start, an equal contiguous share per process (each written atomically to
+``out/pairs.parts/``, kept if a run is killed), then merged by the main process into ``out/pairs.safetensors``
 (``noise``, ``z0``; captions, solver and settings in its metadata; a ``--resume`` reuses the file): ``num_pairs``
 prompts drawn uniformly from the captions of ``--data`` (:meth:`~lcmkit.train.data.DataSource.captions`, generator
 (seed, :data:`CAPTION_KEY`)), pair i's noise x_T from generator (seed, :data:`NOISE_KEY`, i) (never an evaluation
@@ -45,8 +45,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -62,7 +63,8 @@ from .data import DataSource, is_world
 from .finetune import freeze_frozen_parts
 
 PAIRS_FILE = "pairs.safetensors"
-RESULT_NAMES = ("pipeline", "summary.json", PAIRS_FILE, "validation")
+PARTS_FOLDER = "pairs.parts"          # each process's share of the pairs, until they are merged into PAIRS_FILE
+RESULT_NAMES = ("pipeline", "summary.json", PAIRS_FILE, PARTS_FOLDER, "validation")
 TEACHER_SOLVER, TEACHER_STEPS = "dpm-solver++", 25
 #: tags of the pairs' generators: noise of pair i from generator_for(seed, NOISE_KEY, i), the captions' draw from
 #: generator_for(seed, CAPTION_KEY)
@@ -88,6 +90,11 @@ class RefineConfig(common.TrainingOptions):
     anchor_weight: float = 1.0        # weight of the rest-of-grid anchor to the starting model; 0 = top only
     loss: str = "huber"               # l2 or huber (pseudo-Huber)
     huber_c: float = 0.001
+    # the loop of the measured recipe (benchmarks/results/open/refine-teacher/), not the other recipes' defaults
+    batch_size: int = 32
+    max_steps: int = 4000
+    optim: common.OptimConfig = field(default_factory=lambda: common.OptimConfig(warmup_steps=0,
+                                                                                  lr_schedule="cosine"))
 
     def __post_init__(self):
         self.check_training(model_key="model")
@@ -213,8 +220,10 @@ def _load_teacher(cfg: RefineConfig, models: RefineModels):
 
 
 @torch.no_grad()
-def make_pairs(cfg: RefineConfig, models: RefineModels, resolution: int, progress: bool) -> dict:
-    """Every pair (noise, z0 float32 on CPU) and the metadata of the pairs file."""
+def make_pairs(cfg: RefineConfig, models: RefineModels, resolution: int, progress: bool,
+               indices: range | None = None) -> dict:
+    """Pairs ``indices`` (default all ``num_pairs``; noise, z0 float32 on CPU) and the metadata of the pairs file
+    (every caption; ``start`` / ``stop`` of the share). Pair i depends only on i, not on the share it is made in."""
     from tqdm.auto import tqdm
 
     from ..pipelines import (encode_prompt, encode_unconditional, sample_teacher, teacher_scheduler,
@@ -222,6 +231,7 @@ def make_pairs(cfg: RefineConfig, models: RefineModels, resolution: int, progres
     from ..solvers import sample_tcd
 
     captions = pair_captions(cfg, resolution)
+    indices = range(cfg.num_pairs) if indices is None else indices
     T = len(models.alphas_cumprod)
     original, _, _ = lcm_grid(models.pipe, T)
     device = models.device
@@ -231,8 +241,9 @@ def make_pairs(cfg: RefineConfig, models: RefineModels, resolution: int, progres
     else:
         tcd_steps = lcm_timesteps(cfg.pair_steps, T, original)
     noises, solutions = [], []
-    for lo in tqdm(range(0, cfg.num_pairs, PAIR_CHUNK), desc=f"pairs ({cfg.pair_source})", disable=not progress):
-        chunk = captions[lo:lo + PAIR_CHUNK]
+    for lo in tqdm(range(indices.start, indices.stop, PAIR_CHUNK), desc=f"pairs ({cfg.pair_source})",
+                   disable=not progress):
+        chunk = captions[lo:min(lo + PAIR_CHUNK, indices.stop)]
         x = pair_noise(cfg, models.pipe, range(lo, lo + len(chunk)), resolution)
         if cfg.teacher:
             cond = encode_prompt(teacher, chunk, resolution, resolution)
@@ -254,8 +265,73 @@ def make_pairs(cfg: RefineConfig, models: RefineModels, resolution: int, progres
         del teacher
     metadata = {"captions": json.dumps(captions), "source": cfg.pair_source, "omega": repr(float(cfg.omega)),
                 "seed": str(cfg.seed), "num_pairs": str(cfg.num_pairs), "resolution": str(resolution),
-                "model": str(cfg.model), "teacher": str(cfg.teacher or "")}
+                "model": str(cfg.model), "teacher": str(cfg.teacher or ""),
+                "start": str(indices.start), "stop": str(indices.stop)}
     return {"noise": torch.cat(noises), "z0": torch.cat(solutions), "metadata": metadata}
+
+
+def share(num_pairs: int, rank: int, world_size: int) -> range:
+    """The contiguous pair indices process ``rank`` of ``world_size`` makes (sizes differ by at most one)."""
+    return range(num_pairs * rank // world_size, num_pairs * (rank + 1) // world_size)
+
+
+def make_pairs_file(cfg: RefineConfig, models: RefineModels, resolution: int, out: Path, accelerator) -> float | None:
+    """``out/pairs.safetensors``, made once and shared by every process: each makes its :func:`share` into
+    ``out/pairs.parts/`` (atomically; a part already there from a killed run is kept), then the main process merges
+    the parts. Returns the seconds it took (None: the file was there already, e.g. on a resume). The processes wait
+    for each other only after equal shares, so the wait stays short however slow the solver is."""
+    pairs_path, parts = out / PAIRS_FILE, out / PARTS_FOLDER
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    if pairs_path.is_file():
+        if accelerator.is_main_process and parts.exists():  # killed after the merge, before the clean-up
+            shutil.rmtree(parts)
+        accelerator.wait_for_everyone()
+        return None
+    if cfg.num_pairs < world_size:
+        raise LcmkitError(f"num_pairs ({cfg.num_pairs}) must be at least the number of processes ({world_size})")
+    t0 = time.perf_counter()
+    mine = parts / f"part-{rank:03d}-of-{world_size:03d}.safetensors"
+    if not _part_matches(mine, cfg, resolution, share(cfg.num_pairs, rank, world_size)):
+        parts.mkdir(parents=True, exist_ok=True)
+        write_pairs(mine, make_pairs(cfg, models, resolution, cfg.progress and accelerator.is_main_process,
+                                     share(cfg.num_pairs, rank, world_size)))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from safetensors.torch import load_file
+
+        files = [parts / f"part-{r:03d}-of-{world_size:03d}.safetensors" for r in range(world_size)]
+        loaded = [load_file(str(f)) for f in files]
+        metadata = _metadata(files[0])
+        metadata.update(start="0", stop=str(cfg.num_pairs))
+        write_pairs(pairs_path, {"noise": torch.cat([t["noise"] for t in loaded]),
+                                 "z0": torch.cat([t["z0"] for t in loaded]), "metadata": metadata})
+        shutil.rmtree(parts)
+    accelerator.wait_for_everyone()
+    return time.perf_counter() - t0
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _part_matches(path: Path, cfg: RefineConfig, resolution: int, indices: range) -> bool:
+    """Whether ``path`` is a finished part of this run's pairs with these indices (parts are written atomically)."""
+    if not path.is_file():
+        return False
+    try:
+        meta = _metadata(path)
+    except Exception:  # an unreadable part is made again
+        return False
+    return meta == {**meta, **_settings(cfg, resolution), "start": str(indices.start), "stop": str(indices.stop)}
+
+
+def _settings(cfg: RefineConfig, resolution: int) -> dict[str, str]:
+    """The settings a pairs file records and a run must share to use it."""
+    return {"source": cfg.pair_source, "omega": repr(float(cfg.omega)), "seed": str(cfg.seed),
+            "num_pairs": str(cfg.num_pairs), "resolution": str(resolution)}
 
 
 def write_pairs(path: Path, pairs: dict) -> None:
@@ -277,9 +353,7 @@ def read_pairs(path: Path, cfg: RefineConfig, resolution: int) -> tuple[Tensor, 
     except Exception as e:
         raise LcmkitError(f"pairs file {path} could not be read ({type(e).__name__}: {e}); delete it to make the "
                           "pairs again") from e
-    want = {"source": cfg.pair_source, "omega": repr(float(cfg.omega)), "seed": str(cfg.seed),
-            "num_pairs": str(cfg.num_pairs), "resolution": str(resolution)}
-    for key, value in want.items():
+    for key, value in _settings(cfg, resolution).items():
         if meta.get(key) != value:
             raise LcmkitError(f"pairs file {path} was made with {key}={meta.get(key)}, this run has {value}; "
                               "resume with the same settings (or start a new --out)")
@@ -456,15 +530,9 @@ def refine(cfg: RefineConfig) -> Path:
     if main:
         write_config(out)
 
-    # the pairs: made once by the main process (kept for a resume), then read by every process
-    pairs_path = out / PAIRS_FILE
-    pair_seconds = None
-    if main and not pairs_path.is_file():
-        t0 = time.perf_counter()
-        write_pairs(pairs_path, make_pairs(cfg, models, resolution, cfg.progress))
-        pair_seconds = time.perf_counter() - t0
-    accelerator.wait_for_everyone()
-    noise, z0, captions = read_pairs(pairs_path, cfg, resolution)
+    # the pairs: made once, a share per process (kept for a resume), then read by every process
+    pair_seconds = make_pairs_file(cfg, models, resolution, out, accelerator)
+    noise, z0, captions = read_pairs(out / PAIRS_FILE, cfg, resolution)
     cache_text = cfg.cache_text if cfg.cache_text is not None else is_world(cfg.data)
     text = PairText(pipe, captions, resolution, cache_text)
     # validation grids: --validation-prompts, else the first (≤ 4) distinct pair captions, the same on every run
