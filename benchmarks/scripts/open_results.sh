@@ -52,6 +52,11 @@ $L bench quality --prompts open --parts table --methods lcm --lcm runs/open-lcm1
 # command is in benchmarks/scripts/one_step_probes.sh, step 7); the c = 0.02 LCD-only table stays in lcm-huber-c0.02/
 $L bench quality --prompts open --parts table --methods lcm --lcm runs/refine-teacher/pipeline --num 1000 --threads 1 \
   --out $R
+# (session 8) the LCM-LoRA at two more evaluation seeds, to judge it as the full LCM is (3,000 generations pooled)
+for s in 1 2; do
+  $L eval $T --lora runs/open-lora/lora/pytorch_lora_weights.safetensors --prompts open --sampler lcm --steps 1,2,4 \
+    --guidance 1 --num 1000 --seed $s --out $R/seeds/lora-seed$s --overwrite
+done
 $L bench quality --prompts open --parts table --methods lcm --lcm runs/open-lcm3/pipeline --num 1000 --threads 2 \
   --out $R/lcm-fixed-omega
 $L bench quality --prompts open --parts table --methods lcm --lcm runs/open-lcm4/pipeline --num 1000 --threads 2 \
