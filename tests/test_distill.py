@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import tiny
 from lcmkit.errors import LcmkitError
 from lcmkit.train import common
 from lcmkit.train.distill import DistillConfig, distill, fixed_draw_loss, make_student_unet
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
 TEACHERS = {"sd": "tiny_sd_dir", "sd-v": "tiny_sd_v_dir", "sdxl": "tiny_sdxl_dir"}
 
 
@@ -262,13 +260,11 @@ def test_kill_and_resume_is_exact(mode, tiny_sd_dir, tmp_path):
 
 def test_two_processes_torchrun(tiny_sd_dir, tmp_path):
     out = tmp_path / "ddp"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29400 + os.getpid() % 500), "-m",
-           "lcmkit.cli", "distill", "--teacher", str(tiny_sd_dir), "--data", "world", "--out", str(out),
-           "--mode", "lora", "--lora-rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--world-samples", "8",
-           "--max-steps", "2", "--warmup-steps", "4", "--log-every", "1", "--validate-every", "0", "--no-progress", "--device", "cpu"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = tiny.torchrun_lcmkit(
+        ["distill", "--teacher", str(tiny_sd_dir), "--data", "world", "--out", str(out), "--mode", "lora",
+         "--lora-rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--world-samples", "8", "--max-steps", "2",
+         "--warmup-steps", "4", "--log-every", "1", "--validate-every", "0", "--no-progress", "--device", "cpu"],
+        port=29400 + os.getpid() % 500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["ranks_consistent"] and summary["finished"]

@@ -202,22 +202,18 @@ def test_pairs_in_shares_equal_the_pairs_made_at_once_and_a_finished_share_is_ke
 def test_two_processes_torchrun_share_the_pairs(tiny_lcm_dir, tmp_path):
     """torchrun, 2 processes (gloo on CPU): each makes half of the pairs, the merged file equals a one-process
     run's, the weights agree across ranks, and one result line is printed."""
-    import subprocess
-    import sys
-
+    import tiny
     from lcmkit.train.refine import PARTS_FOLDER
 
     kw = dict(num_pairs=6, batch_size=2, max_steps=2, pair_steps=2)
     one = refine_cfg(tiny_lcm_dir, tmp_path / "one", **kw)
     refine(one)
     out = tmp_path / "two"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29900 + os.getpid() % 90), "-m",
-           "lcmkit.cli", "refine", "--model", str(tiny_lcm_dir), "--data", "world:open", "--out", str(out),
-           "--num-pairs", "6", "--batch-size", "2", "--max-steps", "2", "--pair-steps", "2", "--seed", "3",
-           "--validate-every", "0", "--no-progress", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = tiny.torchrun_lcmkit(
+        ["refine", "--model", str(tiny_lcm_dir), "--data", "world:open", "--out", str(out), "--num-pairs", "6",
+         "--batch-size", "2", "--max-steps", "2", "--pair-steps", "2", "--seed", "3", "--validate-every", "0",
+         "--no-progress", "--device", "cpu"],
+        port=29900 + os.getpid() % 90)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines() == [str(out / "pipeline")]
     summary = _summary(out)

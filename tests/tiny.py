@@ -9,6 +9,7 @@ builds with the same seed are identical.
                        and an ``LCMScheduler``.
 - :func:`tiny_sdxl`    ``StableDiffusionXLPipeline``: two text encoders, pooled embeds + time ids.
 - :func:`tiny_lora_file` a diffusers-format LoRA ``.safetensors`` for a tiny UNet, with non-zero B.
+- :func:`torchrun_lcmkit` an ``lcmkit`` command in two processes under ``torchrun`` (gloo on CPU).
 
 Sizes: UNet block_out_channels (32, 64), cross_attention_dim 32; VAE with four blocks of 8 channels so the
 VAE scale factor is 8, as in real SD (a 64 px image is an 8x8 latent).
@@ -149,3 +150,17 @@ def tiny_lora_file(unet, path: str | Path, rank: int = 4, seed: int = 0, scale: 
     StableDiffusionPipeline.save_lora_weights(str(path.parent), unet_lora_layers=get_peft_model_state_dict(model),
                                               weight_name=path.name, safe_serialization=True)
     return path
+
+
+def torchrun_lcmkit(args: list[str], port: int, timeout: float = 240):
+    """``torchrun --nproc_per_node 2 -m lcmkit.cli ARGS`` (one thread per process, offline) on master port
+    ``port``; the finished ``subprocess.CompletedProcess`` (text output captured)."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "lcmkit.cli", *args]
+    return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=timeout)

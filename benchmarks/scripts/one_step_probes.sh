@@ -71,30 +71,27 @@ done
 $L refine --model runs/open-lcm13/pipeline --data world:open --out runs/refine-tcd --num-pairs 48000 --pair-steps 4 \
   --omega 6.5 --batch-size 32 --max-steps 3000 --lr 1e-4 --lr-schedule cosine --warmup-steps 0 \
   --checkpoint-every 500 --validate-every 0 --no-progress
-O=benchmarks/results/open/refine-tcd
-mkdir -p $O && cp runs/refine-tcd/summary.json runs/refine-tcd/config.yaml $O/
-cp runs/refine-tcd/validation/step-0003000.png $O/validation-step-3000.png
-for s in 0 1 2; do
-  $L eval runs/refine-tcd/pipeline --prompts open --steps 1,2,4 --guidance 7.5 --num 1000 --seed $s \
-    --out runs/refine-tcd/eval-seed$s
-  mkdir -p $O/eval-seed$s && cp runs/refine-tcd/eval-seed$s/eval.* runs/refine-tcd/eval-seed$s/grid.png $O/eval-seed$s/
-done
-.venv/bin/python benchmarks/scripts/plot_losses.py $O/refine-loss.png \
+# copy_and_score RUN LAST_STEP: a refine run's summary, config and last validation grid into
+# benchmarks/results/open/RUN, then lcmkit eval at seeds 0, 1, 2 (1,000 open prompts each), copied beside them
+copy_and_score() {
+  local run=runs/$1 out=benchmarks/results/open/$1
+  mkdir -p $out && cp $run/summary.json $run/config.yaml $out/
+  cp $run/validation/step-$(printf %07d $2).png $out/validation-step-$2.png
+  for s in 0 1 2; do
+    $L eval $run/pipeline --prompts open --steps 1,2,4 --guidance 7.5 --num 1000 --seed $s --out $run/eval-seed$s
+    mkdir -p $out/eval-seed$s && cp $run/eval-seed$s/eval.* $run/eval-seed$s/grid.png $out/eval-seed$s/
+  done
+}
+copy_and_score refine-tcd 3000
+.venv/bin/python benchmarks/scripts/plot_losses.py benchmarks/results/open/refine-tcd/refine-loss.png \
   "lcmkit refine, own TCD-4 pairs (3000 steps)=runs/refine-tcd"
 # 7. (session 8) lcmkit refine with the teacher's DPM-Solver++ 25 pairs (12,000; 15 min on two threads), then 4,000
 #    steps at 0.31 s/step on two threads (≈ 21 min), scored at 3 seeds: the full LCM that meets issue 4's bars
 OMP_NUM_THREADS=2 $L refine --model runs/open-lcm13/pipeline --teacher src/lcmkit/assets/world-teacher-open \
   --data world:open --out runs/refine-teacher --num-pairs 12000 --omega 6.5 --batch-size 32 --max-steps 4000 \
   --lr 1e-4 --lr-schedule cosine --warmup-steps 0 --checkpoint-every 500 --validate-every 0 --no-progress
+copy_and_score refine-teacher 4000
 O=benchmarks/results/open/refine-teacher
-mkdir -p $O && cp runs/refine-teacher/summary.json runs/refine-teacher/config.yaml $O/
-cp runs/refine-teacher/validation/step-0004000.png $O/validation-step-4000.png
-for s in 0 1 2; do
-  $L eval runs/refine-teacher/pipeline --prompts open --steps 1,2,4 --guidance 7.5 --num 1000 --seed $s \
-    --out runs/refine-teacher/eval-seed$s
-  mkdir -p $O/eval-seed$s && cp runs/refine-teacher/eval-seed$s/eval.* runs/refine-teacher/eval-seed$s/grid.png \
-    $O/eval-seed$s/
-done
 .venv/bin/python benchmarks/scripts/plot_losses.py $O/refine-loss.png \
   "lcmkit refine, teacher DPM-Solver++ 25 pairs (4000 steps)=runs/refine-teacher" \
   "lcmkit refine, own TCD-4 pairs (3000 steps)=runs/refine-tcd"
