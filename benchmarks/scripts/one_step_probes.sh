@@ -95,3 +95,12 @@ O=benchmarks/results/open/refine-teacher
 .venv/bin/python benchmarks/scripts/plot_losses.py $O/refine-loss.png \
   "lcmkit refine, teacher DPM-Solver++ 25 pairs (4000 steps)=runs/refine-teacher" \
   "lcmkit refine, own TCD-4 pairs (3000 steps)=runs/refine-tcd"
+# 8. (session 8) the same refine with training seed 1 (other pairs: prompts and noise; other draws), to see how much
+#    of step 7's result is that run's luck; same scoring
+OMP_NUM_THREADS=2 $L refine --model runs/open-lcm13/pipeline --teacher src/lcmkit/assets/world-teacher-open \
+  --data world:open --out runs/refine-teacher-seed1 --seed 1 --num-pairs 12000 --omega 6.5 --batch-size 32 \
+  --max-steps 4000 --lr 1e-4 --lr-schedule cosine --warmup-steps 0 --checkpoint-every 500 --validate-every 0 \
+  --no-progress
+copy_and_score refine-teacher-seed1 4000
+.venv/bin/python benchmarks/scripts/plot_losses.py benchmarks/results/open/refine-teacher-seed1/refine-loss.png \
+  "lcmkit refine --teacher, seed 0=runs/refine-teacher" "lcmkit refine --teacher, seed 1=runs/refine-teacher-seed1"
