@@ -130,8 +130,8 @@ def markdown(result: dict) -> str:
     for e in result["recipes"]:
         cells = [f"{e['seed0'][s]['accuracy']:.3f} / {e['seed0'][s]['world_fid']:.2f}" if s in e["seed0"] else "—"
                  for s in (1, 2, 4, 8)]
-        pools = [f"{e['pooled'][s]['accuracy']:.3f} ± {e['pooled'][s]['se']:.3f} (FID {e['pooled'][s]['world_fid_mean']:.2f})"
-                 if s in e["pooled"] else "—" for s in (1, 4)]
+        pools = [f"{e['pooled'][s]['accuracy']:.3f} ± {e['pooled'][s]['se']:.3f} "
+                 f"(FID {e['pooled'][s]['world_fid_mean']:.2f})" if s in e["pooled"] else "—" for s in (1, 4)]
         met = ", ".join(k.split(" ", 1)[0] if "accuracy" in k else "FID" for k, v in e["bars"].items() if v) or "none"
         lines.append(f"| {e['recipe']} (`{e['folder']}/`) | " + " | ".join(cells + pools) + f" | {met} |")
     m = result["machine"] or {}

@@ -104,7 +104,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     # 1. distillation (LCD, Algorithm 1) on the world rendered on the fly, ω fixed at the evaluation guidance
     t0 = time.perf_counter()
     resumed = cfg.resume or (out / "distill").exists()
-    dcfg = DistillConfig(teacher=str(teacher_dir), data="world:open" if cfg.prompts == "open" else "world", out=str(out / "distill"), mode=cfg.mode,
+    dcfg = DistillConfig(teacher=str(teacher_dir), data="world:open" if cfg.prompts == "open" else "world",
+                         out=str(out / "distill"), mode=cfg.mode,
                          omega=GUIDANCE - 1.0, solver="ddim", skip=20, loss="huber", batch_size=cfg.batch_size,
                          **({"lora_ema": cfg.ema} if cfg.mode == "lora" else {"ema": cfg.ema}),
                          max_steps=cfg.max_steps, seed=cfg.seed, checkpoint_every=max(cfg.max_steps // 4, 1),
@@ -161,6 +162,7 @@ def report_markdown(report: dict) -> str:
               f"the same prompts and initial noise in every column; guidance {GUIDANCE} "
               f"(ω = {GUIDANCE - 1}). World-FID against 2,000 real images; real-vs-real floor "
               f"{report['fid_floor']:.2f}. `{CONTROL}`: the undistilled teacher sampled like the student (its own "
-              "x̂0 from noise, 1 step, no CFG): what distillation has to beat.", "", "Grid (`grid.png`), rows = prompts:", ""]
+              "x̂0 from noise, 1 step, no CFG): what distillation has to beat.", "",
+              "Grid (`grid.png`), rows = prompts:", ""]
     lines += [f"{i + 1}. {p}" for i, p in enumerate(report["grid_prompts"])]
     return "\n".join(lines) + "\n"

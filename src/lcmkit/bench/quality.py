@@ -4,8 +4,9 @@ Three parts, each scored by :func:`lcmkit.evaluate.run.evaluate` (prompt accurac
 generations per row, the same prompts and initial noise in every row):
 
 - ``table`` (``quality.json``): the teacher with DDIM / DPM-Solver / DPM-Solver++ at 1, 2, 4, 8, 25, 50 steps
-  (CFG, guidance 7.5 = ω 6.5), the control (the undistilled teacher with the LCM sampler, guidance 1), the LCM-LoRA (guidance baked in: ``lora_guidance`` 1 by default) and the full LCM
-  (w-embedding of ω 6.5) at 1, 2, 4, 8 steps;
+  (CFG, guidance 7.5 = ω 6.5), the control (the undistilled teacher with the LCM sampler, guidance 1), the
+  LCM-LoRA (guidance baked in: ``lora_guidance`` 1 by default) and the full LCM (w-embedding of ω 6.5) at 1, 2, 4,
+  8 steps;
 - ``skip`` (``ablation_skip.json``): for each skipping step k and teacher solver, one full-LCM distillation of
   ``budget`` steps, its checkpoints (θ⁻) evaluated at 4 LCM steps: quality against training steps (paper Fig. 3);
 - ``guidance`` (``ablation_guidance.json``): the full LCM at 1, 2, 4, 8 steps for each ω (paper Fig. 4).
@@ -160,7 +161,8 @@ def distill_run(options: QualityOptions, teacher: str, skip: int, solver: str, o
 
     every = max(1, options.budget // max(1, options.evals))
     cfg = common.build_config(DistillConfig, None, dict(
-        teacher=teacher, data="world:open" if options.prompts == "open" else "world", out=str(out), mode="full", skip=skip, solver=solver, max_steps=options.budget,
+        teacher=teacher, data="world:open" if options.prompts == "open" else "world", out=str(out), mode="full",
+        skip=skip, solver=solver, max_steps=options.budget,
         checkpoint_every=every, keep_checkpoints=options.budget // every + 1, validate_every=0,
         batch_size=options.distill_batch_size, world_samples=options.world_samples, seed=options.seed,
         progress=False, device="cpu" if options.device == "cpu" else "auto", overwrite=True))
@@ -324,7 +326,8 @@ def claim_guidance(rows: list[dict]) -> dict:
 
 
 def claims(table: list[dict], skip: list[dict], guidance: list[dict]) -> list[dict]:
-    return [claim_beats_control(table), claim_lcm_vs_dpmpp(table), claim_k1_slow(skip), claim_ddim_large_k(skip), claim_guidance(guidance)]
+    return [claim_beats_control(table), claim_lcm_vs_dpmpp(table), claim_k1_slow(skip), claim_ddim_large_k(skip),
+            claim_guidance(guidance)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

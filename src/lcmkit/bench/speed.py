@@ -381,7 +381,9 @@ def markdown(result: dict) -> str:
                          v["unet_seconds"], v["text_seconds"], v["vae_seconds"], _pct(v["overhead_fraction_of_unet"])])
         text += machine.table(["method", "s/image", "± (half range)", "UNet evals", "speed-up", "ceiling",
                                "UNet s", "text s", "VAE s", "overhead / UNet"], rows) + "\n"
-        verdict = lambda p: "n/a (1 round)" if p["at_most_1_within_noise"] is None else p["at_most_1_within_noise"]  # noqa: E731
+
+        def verdict(p):
+            return "n/a (1 round)" if p["at_most_1_within_noise"] is None else p["at_most_1_within_noise"]
         pair_rows = [[k, p["ratio"], p["noise"], verdict(p), p["same_image_max_abs_diff"]]
                      for k, p in m["lcmkit_vs_diffusers"].items()]
         text += machine.table(["lcmkit / diffusers", "time ratio", "± (half range)", "≤ 1 within noise",
