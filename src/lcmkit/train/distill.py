@@ -539,9 +539,9 @@ def fixed_draw_loss(cfg: DistillConfig, checkpoint: str | os.PathLike | None = N
     """The distillation loss of ``checkpoint`` (None: the step-0 student) on a fixed evaluation set: the first
     ``cfg.batch_size`` samples of the data and ``draws`` fixed (ω, n, ε) draws; averaged. Deterministic, so two
     checkpoints can be compared (the per-step training loss swings with the random t_n)."""
-    from ..pipelines import load_pipeline, vae_scale_factor
+    from ..pipelines import load_pipeline, resolve_device, vae_scale_factor
 
-    device = torch.device("cpu") if cfg.device == "cpu" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     pipe = load_pipeline(cfg.teacher, device="cpu")
     models = build_models(cfg, pipe, device, common.generator_for(cfg.seed, 0xA11CE))
     if checkpoint is not None:

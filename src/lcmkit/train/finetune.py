@@ -309,8 +309,9 @@ def fixed_draw_loss(cfg: FinetuneConfig, checkpoint=None, draws: int = 4, seed: 
     """The LCF loss of ``checkpoint`` (None: the starting model) on a fixed evaluation set: the first
     ``cfg.batch_size`` samples and ``draws`` fixed (ω, n, ε) draws, averaged. Deterministic, so two checkpoints
     can be compared (the per-step training loss swings with the random t_n)."""
-    device = torch.device("cpu") if cfg.device == "cpu" else \
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ..pipelines import resolve_device
+
+    device = resolve_device(cfg.device)
     pipe, models, resolution, num_points = _setup(cfg, device)
     if checkpoint is not None:
         models.load_weights(common.load_checkpoint(checkpoint)[0], checkpoint)

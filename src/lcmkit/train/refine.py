@@ -610,8 +610,9 @@ def fixed_pair_losses(cfg: RefineConfig, checkpoint=None, count: int = 8, seed: 
     """The two terms of ``checkpoint`` (None: the starting model) on a fixed evaluation set: the first ``count``
     pairs of ``out/pairs.safetensors`` and one fixed draw of (t, ε). ``top``: d(f_θ(x_T, t_top), z0); ``anchor``:
     d(f_θ(z_t, t), f_θ₀(z_t, t)), whatever ``anchor_weight`` is. Deterministic, so checkpoints can be compared."""
-    device = torch.device("cpu") if cfg.device == "cpu" else \
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ..pipelines import resolve_device
+
+    device = resolve_device(cfg.device)
     pipe, models, resolution, top, grid = _setup(cfg, device)
     if checkpoint is not None:
         models.load_weights(common.load_checkpoint(checkpoint)[0], checkpoint)

@@ -329,8 +329,9 @@ def _load_lora_weights(models: StyleModels, weights: dict[str, Tensor], path) ->
 def fixed_draw_loss(cfg: StyleLoraConfig, checkpoint=None, draws: int = 4, seed: int = 1234) -> float:
     """The denoising loss of ``checkpoint`` (None: the untrained LoRA, i.e. the base model) on the first
     ``cfg.batch_size`` samples and ``draws`` fixed (t, ε) draws, captions kept; averaged. Deterministic."""
-    device = torch.device("cpu") if cfg.device == "cpu" else \
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ..pipelines import resolve_device
+
+    device = resolve_device(cfg.device)
     pipe, models, resolution = _setup(cfg, device)
     if checkpoint is not None:
         _load_lora_weights(models, common.load_checkpoint(checkpoint)[0]["lora"], checkpoint)
