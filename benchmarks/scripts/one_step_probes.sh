@@ -104,3 +104,12 @@ OMP_NUM_THREADS=2 $L refine --model runs/open-lcm13/pipeline --teacher src/lcmki
 copy_and_score refine-teacher-seed1 4000
 .venv/bin/python benchmarks/scripts/plot_losses.py benchmarks/results/open/refine-teacher-seed1/refine-loss.png \
   "lcmkit refine --teacher, seed 0=runs/refine-teacher" "lcmkit refine --teacher, seed 1=runs/refine-teacher-seed1"
+# 9. (session 8) teacher-free, with twice the anchor: step 6's 48,000 own TCD-4 pairs (copied, so --resume reuses
+#    them), --anchor-weight 2, 3,000 steps (the rest are refine's defaults, = step 6's flags), scored at 3 seeds
+mkdir -p runs/refine-tcd-a2 && cp runs/refine-tcd/pairs.safetensors runs/refine-tcd-a2/
+OMP_NUM_THREADS=2 $L refine --model runs/open-lcm13/pipeline --data world:open --out runs/refine-tcd-a2 --resume \
+  --num-pairs 48000 --pair-steps 4 --anchor-weight 2 --omega 6.5 --max-steps 3000 --checkpoint-every 500 \
+  --validate-every 0 --no-progress
+copy_and_score refine-tcd-a2 3000
+.venv/bin/python benchmarks/scripts/plot_losses.py benchmarks/results/open/refine-tcd-a2/refine-loss.png \
+  "own TCD-4 pairs, anchor 1=runs/refine-tcd" "own TCD-4 pairs, anchor 2=runs/refine-tcd-a2"
