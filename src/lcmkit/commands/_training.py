@@ -94,6 +94,12 @@ def run_recipe(config_cls, recipe, args) -> int:
     return 0
 
 
+def add_distance_args(p: argparse.ArgumentParser) -> None:
+    """The consistency distance d (``lcmkit.losses.consistency_distance``): its kind and the pseudo-Huber c."""
+    p.add_argument("--loss", choices=("l2", "huber"), help="distance (default huber)")
+    p.add_argument("--huber-c", type=float, help="pseudo-Huber c (default 0.001)")
+
+
 def add_consistency_args(p: argparse.ArgumentParser) -> None:
     """ω range, skip k, distance and LCM validation grids: the options of both consistency recipes
     (``lcmkit distill`` and ``lcmkit finetune``); names as their config fields."""
@@ -101,7 +107,6 @@ def add_consistency_args(p: argparse.ArgumentParser) -> None:
     a("--omega-min", type=float, help="omega ~ U[min, max] per sample (default 5 SD / 3 SDXL)")
     a("--omega-max", type=float, help="(default 15)")
     a("--skip", type=int, help="skipping step k (default 20)")
-    a("--loss", choices=("l2", "huber"), help="distance (default huber)")
-    a("--huber-c", type=float, help="pseudo-Huber c (default 0.001)")
+    add_distance_args(p)
     a("--validation-steps", type=int, nargs="+", help="LCM step counts, one grid row each (default 1 2 4)")
     a("--validation-omega", type=float, help="omega of the full LCM's w-embedding in grids (default 7)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._training import add_training_args, run_recipe
+from ._training import add_distance_args, add_training_args, run_recipe
 
 #: refine's loop defaults (as :class:`lcmkit.train.refine.RefineConfig` sets them): the measured recipe, AdamW lr 1e-4
 DEFAULTS = {"batch_size": 32, "max_steps": 4000, "warmup_steps": 0, "lr_schedule": "cosine"}
@@ -34,8 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--pair-steps", type=int, help="TCD steps of the LCM's own solutions, without --teacher (default 4)")
     a("--anchor-weight", type=float, help="weight of the rest-of-grid anchor to the starting model (default 1; "
                                           "0 = the top timestep only)")
-    a("--loss", choices=("l2", "huber"), help="distance (default huber)")
-    a("--huber-c", type=float, help="pseudo-Huber c (default 0.001)")
+    add_distance_args(p)
     add_training_args(p, DEFAULTS)
     p.set_defaults(run=run)
 

@@ -175,7 +175,7 @@ def lcm_grid(pipe, num_train_timesteps: int) -> tuple[int, int, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pairs: (x_T, z0) made once, on the main process
+# Pairs: (x_T, z0) made once, a share per process
 # ---------------------------------------------------------------------------------------------------------------
 
 def pair_captions(cfg: RefineConfig, resolution: int) -> list[str]:
@@ -325,7 +325,8 @@ def _part_matches(path: Path, cfg: RefineConfig, resolution: int, indices: range
         meta = _metadata(path)
     except Exception:  # an unreadable part is made again
         return False
-    return meta == {**meta, **_settings(cfg, resolution), "start": str(indices.start), "stop": str(indices.stop)}
+    want = {**_settings(cfg, resolution), "start": str(indices.start), "stop": str(indices.stop)}
+    return all(meta.get(key) == value for key, value in want.items())
 
 
 def _settings(cfg: RefineConfig, resolution: int) -> dict[str, str]:
