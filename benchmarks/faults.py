@@ -39,7 +39,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from lcmkit.bench.machine import machine_info
+    from lcmkit_world.bench.machine import machine_info
 
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "faults.jsonl"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 import tiny
 
 # tests never reach the hub: a hub id must fail fast, not hang on the network

@@ -9,13 +9,18 @@ import json
 import pytest
 import torch
 
-from lcmkit.bench import configs
-from lcmkit.bench.distill import check_forwards
-from lcmkit.bench.hooks import count_unet_evaluations
-from lcmkit.bench.quality import claim_beats_control, claim_ddim_large_k, claim_k1_slow, claim_lcm_vs_dpmpp
 from lcmkit.cli import main
 from lcmkit.errors import LcmkitError
 from lcmkit.pipelines import generate
+from lcmkit_world.bench import configs
+from lcmkit_world.bench.distill import check_forwards
+from lcmkit_world.bench.hooks import count_unet_evaluations
+from lcmkit_world.bench.quality import (
+    claim_beats_control,
+    claim_ddim_large_k,
+    claim_k1_slow,
+    claim_lcm_vs_dpmpp,
+)
 
 torch.set_num_threads(1)
 
@@ -86,7 +91,7 @@ def test_bench_speed_smoke(tmp_path):
 
 
 def test_bench_speed_keeps_models_measured_by_an_earlier_run(tmp_path):
-    from lcmkit.bench.speed import keep_other_models
+    from lcmkit_world.bench.speed import keep_other_models
 
     earlier = {"command": "lcmkit bench speed --models world,sd15", "machine": {"date": "d0"},
                "models": {"world": {"methods": {"old": 1}}, "sd15": {"methods": {"teacher": 2}},
@@ -121,7 +126,7 @@ def test_bench_distill_smoke(tmp_path):
 
 
 def test_bench_distill_configuration_in_a_fresh_process():
-    from lcmkit.bench.distill import DistillBenchOptions, run_configuration, specs
+    from lcmkit_world.bench.distill import DistillBenchOptions, run_configuration, specs
 
     spec = specs(DistillBenchOptions(models=["tiny"], modes=["lora"], solvers=["ddim"], steps=1, batch_size=1,
                                      device="cpu", threads=1))[0]
@@ -234,7 +239,7 @@ def test_bench_style_smoke(tmp_path):
 
 
 def test_style_bars_judge_the_measured_rows():
-    from lcmkit.bench.style import bars
+    from lcmkit_world.bench.style import bars
 
     def row(name, acc, rate, **kw):
         return dict(name=name, accuracy=acc, style_rate=rate, **kw)

@@ -11,10 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from lcmkit.data import world
-from lcmkit.data.datasets import (ImageTransform, expand_braces, load_dataset, resolve_shards)
-from lcmkit.data.export import export_world
+from lcmkit.data.datasets import (
+    ImageTransform,
+    expand_braces,
+    load_dataset,
+    resolve_shards,
+)
 from lcmkit.errors import LcmkitError
+from lcmkit_world import world
+from lcmkit_world.export import export_world
 
 
 def read_all(ds):

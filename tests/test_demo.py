@@ -3,7 +3,7 @@
 import json
 
 from lcmkit.cli import main
-from lcmkit.demo import DemoConfig, columns, run_demo
+from lcmkit_world.demo import DemoConfig, columns, run_demo
 
 
 def test_columns():
@@ -29,7 +29,7 @@ def test_demo_end_to_end_on_tiny_teacher(tiny_sd_dir, tmp_path, capsys):
     config = (out / "distill" / "config.yaml").read_text()
     assert "lora_ema: 0.95" in config  # the EMA target is the default
     assert "data: world:open" in config and report["config"]["prompts"] == "open"  # open captions by default
-    from lcmkit.data import world
+    from lcmkit_world import world
 
     assert all(world.parse_open_caption(p) for p in report["grid_prompts"])
     assert "open prompts" in (out / "report.md").read_text()

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
 
-import tiny
-from lcmkit.denoisers import TextConditioning, consistency_fn, unet_denoiser, unet_output
+from lcmkit.denoisers import (
+    TextConditioning,
+    consistency_fn,
+    unet_denoiser,
+    unet_output,
+)
 from lcmkit.math.guidance import guidance_embedding
 from lcmkit.math.schedule import alpha_sigma, alphas_cumprod_from_config
 

@@ -1,7 +1,7 @@
 """lcmkit distill on tiny random teachers: invariants, short runs that lower the loss and save what diffusers
 loads, exact resume, two processes, the non-finite guard and bad arguments.
 
-Every run uses the built-in world as data (a fixed small batch: ``world_samples == batch_size``) at the tiny
+Every run uses the built-in world as data (a fixed small batch: ``generated_samples == batch_size``) at the tiny
 teachers' 64 px, LoRA rank 4 / alpha 8 (scale 2, so a lost alpha would show).
 """
 
@@ -12,12 +12,17 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-
 import tiny
+import torch
+from fixed_losses import distill_loss as fixed_draw_loss
+
 from lcmkit.errors import LcmkitError
-from lcmkit.train import common
-from lcmkit.train.distill import DistillConfig, distill, fixed_draw_loss, make_student_unet
+from lcmkit.train.checkpoint import checkpoint_dirs, load_checkpoint
+from lcmkit.train.config import build_config, save_config
+from lcmkit.train.distill import DistillConfig, distill, make_student_unet
+from lcmkit.train.logs import plot_log
+from lcmkit.train.optim import lr_factor
+from lcmkit.train.rng import generator_for
 
 torch.set_num_threads(1)
 
@@ -26,14 +31,14 @@ TEACHERS = {"sd": "tiny_sd_dir", "sd-v": "tiny_sd_v_dir", "sdxl": "tiny_sdxl_dir
 
 def make_cfg(teacher, out, **kw) -> DistillConfig:
     base = dict(teacher=str(teacher), data="world", out=str(out), lora_rank=4, lora_alpha=8.0, batch_size=4,
-                world_samples=4, max_steps=8, lr=1e-3, warmup_steps=0, validate_every=0, checkpoint_every=100,
+                generated_samples=4, max_steps=8, lr=1e-3, warmup_steps=0, validate_every=0, checkpoint_every=100,
                 log_every=1, progress=False, device="cpu")
     base.update(kw)
-    return common.build_config(DistillConfig, None, base)
+    return build_config(DistillConfig, None, base)
 
 
 def latest(out) -> Path:
-    return common.checkpoint_dirs(out)[-1]
+    return checkpoint_dirs(out)[-1]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -115,9 +120,9 @@ def test_top_fraction_draws():
     from lcmkit.train.distill import draw
 
     shape = (4000, 1, 1, 1)
-    ref = draw(4000, shape, (5.0, 15.0), 50, common.generator_for(3, 0))
-    same = draw(4000, shape, (5.0, 15.0), 50, common.generator_for(3, 0), 0.0)
-    top = draw(4000, shape, (5.0, 15.0), 50, common.generator_for(3, 0), 0.5)
+    ref = draw(4000, shape, (5.0, 15.0), 50, generator_for(3, 0))
+    same = draw(4000, shape, (5.0, 15.0), 50, generator_for(3, 0), 0.0)
+    top = draw(4000, shape, (5.0, 15.0), 50, generator_for(3, 0), 0.5)
     for a, b in zip(ref, same):
         assert torch.equal(a, b)
     assert torch.equal(ref[0], top[0]) and torch.equal(ref[2], top[2])
@@ -129,9 +134,9 @@ def test_top_fraction_draws():
 
 
 def test_lr_schedule_is_in_optimizer_steps():
-    assert [common.lr_factor(s, 2, 10, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
-    assert common.lr_factor(2, 2, 10, "cosine") == 1.0
-    assert common.lr_factor(10, 2, 10, "cosine") == pytest.approx(0.0)
+    assert [lr_factor(s, 2, 10, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(2, 2, 10, "cosine") == 1.0
+    assert lr_factor(10, 2, 10, "cosine") == pytest.approx(0.0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -139,7 +144,11 @@ def test_lr_schedule_is_in_optimizer_steps():
 # --------------------------------------------------------------------------------------------------------------
 
 def _check_full_output(folder: Path, kind: str):
-    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionXLPipeline
+    from diffusers import (
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
+        StableDiffusionXLPipeline,
+    )
 
     cls = StableDiffusionXLPipeline if kind == "sdxl" else LatentConsistencyModelPipeline
     pipe = cls.from_pretrained(str(folder))
@@ -226,7 +235,7 @@ def test_kill_and_resume_is_exact(mode, tiny_sd_dir, tmp_path):
     # batch 2 of 5 samples, 2 micro-batches: every step crosses data epochs; cosine schedule with warm-up
     extra = {"lora_ema": 0.5} if mode == "lora-ema" else {}
     mode = mode.split("-")[0]
-    kw = dict(mode=mode, max_steps=4, **extra, batch_size=2, world_samples=5, grad_accum=2, ema=0.9, warmup_steps=1,
+    kw = dict(mode=mode, max_steps=4, **extra, batch_size=2, generated_samples=5, grad_accum=2, ema=0.9, warmup_steps=1,
               lr_schedule="cosine", checkpoint_every=1, cache_latents=(mode == "full"))
     distill(make_cfg(tiny_sd_dir, tmp_path / "straight", **kw))
     distill(make_cfg(tiny_sd_dir, tmp_path / "split", stop_at=2, **kw))
@@ -240,7 +249,7 @@ def test_kill_and_resume_is_exact(mode, tiny_sd_dir, tmp_path):
         assert wa.keys() == wb.keys()
         for k in wa:
             assert torch.equal(wa[k], wb[k]), (f.name, k)
-    sa, sb = (common.load_checkpoint(x)[1] for x in (a, b))
+    sa, sb = (load_checkpoint(x)[1] for x in (a, b))
     assert torch.equal(sa["data"]["position"], sb["data"]["position"])
     assert sa["lr_scheduler"]["last_epoch"] == sb["lr_scheduler"]["last_epoch"] == 4
     la = json.loads((tmp_path / "straight" / "summary.json").read_text())["losses"]
@@ -262,7 +271,7 @@ def test_two_processes_torchrun(tiny_sd_dir, tmp_path):
     out = tmp_path / "ddp"
     proc = tiny.torchrun_lcmkit(
         ["distill", "--teacher", str(tiny_sd_dir), "--data", "world", "--out", str(out), "--mode", "lora",
-         "--lora-rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--world-samples", "8", "--max-steps", "2",
+         "--lora-rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--generated-samples", "8", "--max-steps", "2",
          "--warmup-steps", "4", "--log-every", "1", "--validate-every", "0", "--no-progress", "--device", "cpu"],
         port=29400 + os.getpid() % 500)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -273,7 +282,7 @@ def test_two_processes_torchrun(tiny_sd_dir, tmp_path):
     # first two steps lr/4 and lr/2 (a scheduler stepped once per process would give lr/4, 3·lr/4)
     lrs = [json.loads(line)["lr"] for line in (out / "logs" / "log.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([1e-4 / 4, 1e-4 / 2])  # default lr 1e-4
-    _ = common.load_checkpoint(latest(out))  # weights_only loads
+    _ = load_checkpoint(latest(out))  # weights_only loads
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,7 +308,7 @@ def test_nan_step_is_skipped_and_counted(monkeypatch, tiny_sd_dir, tmp_path):
     distill(cfg)
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
     assert summary["finished"] and summary["nonfinite_skipped"] == 1
-    weights, _ = common.load_checkpoint(latest(cfg.out))
+    weights, _ = load_checkpoint(latest(cfg.out))
     assert all(bool(torch.isfinite(v).all()) for v in weights["lora"].values())
 
 
@@ -311,7 +320,7 @@ def test_too_many_nonfinite_steps_stop_the_run(monkeypatch, tiny_sd_dir, tmp_pat
     assert not (tmp_path / "nan" / "pipeline").exists()
     ckpt = latest(cfg.out)
     assert ckpt.name == "step-0000004"  # written before the 3rd bad step in a row (step 5) stopped the run
-    weights, _ = common.load_checkpoint(ckpt)
+    weights, _ = load_checkpoint(ckpt)
     assert all(bool(torch.isfinite(v).all()) for v in weights["student"].values())
 
 
@@ -341,17 +350,17 @@ def test_bad_arguments(extra, message, tiny_sd_dir, tmp_path, capsys):
 
 
 def test_world_open_data_names_subsets_per_sample(tiny_sd_dir, tmp_path, capsys):
-    from lcmkit.data import world
     from lcmkit.train.data import DataSource
+    from lcmkit_world import world
 
-    cfg = make_cfg(tiny_sd_dir, tmp_path / "o", data="world:open", world_samples=64)
+    cfg = make_cfg(tiny_sd_dir, tmp_path / "o", data="world:open", generated_samples=64)
     source = DataSource(cfg, 32)
     captions = [source.load(i)[1] for i in range(64)]
     named = [world.parse_open_caption(c) for c in captions]
     assert captions == [source.load(i)[1] for i in range(64)]  # sample i's caption depends only on (seed, i)
     assert 8 < sum(len(n) < 5 for n in named) < 64 and all("shape" in n for n in named)
     assert len(source.captions()) == 540 * 16 and set(captions) <= set(source.captions())
-    exact = DataSource(make_cfg(tiny_sd_dir, tmp_path / "p", data="world", world_samples=4), 32)
+    exact = DataSource(make_cfg(tiny_sd_dir, tmp_path / "p", data="world", generated_samples=4), 32)
     assert [world.parse_caption(exact.load(i)[1]) for i in range(4)]  # exact captions, all five named
     code, err = _cli(["--teacher", str(tiny_sd_dir), "--data", "world:open:open", "--out", str(tmp_path / "q")],
                      capsys)
@@ -379,17 +388,17 @@ def test_yaml_config_and_cli_override(tiny_sd_dir, tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(f"teacher: {tiny_sd_dir}\ndata: world\nout: {tmp_path}/o\nskip: 10\n"
                         "optim:\n  lr: 0.002\n  warmup_steps: 7\nomega-min: 2\n")
-    cfg = common.build_config(DistillConfig, cfg_file, {"skip": 40, "warmup_steps": None})
+    cfg = build_config(DistillConfig, cfg_file, {"skip": 40, "warmup_steps": None})
     assert (cfg.skip, cfg.optim.lr, cfg.optim.warmup_steps, cfg.omega_min) == (40, 0.002, 7, 2)
 
 
 def test_saved_config_is_accepted_back(tiny_sd_dir, tmp_path):
     """The config.yaml a run saves (with its ``resolved:`` record) is a valid ``--config`` for a resume or a rerun."""
-    cfg = common.build_config(DistillConfig, None, {"teacher": str(tiny_sd_dir), "data": "world",
+    cfg = build_config(DistillConfig, None, {"teacher": str(tiny_sd_dir), "data": "world",
                                                      "out": str(tmp_path / "o"), "skip": 10, "lr": 3e-4})
-    saved = common.save_config(cfg, tmp_path, {"architecture": "sd", "num_grid_points": 50})
+    saved = save_config(cfg, tmp_path, {"architecture": "sd", "num_grid_points": 50})
     assert "resolved:" in saved.read_text()
-    again = common.build_config(DistillConfig, saved, {"max_steps": 5})
+    again = build_config(DistillConfig, saved, {"max_steps": 5})
     assert (again.skip, again.optim.lr, again.max_steps, again.teacher) == (10, 3e-4, 5, str(tiny_sd_dir))
 
 
@@ -398,7 +407,7 @@ def test_loss_plot_counts_a_resumed_step_once_and_skips_a_cut_line(tmp_path):
     lines = [json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-3}) for s in (10, 20, 30)]
     lines += ['{"step": 40, "lo', json.dumps({"step": 30, "loss": 0.5, "lr": 1e-3}), json.dumps({"step": 40, "x": 1})]
     log.write_text("\n".join(lines) + "\n")
-    assert common.plot_log(log, tmp_path / "loss.png") == tmp_path / "loss.png"
+    assert plot_log(log, tmp_path / "loss.png") == tmp_path / "loss.png"
     assert (tmp_path / "loss.png").stat().st_size > 0
     log.write_text(json.dumps({"step": 1, "lr": 0.1}) + "\n")
-    assert common.plot_log(log, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    assert plot_log(log, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lcmkit.cli import main
-from lcmkit.evaluate.run import Setting, evaluate, settings_grid
+from lcmkit_world.evaluate.run import Setting, evaluate, settings_grid
 
 
 def test_settings_grid_order():
@@ -44,9 +44,9 @@ def test_eval_cli_and_refusals(tiny_sd_dir, tmp_path, capsys):
 
 
 def test_open_prompts_leave_attributes_out_and_count_only_the_named(tiny_sd_dir, tmp_path, capsys):
-    from lcmkit.data import world
     from lcmkit.errors import LcmkitError
-    from lcmkit.evaluate.run import eval_prompts
+    from lcmkit_world import world
+    from lcmkit_world.evaluate.run import eval_prompts
 
     specs, named, captions = eval_prompts(32, seed=0, prompts="open")
     exact_specs, exact_named, exact_captions = eval_prompts(32, seed=0)

@@ -1,4 +1,4 @@
-"""The shipped world evaluator and the metrics built on it (lcmkit.evaluate)."""
+"""The shipped world evaluator and the metrics built on it (lcmkit_world.evaluate)."""
 
 import json
 
@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from lcmkit.data import world
 from lcmkit.errors import LcmkitError
-from lcmkit.evaluate import metrics
-from lcmkit.evaluate.classifier import (ASSET_DIR, HEADS, WorldClassifier, as_model_input, load_classifier,
-                                        measure_accuracy, save_classifier)
+from lcmkit_world import world
+from lcmkit_world.evaluate import metrics
+from lcmkit_world.evaluate.classifier import (
+    ASSET_DIR,
+    HEADS,
+    WorldClassifier,
+    as_model_input,
+    load_classifier,
+    measure_accuracy,
+    save_classifier,
+)
 
 FRESH_SEED = 424_242  # neither the training seed (0) nor the seed stored in config.json (10000)
 

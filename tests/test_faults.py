@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from lcmkit.cli import main as cli_main
-from lcmkit.train import common
+from lcmkit.train.checkpoint import checkpoint_dirs, load_checkpoint
 
 torch.set_num_threads(1)
 
@@ -45,7 +45,7 @@ ENV.pop("LCMKIT_DEBUG", None)
 
 #: distill flags shared by every training run here: tiny, LoRA, 32 px, no progress bar, CPU
 DISTILL = ["--data", "world", "--mode", "lora", "--lora-rank", "4", "--lora-alpha", "8", "--batch-size", "2",
-           "--world-samples", "6", "--resolution", "32", "--lr", "1e-3", "--warmup-steps", "0",
+           "--generated-samples", "6", "--resolution", "32", "--lr", "1e-3", "--warmup-steps", "0",
            "--validate-every", "0", "--validation-steps", "1", "--log-every", "1", "--no-progress",
            "--device", "cpu"]
 
@@ -217,14 +217,14 @@ def test_malicious_checkpoint_file_refused_on_resume(planted, short_run, tiny_sd
     for kind in ("torch-zip", "torch-legacy", "pickle"):
         out = tmp_path / f"run-{kind}"
         shutil.copytree(short_run, out)
-        latest = common.checkpoint_dirs(out)[-1]
+        latest = checkpoint_dirs(out)[-1]
         (latest / planted).write_bytes(malicious_bytes(marker, kind))
         code, _, err = run_cli(["distill", "--teacher", tiny_sd_dir, "--out", out, *DISTILL, "--max-steps", "4",
                                 "--checkpoint-every", "1", "--resume"], capsys)
         ok = one_line_error(code, err) and str(latest) in err and "delete it" in err and not marker.exists()
         record("untrusted_file", f"checkpoint {planted} replaced by {kind}, then --resume", ok)
         assert ok, err
-        assert common.checkpoint_dirs(out)[-1] == latest  # nothing trained past the refused checkpoint
+        assert checkpoint_dirs(out)[-1] == latest  # nothing trained past the refused checkpoint
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -566,7 +566,7 @@ def test_nonfinite_steps_skipped_and_counted(monkeypatch, tiny_sd_dir, tmp_path,
     code, _, err = run_cli(["distill", "--teacher", tiny_sd_dir, "--out", out, *DISTILL, "--max-steps", "5",
                             "--checkpoint-every", "5"], capsys)
     summary = json.loads((out / "summary.json").read_text())
-    weights, _ = common.load_checkpoint(common.checkpoint_dirs(out)[-1])
+    weights, _ = load_checkpoint(checkpoint_dirs(out)[-1])
     finite = all(bool(torch.isfinite(v).all()) for v in weights["lora"].values())
     ok = code == 0 and summary["finished"] and summary["nonfinite_skipped"] == 2 and finite
     record("numerical", "NaN loss once: step skipped and counted", ok)
@@ -579,8 +579,8 @@ def test_nonfinite_in_a_row_stops_keeping_last_good_checkpoint(monkeypatch, tiny
     out = tmp_path / "run"
     code, _, err = run_cli(["distill", "--teacher", tiny_sd_dir, "--out", out, *DISTILL, "--max-steps", "10",
                             "--checkpoint-every", "1", "--max-nonfinite", "3"], capsys)
-    latest = common.checkpoint_dirs(out)[-1]
-    weights, state = common.load_checkpoint(latest)
+    latest = checkpoint_dirs(out)[-1]
+    weights, state = load_checkpoint(latest)
     ok = one_line_error(code, err) and "fp16 overflow" in err and "last good checkpoint" in err \
         and latest.name == "step-0000004" and all(bool(torch.isfinite(v).all()) for v in weights["lora"].values())
     # steps 3 and 4 were skipped but checkpointed (their weights are the good ones of step 2); step 5 stopped it
@@ -619,7 +619,7 @@ def test_disk_full_during_checkpoint(where, monkeypatch, tiny_sd_dir, tmp_path, 
             if "step-0000002" in str(f):
                 raise _enospc(f)
             return real(obj, f, *a, **kw)
-        monkeypatch.setattr(common.torch, "save", fake)
+        monkeypatch.setattr(torch, "save", fake)
     else:
         real = os.replace
 
@@ -628,19 +628,19 @@ def test_disk_full_during_checkpoint(where, monkeypatch, tiny_sd_dir, tmp_path, 
                 calls["n"] += 1
                 raise _enospc(dst)
             return real(src, dst, *a, **kw)
-        monkeypatch.setattr(common.os, "replace", fake)
+        monkeypatch.setattr(os, "replace", fake)
     code, _, err = run_cli(args, capsys)
     monkeypatch.undo()
-    ckpts = common.checkpoint_dirs(out)
+    ckpts = checkpoint_dirs(out)
     ok = one_line_error(code, err) and "no space left on device" in err and "--resume" in err \
         and [c.name for c in ckpts] == ["step-0000001"] and not list((out / "checkpoints").glob(".tmp-*"))
-    common.load_checkpoint(ckpts[-1])  # the previous checkpoint still loads
+    load_checkpoint(ckpts[-1])  # the previous checkpoint still loads
     record("disk", f"ENOSPC while writing a checkpoint ({where})", ok)
     assert ok, (code, err, ckpts)
     if where == "rename":  # and the run continues from it once there is space again
         code, _, err = run_cli(args + ["--resume"], capsys)
         assert code == 0, err
-        assert common.checkpoint_dirs(out)[-1].name == "step-0000003" and (out / "lora").is_dir()
+        assert checkpoint_dirs(out)[-1].name == "step-0000003" and (out / "lora").is_dir()
 
 
 def test_disk_full_writing_an_image(monkeypatch, tiny_lcm_dir, tmp_path, capsys):
@@ -698,7 +698,7 @@ KILL_CYCLES = 6
 
 
 def _latest_step(out: Path) -> int:
-    found = common.checkpoint_dirs(out)
+    found = checkpoint_dirs(out)
     return int(found[-1].name.split("-")[1]) if found else 0
 
 
@@ -740,7 +740,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_sd_dir, tmp
         p.wait()
         p.stderr.close()
         after = _latest_step(killed)
-        common.load_checkpoint(common.checkpoint_dirs(killed)[-1])  # the last complete checkpoint is usable
+        load_checkpoint(checkpoint_dirs(killed)[-1])  # the last complete checkpoint is usable
         lost = max(0, done - after)
         cycles.append({"cycle": cycle, "resumed_from": before, "killed_after_step": done, "on_disk": after,
                        "during_checkpoint_write": in_write, "steps_lost": lost})
@@ -751,14 +751,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_sd_dir, tmp
     proc = subprocess.run(_distill_cmd(tiny_sd_dir, killed, True), env=ENV, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = common.checkpoint_dirs(straight)[-1], common.checkpoint_dirs(killed)[-1]
+    a, b = checkpoint_dirs(straight)[-1], checkpoint_dirs(killed)[-1]
     assert a.name == b.name == f"step-{KILL_STEPS:07d}"
     same = True
     for fa, fb in [(a / "lora.safetensors", b / "lora.safetensors"),
                    *[(f, killed / "lora" / f.name) for f in sorted((straight / "lora").glob("*.safetensors"))]]:
         wa, wb = load_file(str(fa)), load_file(str(fb))
         same &= wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    sa, sb = common.load_checkpoint(a)[1], common.load_checkpoint(b)[1]
+    sa, sb = load_checkpoint(a)[1], load_checkpoint(b)[1]
     same &= sa["step"] == sb["step"] and torch.equal(sa["data"]["position"], sb["data"]["position"])
     for c in cycles:
         record("kill_resume", f"SIGKILL cycle {c['cycle']}", same and c["steps_lost"] == 0, **c)

@@ -3,7 +3,7 @@ recipe feeds lcf_loss the right pairs, short runs lower a fixed-draw loss and sa
 the diffusion target follows prediction_type, exact resume, LoRA adapters round-trip every format, bad arguments.
 
 Every run trains on the built-in world's outlined style (the "custom dataset" the teacher never saw), a fixed small
-batch (``world_samples == batch_size``), at the tiny models' 64 px.
+batch (``generated_samples == batch_size``), at the tiny models' 64 px.
 """
 
 from __future__ import annotations
@@ -12,32 +12,34 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-
 import tiny
-from lcmkit.train import common
+import torch
+from fixed_losses import finetune_loss as lcf_fixed_loss
+from fixed_losses import style_loss as style_fixed_loss
+
+from lcmkit.train.checkpoint import checkpoint_dirs, load_checkpoint
+from lcmkit.train.config import build_config
 from lcmkit.train.finetune import FinetuneConfig, finetune
-from lcmkit.train.finetune import fixed_draw_loss as lcf_fixed_loss
+from lcmkit.train.rng import generator_for
 from lcmkit.train.style_lora import StyleLoraConfig, train_style_lora
-from lcmkit.train.style_lora import fixed_draw_loss as style_fixed_loss
 
 torch.set_num_threads(1)
 
-RUN = dict(data="world:outlined", batch_size=4, world_samples=4, max_steps=6, lr=1e-3, warmup_steps=0,
+RUN = dict(data="world:outlined", batch_size=4, generated_samples=4, max_steps=6, lr=1e-3, warmup_steps=0,
            validate_every=0, checkpoint_every=100, log_every=1, progress=False, device="cpu")
 
 
 def lcf_cfg(model, out, **kw) -> FinetuneConfig:
-    return common.build_config(FinetuneConfig, None, {**RUN, "model": str(model), "out": str(out), **kw})
+    return build_config(FinetuneConfig, None, {**RUN, "model": str(model), "out": str(out), **kw})
 
 
 def style_cfg(model, out, **kw) -> StyleLoraConfig:
     base = {**RUN, "model": str(model), "out": str(out), "lora_rank": 4, "lora_alpha": 8.0, "validation_steps": 3}
-    return common.build_config(StyleLoraConfig, None, {**base, **kw})
+    return build_config(StyleLoraConfig, None, {**base, **kw})
 
 
 def latest(folder) -> Path:
-    return common.checkpoint_dirs(folder)[-1]
+    return checkpoint_dirs(folder)[-1]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,7 @@ def test_first_lcf_step_equals_lcf_loss_by_hand(mode, tiny_lcm_dir, tiny_sd_dir,
     from lcmkit.train.data import DataSource, DataStream
     from lcmkit.train.distill import draw
 
-    kw = dict(batch_size=3, world_samples=5, max_steps=1, loss="l2", skip=100, seed=7)
+    kw = dict(batch_size=3, generated_samples=5, max_steps=1, loss="l2", skip=100, seed=7)
     if mode == "full":
         cfg = lcf_cfg(tiny_lcm_dir, tmp_path / "run", omega_min=2.0, omega_max=9.0, **kw)
     else:
@@ -118,7 +120,7 @@ def test_first_lcf_step_equals_lcf_loss_by_hand(mode, tiny_lcm_dir, tiny_sd_dir,
     with torch.no_grad():
         z0 = pipe.vae.encode(torch.stack([s.pixels for s in samples])).latent_dist.mean * pipe.vae.config.scaling_factor
         cond = encode_prompt_sd(pipe, [s.caption for s in samples])
-    omega, index, noise = draw(3, tuple(z0.shape), (2.0, 9.0), 1000 // 100, common.generator_for(7, 0, 0, 0))
+    omega, index, noise = draw(3, tuple(z0.shape), (2.0, 9.0), 1000 // 100, generator_for(7, 0, 0, 0))
     ac = alphas_cumprod_from_config(pipe.scheduler.config)
     w = omega if mode == "full" else None
     model = unet_denoiser(pipe.unet, ac, cond, prediction_type="epsilon", w_omega=w)
@@ -199,7 +201,7 @@ def test_lcf_lcm_lora_lowers_loss_and_saves_a_lora_file(tiny_sd_dir, lcm_lora_fi
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_denoising_loss_target_follows_prediction_type(prediction_type):
     from lcmkit.denoisers import TextConditioning
-    from lcmkit.math.schedule import scaled_linear_betas, alphas_cumprod_from_betas
+    from lcmkit.math.schedule import alphas_cumprod_from_betas, scaled_linear_betas
     from lcmkit.train.style_lora import denoising_loss
 
     unet = tiny.tiny_unet()
@@ -237,7 +239,7 @@ def test_style_lora_lowers_loss_and_loads_everywhere(kind, tiny_sd_dir, tiny_sd_
     trained = DiffusionPipeline.from_pretrained(str(model)).unet
     weights = load_lora(out, trained)
     assert all(k.startswith("unet.") for k in weights) and all(w.alpha == 8.0 and w.rank == 4 for w in weights.values())
-    ckpt_layers = {k.split(".lora_A.")[0] for k in common.load_checkpoint(latest(cfg.run_folder))[0]["lora"]
+    ckpt_layers = {k.split(".lora_A.")[0] for k in load_checkpoint(latest(cfg.run_folder))[0]["lora"]
                    if ".lora_A." in k}
     assert {k.removeprefix("unet.") for k in weights} == ckpt_layers  # every trained layer is in the file
     pipe = DiffusionPipeline.from_pretrained(str(model))
@@ -264,7 +266,7 @@ def _same_checkpoints(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("recipe", ["lcf-full", "style"])
 def test_resume_is_exact(recipe, tiny_lcm_dir, tiny_sd_dir, tmp_path):
     # batch 2 of 5 samples, 2 micro-batches: every step crosses data epochs; cosine schedule with warm-up
-    kw = dict(max_steps=4, batch_size=2, world_samples=5, grad_accum=2, warmup_steps=1, lr_schedule="cosine",
+    kw = dict(max_steps=4, batch_size=2, generated_samples=5, grad_accum=2, warmup_steps=1, lr_schedule="cosine",
               checkpoint_every=1)
     if recipe == "lcf-full":
         def make(name, **k):

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -25,7 +26,6 @@ from diffusers import (
 )
 from PIL import Image
 
-import tiny
 from lcmkit.cli import main
 from lcmkit.errors import LcmkitError
 from lcmkit.pipelines import generate, load_pipeline, parse_lora

@@ -10,13 +10,19 @@ import json
 import pickle
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import save_file
 
-import tiny
 from lcmkit.errors import LcmkitError
-from lcmkit.lora_formats import (LoraLayer, load_lora, lora_from_state_dict, pipeline_models, save_lora,
-                                 to_state_dict)
+from lcmkit.lora_formats import (
+    LoraLayer,
+    load_lora,
+    lora_from_state_dict,
+    pipeline_models,
+    save_lora,
+    to_state_dict,
+)
 
 #: Layers of the tiny UNet / text encoder the random LoRAs touch: every kind section 8 of lcm-reference lists.
 UNET_TARGETS = [

@@ -6,8 +6,18 @@ from diffusers import DDPMScheduler, LCMScheduler, TCDScheduler
 
 from lcmkit.errors import LcmkitError
 from lcmkit.math import (
-    alpha_sigma, alphas_cumprod_from_config, boundary_scalings, cfg, consistency_function, consistency_pair,
-    guidance_embedding, lcm_timesteps, log_snr, timestep_from_log_snr, to_x0_eps, training_grid,
+    alpha_sigma,
+    alphas_cumprod_from_config,
+    boundary_scalings,
+    cfg,
+    consistency_function,
+    consistency_pair,
+    guidance_embedding,
+    lcm_timesteps,
+    log_snr,
+    timestep_from_log_snr,
+    to_x0_eps,
+    training_grid,
 )
 from lcmkit.math.param import from_x0_eps
 

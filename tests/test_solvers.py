@@ -4,11 +4,28 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverSinglestepScheduler, LCMScheduler, TCDScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverSinglestepScheduler,
+    LCMScheduler,
+    TCDScheduler,
+)
 
-from lcmkit.math import alpha_sigma, alphas_cumprod_from_config, append_dims, lcm_timesteps, to_x0_eps
+from lcmkit.math import (
+    alpha_sigma,
+    alphas_cumprod_from_config,
+    append_dims,
+    lcm_timesteps,
+    to_x0_eps,
+)
 from lcmkit.solvers import (
-    SOLVERS, TEACHER_EVALUATIONS, _midpoint, ddim_step, dpm_solver_2_step, dpm_solver_pp_2s_step, sample_lcm,
+    SOLVERS,
+    TEACHER_EVALUATIONS,
+    _midpoint,
+    ddim_step,
+    dpm_solver_2_step,
+    dpm_solver_pp_2s_step,
+    sample_lcm,
     sample_tcd,
 )
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-
 import tiny
+import torch
+from test_lora_formats import random_lora
+
 from lcmkit.cli import main
 from lcmkit.lora_formats import pipeline_models, save_lora
 from lcmkit.task_arithmetic import apply_loras, attach_loras, lora_delta, merge_loras
-from test_lora_formats import random_lora
 
 IDS = torch.arange(2, 2 + 12)[None]  # 12 tokens of the tiny byte-level tokenizer
 

@@ -1,9 +1,9 @@
-"""The shapes world renderer measured from its pixels against the spec (lcmkit.data.world)."""
+"""The shapes world renderer measured from its pixels against the spec (lcmkit_world.world)."""
 
 import numpy as np
 import pytest
 
-from lcmkit.data import world
+from lcmkit_world import world
 
 COLOURS = list(world.COLOURS)
 

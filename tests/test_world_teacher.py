@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from lcmkit.data import world
 from lcmkit.errors import LcmkitError
-from lcmkit.train import world_teacher as wt
+from lcmkit_world import teacher as wt
+from lcmkit_world import world
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,11 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from lcmkit.pipelines import load_pipeline
-from lcmkit.train import common
+from lcmkit.train.checkpoint import CHECKPOINT_PREFIX, checkpoint_dirs
 
 if __name__ == "__main__":
     run, step, out = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-    found = {int(d.name[len(common.CHECKPOINT_PREFIX):]): d for d in common.checkpoint_dirs(run)}
+    found = {int(d.name[len(CHECKPOINT_PREFIX):]): d for d in checkpoint_dirs(run)}
     if step not in found:
         raise SystemExit(f"no complete checkpoint at step {step} under {run}; there are {sorted(found)}")
     pipe = load_pipeline(run / "pipeline", device="cpu")

@@ -7,7 +7,7 @@
 set -euo pipefail
 export HF_HUB_OFFLINE=1
 L=.venv/bin/lcmkit
-T=src/lcmkit/assets/world-teacher-open
+T=src/lcmkit_world/assets/world-teacher-open
 R=benchmarks/results/open
 base="--teacher $T --data world:open --mode full --omega 6.5 --solver ddim --skip 20 --batch-size 32 --lr 5e-5
   --lr-schedule cosine --warmup-steps 50 --checkpoint-every 600 --validate-every 0 --no-progress --overwrite"

@@ -32,9 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lcmkit.data import world
+from lcmkit_world import world
 from lcmkit.denoisers import TextConditioning, consistency_fn, unet_denoiser
-from lcmkit.evaluate.run import eval_prompts
+from lcmkit_world.evaluate.run import eval_prompts
 from lcmkit.losses import consistency_distance
 from lcmkit.math.schedule import alpha_sigma, alphas_cumprod_from_config, append_dims
 from lcmkit.math.timesteps import lcm_timesteps, training_grid

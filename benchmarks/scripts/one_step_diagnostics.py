@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcmkit.data import world
-from lcmkit.evaluate import metrics, run
-from lcmkit.evaluate.classifier import as_model_input, predict, spec_labels
+from lcmkit_world import world
+from lcmkit_world.evaluate import metrics, run
+from lcmkit_world.evaluate.classifier import as_model_input, predict, spec_labels
 from lcmkit.pipelines import load_pipeline
 
 

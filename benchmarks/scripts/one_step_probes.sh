@@ -8,7 +8,7 @@ set -euo pipefail
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 L=.venv/bin/lcmkit
 P=".venv/bin/python benchmarks/scripts/one_step_capacity.py"
-T=src/lcmkit/assets/world-teacher-open
+T=src/lcmkit_world/assets/world-teacher-open
 R=benchmarks/results/open/one-step
 mkdir -p runs/s7
 # 1. is guidance a lever at one step? (the ω-range model open-lcm2 and the fixed-ω = 6.5 model open-lcm5)
@@ -87,7 +87,7 @@ copy_and_score refine-tcd 3000
   "lcmkit refine, own TCD-4 pairs (3000 steps)=runs/refine-tcd"
 # 7. (session 8) lcmkit refine with the teacher's DPM-Solver++ 25 pairs (12,000; 15 min on two threads), then 4,000
 #    steps at 0.31 s/step on two threads (≈ 21 min), scored at 3 seeds: the full LCM that meets issue 4's bars
-OMP_NUM_THREADS=2 $L refine --model runs/open-lcm13/pipeline --teacher src/lcmkit/assets/world-teacher-open \
+OMP_NUM_THREADS=2 $L refine --model runs/open-lcm13/pipeline --teacher src/lcmkit_world/assets/world-teacher-open \
   --data world:open --out runs/refine-teacher --num-pairs 12000 --omega 6.5 --batch-size 32 --max-steps 4000 \
   --lr 1e-4 --lr-schedule cosine --warmup-steps 0 --checkpoint-every 500 --validate-every 0 --no-progress
 copy_and_score refine-teacher 4000
@@ -97,7 +97,7 @@ O=benchmarks/results/open/refine-teacher
   "lcmkit refine, own TCD-4 pairs (3000 steps)=runs/refine-tcd"
 # 8. (session 8) the same refine with training seed 1 (other pairs: prompts and noise; other draws), to see how much
 #    of step 7's result is that run's luck; same scoring
-OMP_NUM_THREADS=2 $L refine --model runs/open-lcm13/pipeline --teacher src/lcmkit/assets/world-teacher-open \
+OMP_NUM_THREADS=2 $L refine --model runs/open-lcm13/pipeline --teacher src/lcmkit_world/assets/world-teacher-open \
   --data world:open --out runs/refine-teacher-seed1 --seed 1 --num-pairs 12000 --omega 6.5 --batch-size 32 \
   --max-steps 4000 --lr 1e-4 --lr-schedule cosine --warmup-steps 0 --checkpoint-every 500 --validate-every 0 \
   --no-progress

@@ -9,12 +9,12 @@
 set -euo pipefail
 export HF_HUB_OFFLINE=1
 L=.venv/bin/lcmkit
-T=src/lcmkit/assets/world-teacher-open
+T=src/lcmkit_world/assets/world-teacher-open
 R=benchmarks/results/open
 mkdir -p runs
 # 0. the open teacher: the shipped exact-caption teacher, fine-tuned 3,000 steps with 3 in 4 captions open
 if [ -z "${SKIP_TEACHER:-}" ]; then
-  OMP_NUM_THREADS=1 $L world train-teacher --out runs/teacher-open --init-from src/lcmkit/assets/world-teacher \
+  OMP_NUM_THREADS=1 $L world train-teacher --out runs/teacher-open --init-from src/lcmkit_world/assets/world-teacher \
     --open-captions 0.75 --unet-steps 3000 --outlined-images 0 --checkpoint-every 250 --threads 1 --lr 3e-4 \
     --warmup-steps 100 --no-progress > runs/teacher-open.log 2>&1
   rm -rf $T && cp -r runs/teacher-open/pipeline $T

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lcmkit.train.world_teacher import plot_losses
+from lcmkit_world.teacher import plot_losses
 
 
 def losses(run: Path) -> tuple[list[float], int]:

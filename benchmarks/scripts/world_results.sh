@@ -4,7 +4,7 @@
 # Writes runs/lcm-full (distilled full LCM), demo/ (LCM-LoRA, `lcmkit demo`), benchmarks/results/quality.*
 set -euo pipefail
 export HF_HUB_OFFLINE=1
-T=src/lcmkit/assets/world-teacher
+T=src/lcmkit_world/assets/world-teacher
 L=.venv/bin/lcmkit
 # 1. full LCM (w-embedding, EMA 0.95, DDIM teacher, k = 20, pseudo-Huber) and, beside it, the demo's LCM-LoRA
 OMP_NUM_THREADS=1 $L distill --teacher $T --data world --out runs/lcm-full --mode full --omega-min 5 --omega-max 15 \

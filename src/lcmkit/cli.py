@@ -2,6 +2,8 @@
 
 Each subcommand lives in ``lcmkit.commands.<name>`` with two functions: ``register(subparsers)`` (argparse
 only, cheap to import) and ``run(args) -> int`` (imports torch and does the work through the library API).
+Packages that extend lcmkit (its proving ground, ``lcmkit_world``) add theirs through the ``lcmkit.commands``
+entry points: a ``register(subparsers)`` each, listed after lcmkit's own commands.
 Every :class:`~lcmkit.errors.LcmkitError` becomes one line on stderr and exit code 2: no tracebacks for
 bad input.
 """
@@ -17,7 +19,9 @@ import sys
 from .errors import LcmkitError
 
 #: Subcommand modules under lcmkit.commands, in the order ``lcmkit --help`` lists them.
-COMMANDS = ["generate", "world", "eval", "distill", "finetune", "refine", "lora", "bench", "demo"]
+COMMANDS = ["generate", "distill", "finetune", "refine", "lora"]
+#: Entry-point group of extensions' subcommands (a ``register(subparsers)`` each).
+COMMAND_ENTRY_POINTS = "lcmkit.commands"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -60,13 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"lcmkit.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"lcmkit.commands.{name}":
-                continue  # not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"lcmkit.commands.{name}").register(sub)
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMAND_ENTRY_POINTS), key=lambda ep: ep.name):
+        ep.load()(sub)
     return parser
 
 

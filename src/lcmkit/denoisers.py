@@ -34,8 +34,7 @@ from .math.consistency import SIGMA_DATA, TIMESTEP_SCALING, consistency_function
 from .math.guidance import cfg, guidance_embedding
 from .math.param import to_x0_eps
 from .math.schedule import alpha_sigma, append_dims
-
-Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+from .solvers import Denoiser
 
 
 @dataclass(frozen=True)

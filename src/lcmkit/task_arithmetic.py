@@ -30,8 +30,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LcmkitError
-from .lora_formats import (LoraLayer, LoraWeights, fit_to_module, load_lora, pipeline_models, split_name,
-                           unwrap)
+from .lora_formats import (
+    LoraLayer,
+    LoraWeights,
+    fit_to_module,
+    load_lora,
+    pipeline_models,
+    split_name,
+    unwrap,
+)
 
 
 def lora_delta(layer: LoraLayer) -> Tensor:

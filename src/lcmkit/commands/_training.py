@@ -1,6 +1,6 @@
 """Shared argparse pieces: the options every training recipe shares (distill, finetune, lora train), list types.
 
-Names match the fields of :class:`lcmkit.train.common.TrainingOptions` and :class:`~lcmkit.train.common.OptimConfig`
+Names match the fields of :class:`lcmkit.train.config.TrainingOptions` and :class:`~lcmkit.train.config.OptimConfig`
 (``-`` for ``_``), so a flag, a YAML key and a config field are one thing. Unset flags stay None and do not
 override the YAML file.
 """
@@ -42,21 +42,21 @@ def add_training_args(p: argparse.ArgumentParser, defaults: dict | None = None) 
     a = p.add_argument
     a("--config", default=None, help="YAML file with any of the options (flags override it)")
     a("--data", help="imagefolder with metadata.jsonl, webdataset .tar shards (file/folder/glob/{a..b}), "
-                     "or world / world:outlined (add :open for open captions: world:open)")
+                     "or a generated dataset (the proving ground's world, world:outlined, world:open)")
     a("--resolution", type=int, help="training pixels (default: the model's native size)")
     a("--crop", choices=("center", "random"), help="square crop (default center)")
     a("--flip", type=_bool, help="random horizontal flip, true/false (default false)")
     a("--caption-key", help="imagefolder caption column (default text)")
-    a("--world-samples", type=int, help="size of the built-in world dataset (default 10000)")
+    a("--generated-samples", type=int, help="size of a generated dataset such as world (default 10000)")
     a("--cache-latents", type=_bool, help="encode every image once with the VAE posterior mean (default false)")
-    a("--cache-text", type=_bool, help="encode every caption once (default: true for the world)")
+    a("--cache-text", type=_bool, help="encode every caption once (default: true for generated datasets)")
     a("--batch-size", type=int, help=f"per process and micro-batch (default {d['batch_size']})")
     a("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     a("--max-steps", type=int, help=f"optimizer steps (default {d['max_steps']})")
     a("--stop-at", type=int, help="stop with a checkpoint after this step (schedule unchanged; continue with --resume)")
     a("--mixed-precision", choices=("no", "fp16", "bf16"), help="(default no)")
     a("--gradient-checkpointing", type=_bool, help="trade compute for memory (default false)")
-    a("--seed", type=int, help="seed of the data order, world images and all training draws (default 0)")
+    a("--seed", type=int, help="seed of the data order, generated images and all training draws (default 0)")
     a("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
     a("--keep-checkpoints", type=int, help="how many checkpoints to keep (default 3; 0 = all)")
     a("--validate-every", type=int, help="steps between validation grids (default 500; 0 = at the end only)")
@@ -86,7 +86,7 @@ def overrides(args) -> dict:
 def run_recipe(config_cls, recipe, args) -> int:
     """Build ``config_cls`` (defaults ← ``--config`` YAML ← flags), run ``recipe`` on it and print what it returns
     (the result's path) once: on rank 0 only, also under torchrun / accelerate launch."""
-    from lcmkit.train.common import build_config
+    from lcmkit.train.config import build_config
 
     result = recipe(build_config(config_cls, args.config, overrides(args)))
     if int(os.environ.get("RANK", "0")) == 0:

@@ -1,7 +1,7 @@
 """The data side of lcmkit's training recipes (distillation, LCF fine-tuning, style LoRAs), shared by all three.
 
-- **sources**: :class:`DataSource` (the built-in world, ``world`` / ``world:outlined``, or an imagefolder /
-  webdataset), :func:`transform` (resize, square crop, flip; SDXL's time ids);
+- **sources**: :class:`DataSource` (an imagefolder / webdataset, or a generated dataset registered by a plug-in,
+  such as the proving ground's ``world``), :func:`transform` (resize, square crop, flip; SDXL's time ids);
 - **streams**: :class:`DataStream`, one process's endless, resumable share of the samples;
 - **encoding**: :class:`Encoder` (batch → latents and text conditioning), with the optional latent and text caches
   (:func:`build_latent_cache`, :func:`build_text_cache`);
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,28 +22,39 @@ from ..denoisers import TextConditioning
 from ..errors import LcmkitError
 
 if TYPE_CHECKING:
-    from .common import TrainingOptions
+    from .config import TrainingOptions
 
-WORLD_STYLES = ("filled", "outlined")
-
-
-def is_world(data: str) -> bool:
-    """``data`` names the built-in world (``world``, ``world:<style>``, ``world:open``, ``world:<style>:open``),
-    not files."""
-    return data == "world" or data.startswith("world:")
+#: Entry-point group of generated datasets: ``--data NAME`` or ``--data NAME:OPTIONS`` names one. A plug-in
+#: registers a factory ``(spec, size, seed) -> dataset`` whose dataset has ``len()``, ``load(i) -> (RGB PIL image,
+#: caption)`` (depending only on (seed, i)) and ``captions()`` (every caption it can produce); the factory raises
+#: ``LcmkitError`` for options it does not know.
+DATASET_ENTRY_POINTS = "lcmkit.datasets"
 
 
-def world_data(data: str) -> tuple[str, bool]:
-    """``(style, open captions)`` a world ``data`` string asks for: ``world[:filled|:outlined][:open]`` (``world``
-    alone: filled, exact captions; ``:open``: each of size, colour, position, background named with probability
-    1/2, drawn per sample). Anything else is an ``LcmkitError``."""
-    parts = data.split(":")[1:]
-    is_open = bool(parts) and parts[-1] == "open"
-    styles = parts[:-1] if is_open else parts
-    if len(styles) > 1 or any(p not in WORLD_STYLES for p in styles):
-        raise LcmkitError(f"unknown world style in {data!r}; use world, world:filled or world:outlined, "
-                          "optionally followed by :open (open captions)")
-    return (styles[0] if styles else "filled"), is_open
+def generated_dataset_factory(data: str):
+    """The factory of the generated dataset ``data`` names, or None when ``data`` names files."""
+    from importlib.metadata import entry_points
+
+    name = data.split(":", 1)[0]
+    if not name or "/" in name or "." in name:
+        return None
+    return next((ep.load() for ep in entry_points(group=DATASET_ENTRY_POINTS) if ep.name == name), None)
+
+
+def is_generated(data: str) -> bool:
+    """``data`` names a generated dataset (a plug-in such as ``world``), not files."""
+    return generated_dataset_factory(data) is not None
+
+
+def check_data_spec(data: str) -> None:
+    """Refuse a ``data`` that is neither an existing path, a glob / ``{a..b}`` pattern, nor a generated dataset
+    (whose factory checks its own options)."""
+    factory = generated_dataset_factory(data)
+    if factory is not None:
+        factory(data, 1, 0)
+    elif not any(c in data for c in "*{") and not Path(data).exists():
+        raise LcmkitError(f"data {data} not found; pass an imagefolder, .tar shards, or a generated dataset "
+                          "such as 'world'")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -59,8 +71,9 @@ class Sample:
 
 def transform(img, resolution: int, crop: str, flip: bool, rng: np.random.Generator) -> tuple[Tensor, tuple]:
     """Resize the shorter side to ``resolution``, crop a square, maybe flip; also returns SDXL's time ids."""
-    from ..data.datasets import crop_box, resize_shorter_side, to_tensor
     from PIL import Image
+
+    from ..data.datasets import crop_box, resize_shorter_side, to_tensor
 
     original = (img.size[1], img.size[0])  # (height, width)
     img = resize_shorter_side(img, resolution)
@@ -74,17 +87,19 @@ def transform(img, resolution: int, crop: str, flip: bool, rng: np.random.Genera
 class DataSource:
     """Sample i of the training set as (RGB PIL image, caption); raises ``BadSample`` for unusable ones.
 
-    ``world``: image i of the built-in world (seed ``seed``), rendered on the fly, depends only on (seed, i).
-    Otherwise an imagefolder / webdataset via :func:`lcmkit.data.datasets.load_dataset` (bad samples counted
-    in ``dataset.skipped`` and limited by its ``max_bad_fraction``).
+    A generated dataset (:data:`DATASET_ENTRY_POINTS`): ``generated_samples`` samples of seed ``seed``, made on the
+    fly, sample i depending only on (seed, i). Otherwise an imagefolder / webdataset via
+    :func:`lcmkit.data.datasets.load_dataset` (bad samples counted in ``dataset.skipped`` and limited by its
+    ``max_bad_fraction``).
     """
 
     def __init__(self, cfg: TrainingOptions, resolution: int):
         self.cfg = cfg
-        self.dataset = None
-        if is_world(cfg.data):
-            self.style, self.open = world_data(cfg.data)
-            self.size = cfg.world_samples
+        self.dataset = self.generated = None
+        factory = generated_dataset_factory(cfg.data)
+        if factory is not None:
+            self.generated = factory(cfg.data, cfg.generated_samples, cfg.seed)
+            self.size = len(self.generated)
         else:
             from ..data.datasets import load_dataset
 
@@ -95,24 +110,12 @@ class DataSource:
         return self.size
 
     def load(self, i: int):
-        if self.dataset is None:
-            from PIL import Image
-
-            from ..data import world
-
-            images, specs = world.sample(1, seed=self.cfg.seed, style=self.style, start=i)
-            named = world.sample_named(self.cfg.seed, i) if self.open else None
-            return Image.fromarray(images[0]), world.caption(specs[0], named)
-        return self.dataset.load(i)
+        return (self.generated if self.dataset is None else self.dataset).load(i)
 
     def captions(self) -> list[str]:
         """Every caption the data can produce (for text caching)."""
         if self.dataset is None:
-            from ..data import world
-
-            if self.open:
-                return [world.caption(s, n) for s in world.all_specs() for n in world.named_subsets()]
-            return world.all_prompts()
+            return self.generated.captions()
         return sorted({r.caption.strip() for r in self.dataset.records if r.caption and r.caption.strip()})
 
     def report(self) -> dict:
@@ -308,7 +311,7 @@ def make_data(cfg, pipe, arch: str, device: torch.device, resolution: int, rank:
     stream = DataStream(source, cfg, resolution, rank, world_size)
     if cfg.cache_latents:
         stream.latent_cache = build_latent_cache(source, stream, pipe, progress)
-    cache_text = cfg.cache_text if cfg.cache_text is not None else is_world(cfg.data)
+    cache_text = cfg.cache_text if cfg.cache_text is not None else source.generated is not None
     encoder = Encoder(pipe, arch, device, latent_cache=stream.latent_cache,
                       text_cache=build_text_cache(source.captions(), pipe, arch) if cache_text else None)
     if arch == "sd":

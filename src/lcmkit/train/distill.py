@@ -36,9 +36,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,14 +43,19 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_folder
 from ..denoisers import TextConditioning, unet_denoiser
 from ..errors import LcmkitError
 from ..losses import LOSS_TYPES, lcd_loss
 from ..math.schedule import alphas_cumprod_from_config
 from ..math.timesteps import lcm_timesteps
 from ..solvers import SOLVERS, randn, sample_lcm
-from . import common
-from .data import DataSource, DataStream, Encoder, default_validation_prompts, encode_text, make_data
+from .config import TrainingOptions
+from .data import Encoder, default_validation_prompts, encode_text, make_data
+from .loop import Run
+from .optim import ema_update_
+from .rng import generator_for
+from .runtime import autocast, weight_dtype
 
 MODES = ("full", "lora")
 #: Width of the guidance embedding of ω (``time_cond_proj_dim``), as the released LCMs.
@@ -68,7 +70,7 @@ RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class DistillConfig(common.TrainingOptions):
+class DistillConfig(TrainingOptions):
     """Everything ``lcmkit distill`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
 
     teacher: str = ""                 # diffusers pipeline folder: SD 1.x/2.x (eps or v) or SDXL
@@ -222,7 +224,7 @@ class EmaLoraTarget:
     @torch.no_grad()
     def update_(self, online: dict[str, Tensor], mu: float) -> None:
         """θ⁻ ← μ·θ⁻ + (1 − μ)·θ over the adapter weights."""
-        common.ema_update_([self.shadow[n] for n in online], online.values(), mu)
+        ema_update_([self.shadow[n] for n in online], online.values(), mu)
 
     @contextlib.contextmanager
     def applied(self, online: dict[str, Tensor]):
@@ -243,7 +245,7 @@ def build_models(cfg: DistillConfig, pipe, device: torch.device, generator: torc
     """Freeze and cast the teacher's parts, then build the student and target for ``cfg.mode``."""
     from ..lora import architecture, init_lora_A_, lcm_lora_config
 
-    dtype = common.weight_dtype(cfg.mixed_precision)
+    dtype = weight_dtype(cfg.mixed_precision)
     unet = pipe.unet
     if getattr(unet.config, "time_cond_proj_dim", None) is not None:
         raise LcmkitError(f"teacher {cfg.teacher} is already a full LCM (its UNet has a guidance embedding); "
@@ -293,7 +295,7 @@ def _adapters_off(denoiser: Callable, unet) -> Callable:
 
 def _autocast(denoiser: Callable, models: Models) -> Callable:
     def wrapped(x_t, t):
-        with common.autocast(models.device, models.mixed_precision):
+        with autocast(models.device, models.mixed_precision):
             return denoiser(x_t, t)
     return wrapped
 
@@ -385,7 +387,11 @@ def save_full_pipeline(models: Models, cfg: DistillConfig, folder: Path, num_poi
     and an ``LCMScheduler`` on the teacher's noise schedule, whose grid is the distillation grid (T // k points)."""
     import inspect
 
-    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionXLPipeline
+    from diffusers import (
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
+        StableDiffusionXLPipeline,
+    )
 
     pipe = models.pipe
     scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=num_points,
@@ -433,14 +439,10 @@ def distill(cfg: DistillConfig) -> Path:
     """Run latent consistency distillation; returns the output (``out/pipeline`` or ``out/lora``)."""
     from ..pipelines import load_pipeline, vae_scale_factor
 
-    accelerator = common.setup_accelerator(cfg.mixed_precision, cpu=cfg.device == "cpu")
-    device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    out = Path(cfg.out)
-    checkpoints = common.open_run_folder(out, RESULT_NAMES, cfg, accelerator, "lcmkit distill")
-
+    run = Run.start(cfg, cfg.out, RESULT_NAMES, "lcmkit distill")
+    device = run.device
     pipe = load_pipeline(cfg.teacher, device="cpu", dtype=None)
-    models = build_models(cfg, pipe, device, common.generator_for(cfg.seed, 0xA11CE))
+    models = build_models(cfg, pipe, device, generator_for(cfg.seed, 0xA11CE))
     T = len(models.alphas_cumprod)
     if cfg.skip > T:
         raise LcmkitError(f"skip k={cfg.skip} exceeds the teacher's {T} timesteps")
@@ -449,31 +451,22 @@ def distill(cfg: DistillConfig) -> Path:
     if resolution % vae_scale_factor(pipe):
         raise LcmkitError(f"resolution {resolution} is not a multiple of the VAE scale factor {vae_scale_factor(pipe)}")
     omegas = omega_range(cfg, models.arch)
-    resolved = _resolved(cfg, models.arch, resolution, num_points, omegas)
-    write_config = lambda folder: common.save_config(cfg, folder, resolved)  # noqa: E731
-    if main:
-        write_config(out)
-    source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, rank, world_size,
-                                        cfg.progress and main)
+    run.record_config({"architecture": models.arch, "resolution": resolution, "num_grid_points": num_points,
+                       "omega_range": list(omegas)})
+    source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, run.rank, run.world_size,
+                                        cfg.progress and run.main)
 
-    # optimisation state
-    params = models.trainable()
-    optimizer, scheduler, scaler, guard = common.make_optimisation(params, cfg, device)
-    step, overflow = 0, 0
-    if cfg.resume and checkpoints:
-        lora = {"lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha)} if cfg.mode == "lora" else {}
-        if cfg.lora_ema > 0:  # (older checkpoints have no lora_ema; without it they resume as before)
-            lora["lora_ema"] = cfg.lora_ema
-        step, overflow = common.resume_run(checkpoints[-1], optimizer, scheduler, scaler, guard,
-                                           {"mode": cfg.mode, **lora, "processes": world_size}, models.load_weights,
-                                           stream, rank)
+    lora = {"lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha)} if cfg.mode == "lora" else {}
+    if cfg.lora_ema > 0:  # (older checkpoints have no lora_ema; without it they resume as before)
+        lora["lora_ema"] = cfg.lora_ema
+    run.optimise(models.trainable(), {"mode": cfg.mode, **lora}, models.load_weights, stream)
     validation_prompts = default_validation_prompts(cfg, source, resolution, stream)
 
     def micro_loss(step: int, micro: int) -> Tensor:
         """The LCD loss of one micro-batch: the next samples, the draws (ω, n, ε) of (seed, step, micro, rank)."""
         z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
         omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points,
-                                   common.generator_for(cfg.seed, step, micro, rank), cfg.top_fraction)
+                                   generator_for(cfg.seed, step, micro, run.rank), cfg.top_fraction)
         student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
         loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device), models.alphas_cumprod,
                            skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss, huber_c=cfg.huber_c)
@@ -481,84 +474,29 @@ def distill(cfg: DistillConfig) -> Path:
 
     # the adapter weights by name, looked up once (not every step) for the LoRA-mode EMA target
     ema_lora = dict(models.trainable_named()) if isinstance(models.target, EmaLoraTarget) else None
-    progress = common.RunProgress(cfg, out / "logs", f"distill ({cfg.mode})", step, main)
-    try:
-        while step < progress.stop:
-            t0 = time.perf_counter()
-            # micro-batches, then sync, non-finite guard, clipping, AdamW, LR step: what every lcmkit recipe shares
-            outcome = common.training_step(micro_loss, step, cfg, params, optimizer, scheduler, scaler, guard,
-                                           accelerator)
-            if outcome.ok and cfg.mode == "full":  # θ⁻ ← μθ⁻ + (1 − μ)θ
-                common.ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
-            elif outcome.ok and ema_lora:
-                models.target.update_(ema_lora, cfg.lora_ema)
-            overflow += int(outcome.fp16_overflow)
-            step += 1
-            progress.record(step, outcome, time.perf_counter() - t0, guard.skipped, overflow)
-            if progress.checkpoint_due(step):
-                common.save_run_checkpoint(out, step, models.checkpoint_weights(), optimizer, scheduler, scaler,
-                                           guard, stream, accelerator, write_config, cfg.keep_checkpoints,
-                                           fp16_overflow=overflow, mode=cfg.mode, lora_rank=cfg.lora_rank,
-                                           lora_alpha=float(cfg.lora_alpha), lora_ema=cfg.lora_ema)
-            if main and progress.validation_due(step):
-                rows = validation_images(models, encoder, validation_prompts, cfg.validation_steps,
-                                         cfg.validation_omega, cfg.validation_seed, resolution, num_points)
-                common.save_image_grid(rows, out / "validation" / f"step-{step:07d}.png")
-    finally:
-        progress.close()
 
-    # the result (main process), and a check that every process holds the same weights
-    sums, consistent = common.check_same_weights(params, accelerator)
-    result = out / ("pipeline" if cfg.mode == "full" else "lora")
-    if main:
-        if step >= cfg.max_steps:
-            def write_result(folder: Path) -> None:
-                if cfg.mode == "full":
-                    save_full_pipeline(models, cfg, folder, num_points)
-                else:
-                    save_lora_output(models, folder)
-                write_config(folder)
-            common.atomic_folder(result, write_result)
-        summary = {"step": step, "max_steps": cfg.max_steps, "finished": step >= cfg.max_steps,
-                   "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow, "processes": world_size,
-                   "ranks_consistent": consistent, "weights_checksum": sums[0],
-                   "sec_per_step": progress.sec_per_step(), "losses": progress.losses,
-                   "result": str(result) if step >= cfg.max_steps else None, **source.report()}
-        if summary["data_skipped"]:  # bad data never stops a run below the threshold, but it is always reported
-            reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary["data_skipped"].items()))
-            print(f"lcmkit distill: skipped {sum(summary['data_skipped'].values())} unusable samples/shards "
-                  f"({reasons}); see {out / 'summary.json'}", file=sys.stderr)
-        common.write_json_atomic(out / "summary.json", summary)
-    accelerator.wait_for_everyone()
+    def update_target(outcome) -> None:
+        """θ⁻ ← μθ⁻ + (1 − μ)θ after a step that was taken (full mode; LoRA mode with an EMA target)."""
+        if outcome.ok and cfg.mode == "full":
+            ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
+        elif outcome.ok and ema_lora:
+            models.target.update_(ema_lora, cfg.lora_ema)
+
+    run.train(micro_loss, desc=f"distill ({cfg.mode})", checkpoint_weights=models.checkpoint_weights,
+              position=stream, after_step=update_target,
+              checkpoint_extra={"mode": cfg.mode, "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha),
+                                "lora_ema": cfg.lora_ema},
+              validate=lambda: validation_images(models, encoder, validation_prompts, cfg.validation_steps,
+                                                 cfg.validation_omega, cfg.validation_seed, resolution, num_points))
+
+    result = Path(cfg.out) / ("pipeline" if cfg.mode == "full" else "lora")
+
+    def write_result(folder: Path) -> None:
+        if cfg.mode == "full":
+            save_full_pipeline(models, cfg, folder, num_points)
+        else:
+            save_lora_output(models, folder)
+        run.write_config(folder)
+
+    run.finish(result, lambda: atomic_folder(result, write_result), **source.report())
     return result
-
-
-@torch.no_grad()
-def fixed_draw_loss(cfg: DistillConfig, checkpoint: str | os.PathLike | None = None, draws: int = 4,
-                    seed: int = 1234) -> float:
-    """The distillation loss of ``checkpoint`` (None: the step-0 student) on a fixed evaluation set: the first
-    ``cfg.batch_size`` samples of the data and ``draws`` fixed (ω, n, ε) draws; averaged. Deterministic, so two
-    checkpoints can be compared (the per-step training loss swings with the random t_n)."""
-    from ..pipelines import load_pipeline, resolve_device, vae_scale_factor
-
-    device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.teacher, device="cpu")
-    models = build_models(cfg, pipe, device, common.generator_for(cfg.seed, 0xA11CE))
-    if checkpoint is not None:
-        models.load_weights(common.load_checkpoint(checkpoint)[0], checkpoint)
-    num_points = len(models.alphas_cumprod) // cfg.skip
-    resolution = cfg.resolution or models.student.config.sample_size * vae_scale_factor(pipe)
-    omegas = omega_range(cfg, models.arch)
-    stream = DataStream(DataSource(cfg, resolution), cfg, resolution, 0, 1)
-    encoder = Encoder(pipe, models.arch, device)
-    if models.arch == "sd":
-        encoder.uncond_hidden = encode_text(pipe, "sd", [""])[0]
-    z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
-    total = 0.0
-    for d in range(draws):
-        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points, common.generator_for(seed, d))
-        student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
-        loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device), models.alphas_cumprod,
-                           skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss, huber_c=cfg.huber_c)
-        total += float(loss)
-    return total / draws

@@ -10,7 +10,7 @@ The recipe, per optimizer step (one micro-batch per ``grad_accum``; each process
 3. :func:`lcmkit.losses.lcf_loss`: z_{t_{n+k}} = α_{t_{n+k}} z + σ_{t_{n+k}} ε and z_{t_n} = α_{t_n} z + σ_{t_n} ε
    (the SAME z and ε: the data stands in for the teacher's ODE step), loss
    d(f_θ(z_{t_{n+k}}, ω, c, t_{n+k}), f_θ⁻(z_{t_n}, ω, c, t_n));
-4. :func:`lcmkit.train.common.optimizer_step` (gradients averaged over processes, non-finite steps skipped and
+4. :func:`lcmkit.train.optim.optimizer_step` (gradients averaged over processes, non-finite steps skipped and
    counted, clipping, AdamW, LR schedule in optimizer steps), then θ⁻ ← μθ⁻ + (1 − μ)θ (full mode).
 
 **Full mode** (``--model`` is an LCM pipeline folder whose UNet has ``time_cond_proj_dim``): θ starts as that UNet,
@@ -34,20 +34,24 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_folder
 from ..denoisers import TextConditioning, has_w_embedding, unet_denoiser
 from ..errors import LcmkitError
 from ..losses import LOSS_TYPES, lcf_loss
 from ..math.schedule import alphas_cumprod_from_config
-from . import common
+from .config import TrainingOptions
 from .data import default_validation_prompts, make_data
 from .distill import Models, draw, omega_range, validation_images
+from .loop import Run
+from .optim import ema_update_
+from .rng import generator_for
+from .runtime import autocast, weight_dtype
 
 RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 
@@ -57,7 +61,7 @@ RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class FinetuneConfig(common.TrainingOptions):
+class FinetuneConfig(TrainingOptions):
     """Everything ``lcmkit finetune`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
 
     model: str = ""                   # full LCM pipeline folder, or the base pipeline of --lora
@@ -110,7 +114,7 @@ class FinetuneConfig(common.TrainingOptions):
 def freeze_frozen_parts(pipe, device: torch.device, mixed_precision: str) -> None:
     """VAE and text encoders: no gradients, eval mode, on ``device`` in the weight dtype (the VAE stays float32
     under fp16 when its config asks for upcasting)."""
-    dtype = common.weight_dtype(mixed_precision)
+    dtype = weight_dtype(mixed_precision)
     for name in ("vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
         if module is not None:
@@ -153,7 +157,7 @@ def build_models(cfg: FinetuneConfig, pipe, device: torch.device) -> Models:
         if has_w_embedding(unet):
             raise LcmkitError(f"{cfg.model} is a full LCM (its UNet has a guidance embedding); --lora expects the "
                               "base model the LCM-LoRA was trained for (drop --lora to fine-tune this LCM)")
-        unet.requires_grad_(False).to(device, common.weight_dtype(cfg.mixed_precision))
+        unet.requires_grad_(False).to(device, weight_dtype(cfg.mixed_precision))
         load_into_adapters(unet, load_lora(cfg.lora, unet))  # float32 LoRA weights, trainable
         student = target = unet.train()
     if cfg.gradient_checkpointing:
@@ -172,7 +176,7 @@ def step_loss(models: Models, cfg: FinetuneConfig, z0: Tensor, cond: TextConditi
     w = omega.to(models.device) if models.mode == "full" else None
     student = unet_denoiser(models.student, ac, cond, prediction_type=pt, w_omega=w)
     target = unet_denoiser(models.target, ac, cond, prediction_type=pt, w_omega=w)
-    with common.autocast(models.device, models.mixed_precision):
+    with autocast(models.device, models.mixed_precision):
         loss, _ = lcf_loss(student, target, z0, noise.to(models.device), index.to(models.device), ac,
                            skip=cfg.skip, loss_type=cfg.loss, huber_c=cfg.huber_c)
     return loss
@@ -227,99 +231,43 @@ def _setup(cfg: FinetuneConfig, device: torch.device):
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Run latent consistency fine-tuning; returns the output (``out/pipeline`` or ``out/lora/<file>``)."""
-    accelerator = common.setup_accelerator(cfg.mixed_precision, cpu=cfg.device == "cpu")
-    device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    out = Path(cfg.out)
-    checkpoints = common.open_run_folder(out, RESULT_NAMES, cfg, accelerator, "lcmkit finetune")
-
+    run = Run.start(cfg, cfg.out, RESULT_NAMES, "lcmkit finetune")
+    device = run.device
     pipe, models, resolution, num_points = _setup(cfg, device)
     omegas = omega_range(cfg, models.arch)
-    resolved = {"mode": cfg.mode, "architecture": models.arch, "resolution": resolution,
-                "num_grid_points": num_points, "omega_range": list(omegas) if cfg.mode == "full" else None,
-                "lora_format": lora_file_format(cfg.lora) if cfg.lora else None}
-    write_config = lambda folder: common.save_config(cfg, folder, resolved)  # noqa: E731
-    if main:
-        write_config(out)
-    source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, rank, world_size,
-                                        cfg.progress and main)
-
-    params = models.trainable()
-    optimizer, scheduler, scaler, guard = common.make_optimisation(params, cfg, device)
-    step, overflow = 0, 0
-    if cfg.resume and checkpoints:
-        step, overflow = common.resume_run(checkpoints[-1], optimizer, scheduler, scaler, guard,
-                                           {"mode": cfg.mode, "processes": world_size}, models.load_weights, stream,
-                                           rank)
+    run.record_config({"mode": cfg.mode, "architecture": models.arch, "resolution": resolution,
+                       "num_grid_points": num_points, "omega_range": list(omegas) if cfg.mode == "full" else None,
+                       "lora_format": lora_file_format(cfg.lora) if cfg.lora else None})
+    source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, run.rank, run.world_size,
+                                        cfg.progress and run.main)
+    run.optimise(models.trainable(), {"mode": cfg.mode}, models.load_weights, stream)
     prompts = default_validation_prompts(cfg, source, resolution, stream)
 
     def micro_loss(step: int, micro: int) -> Tensor:
         """The LCF loss of one micro-batch: the next samples, the draws (ω, n, ε) of (seed, step, micro, rank)."""
         z0, cond, _ = encoder(stream.next_batch(cfg.batch_size))
         omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points,
-                                   common.generator_for(cfg.seed, step, micro, rank))
+                                   generator_for(cfg.seed, step, micro, run.rank))
         return step_loss(models, cfg, z0, cond, omega, index, noise)
 
-    progress = common.RunProgress(cfg, out / "logs", f"finetune ({cfg.mode})", step, main)
-    try:
-        while step < progress.stop:
-            t0 = time.perf_counter()
-            outcome = common.training_step(micro_loss, step, cfg, params, optimizer, scheduler, scaler, guard,
-                                           accelerator)
-            if outcome.ok and cfg.mode == "full":
-                common.ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
-            overflow += int(outcome.fp16_overflow)
-            step += 1
-            progress.record(step, outcome, time.perf_counter() - t0, guard.skipped, overflow)
-            if progress.checkpoint_due(step):
-                common.save_run_checkpoint(out, step, models.checkpoint_weights(), optimizer, scheduler, scaler,
-                                           guard, stream, accelerator, write_config, cfg.keep_checkpoints,
-                                           fp16_overflow=overflow, mode=cfg.mode)
-            if main and progress.validation_due(step):
-                rows = validation_images(models, encoder, prompts, cfg.validation_steps, cfg.validation_omega,
-                                         cfg.validation_seed, resolution, num_points)
-                common.save_image_grid(rows, out / "validation" / f"step-{step:07d}.png")
-    finally:
-        progress.close()
+    def update_target(outcome) -> None:
+        if outcome.ok and cfg.mode == "full":  # θ⁻ ← μθ⁻ + (1 − μ)θ
+            ema_update_(models.target.parameters(), models.student.parameters(), cfg.ema)
 
-    sums, consistent = common.check_same_weights(params, accelerator)
-    finished = step >= cfg.max_steps
-    result_dir = out / ("pipeline" if cfg.mode == "full" else "lora")
+    run.train(micro_loss, desc=f"finetune ({cfg.mode})", checkpoint_weights=models.checkpoint_weights,
+              position=stream, after_step=update_target, checkpoint_extra={"mode": cfg.mode},
+              validate=lambda: validation_images(models, encoder, prompts, cfg.validation_steps, cfg.validation_omega,
+                                                 cfg.validation_seed, resolution, num_points))
+
+    result_dir = Path(cfg.out) / ("pipeline" if cfg.mode == "full" else "lora")
     result = result_dir if cfg.mode == "full" else result_dir / Path(cfg.lora).name
-    if main:
-        if finished:
-            def write_result(folder: Path) -> None:
-                if cfg.mode == "full":
-                    save_full_pipeline(models, cfg.model, folder, num_points)
-                else:
-                    save_lora_like(models.student, cfg.lora, folder)
-                write_config(folder)
-            common.atomic_folder(result_dir, write_result)
-        common.write_json_atomic(out / "summary.json", {
-            "step": step, "max_steps": cfg.max_steps, "finished": finished, "mode": cfg.mode,
-            "nonfinite_skipped": guard.skipped, "fp16_overflow": overflow, "processes": world_size,
-            "ranks_consistent": consistent, "weights_checksum": sums[0], "sec_per_step": progress.sec_per_step(),
-            "losses": progress.losses, "result": str(result) if finished else None})
-    accelerator.wait_for_everyone()
+
+    def write_result(folder: Path) -> None:
+        if cfg.mode == "full":
+            save_full_pipeline(models, cfg.model, folder, num_points)
+        else:
+            save_lora_like(models.student, cfg.lora, folder)
+        run.write_config(folder)
+
+    run.finish(result, lambda: atomic_folder(result_dir, write_result), mode=cfg.mode, **source.report())
     return result
-
-
-@torch.no_grad()
-def fixed_draw_loss(cfg: FinetuneConfig, checkpoint=None, draws: int = 4, seed: int = 1234) -> float:
-    """The LCF loss of ``checkpoint`` (None: the starting model) on a fixed evaluation set: the first
-    ``cfg.batch_size`` samples and ``draws`` fixed (ω, n, ε) draws, averaged. Deterministic, so two checkpoints
-    can be compared (the per-step training loss swings with the random t_n)."""
-    from ..pipelines import resolve_device
-
-    device = resolve_device(cfg.device)
-    pipe, models, resolution, num_points = _setup(cfg, device)
-    if checkpoint is not None:
-        models.load_weights(common.load_checkpoint(checkpoint)[0], checkpoint)
-    _, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, 0, 1, False)
-    z0, cond, _ = encoder(stream.next_batch(cfg.batch_size))
-    omegas = omega_range(cfg, models.arch)
-    total = 0.0
-    for d in range(draws):
-        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points, common.generator_for(seed, d))
-        total += float(step_loss(models, cfg, z0, cond, omega, index, noise))
-    return total / draws

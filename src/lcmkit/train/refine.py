@@ -31,7 +31,7 @@ from a generator seeded by (seed, step, micro-batch, rank), so a resumed run red
 
 f = :func:`~lcmkit.denoisers.consistency_fn` over the UNet (ω in the w-embedding), t_top the model's 1-step LCM
 timestep, θ₀ a frozen copy of the starting UNet and d :func:`~lcmkit.losses.consistency_distance`. Then
-:func:`lcmkit.train.common.optimizer_step` (gradients averaged over processes, non-finite steps skipped, clipping,
+:func:`lcmkit.train.optim.optimizer_step` (gradients averaged over processes, non-finite steps skipped, clipping,
 AdamW, LR schedule). No EMA: the result is θ.
 
 Output folder ``out/``: ``config.yaml``, ``pairs.safetensors``, ``checkpoints/step-N/`` (θ only: θ₀ is reloaded from
@@ -53,14 +53,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_folder, atomic_write
 from ..denoisers import TextConditioning, consistency_fn, has_w_embedding, unet_denoiser
 from ..errors import LcmkitError
 from ..losses import LOSS_TYPES, consistency_distance
 from ..math.schedule import alpha_sigma, alphas_cumprod_from_config, append_dims
 from ..math.timesteps import lcm_timesteps, training_grid
-from . import common
-from .data import DataSource, is_world
+from .config import OptimConfig, TrainingOptions
+from .data import DataSource, is_generated
 from .finetune import freeze_frozen_parts
+from .loop import Run
+from .rng import generator_for
+from .runtime import autocast, weight_dtype
 
 PAIRS_FILE = "pairs.safetensors"
 PARTS_FOLDER = "pairs.parts"          # each process's share of the pairs, until they are merged into PAIRS_FILE
@@ -78,7 +82,7 @@ PAIR_CHUNK = 64
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class RefineConfig(common.TrainingOptions):
+class RefineConfig(TrainingOptions):
     """Everything ``lcmkit refine`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
 
     model: str = ""                   # full LCM pipeline folder (UNet with time_cond_proj_dim)
@@ -93,7 +97,7 @@ class RefineConfig(common.TrainingOptions):
     # the loop of the measured recipe (benchmarks/results/open/refine-teacher/), not the other recipes' defaults
     batch_size: int = 32
     max_steps: int = 4000
-    optim: common.OptimConfig = field(default_factory=lambda: common.OptimConfig(warmup_steps=0,
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=0,
                                                                                   lr_schedule="cosine"))
 
     def __post_init__(self):
@@ -183,7 +187,7 @@ def pair_captions(cfg: RefineConfig, resolution: int) -> list[str]:
     captions = DataSource(cfg, resolution).captions()
     if not captions:
         raise LcmkitError(f"data {cfg.data} has no captions; refine needs prompts")
-    draws = torch.randint(0, len(captions), (cfg.num_pairs,), generator=common.generator_for(cfg.seed, CAPTION_KEY))
+    draws = torch.randint(0, len(captions), (cfg.num_pairs,), generator=generator_for(cfg.seed, CAPTION_KEY))
     return [captions[int(i)] for i in draws]
 
 
@@ -191,7 +195,7 @@ def pair_noise(cfg: RefineConfig, pipe, indices: range, resolution: int) -> Tens
     """x_T of pairs ``indices`` (float32, CPU): pair i from its own generator (seed, NOISE_KEY, i)."""
     from ..pipelines import initial_latents
 
-    generators = [common.generator_for(cfg.seed, NOISE_KEY, i) for i in indices]
+    generators = [generator_for(cfg.seed, NOISE_KEY, i) for i in indices]
     return initial_latents(pipe, generators, resolution, resolution, torch.float32, "cpu")
 
 
@@ -199,7 +203,7 @@ def _load_teacher(cfg: RefineConfig, models: RefineModels):
     """The --teacher pipeline on the device (weight dtype), checked against the LCM."""
     from ..pipelines import load_pipeline, vae_scale_factor
 
-    dtype = common.weight_dtype(cfg.mixed_precision)
+    dtype = weight_dtype(cfg.mixed_precision)
     teacher = load_pipeline(cfg.teacher, device="cpu", dtype=None)
     if has_w_embedding(teacher.unet):
         raise LcmkitError(f"teacher {cfg.teacher} is a full LCM (its UNet has a guidance embedding); pass the base "
@@ -226,8 +230,13 @@ def make_pairs(cfg: RefineConfig, models: RefineModels, resolution: int, progres
     (every caption; ``start`` / ``stop`` of the share). Pair i depends only on i, not on the share it is made in."""
     from tqdm.auto import tqdm
 
-    from ..pipelines import (encode_prompt, encode_unconditional, sample_teacher, teacher_scheduler,
-                             teacher_timesteps)
+    from ..pipelines import (
+        encode_prompt,
+        encode_unconditional,
+        sample_teacher,
+        teacher_scheduler,
+        teacher_timesteps,
+    )
     from ..solvers import sample_tcd
 
     captions = pair_captions(cfg, resolution)
@@ -257,7 +266,7 @@ def make_pairs(cfg: RefineConfig, models: RefineModels, resolution: int, progres
             cond = encode_prompt(models.pipe, chunk, resolution, resolution)
             den = unet_denoiser(models.frozen, models.alphas_cumprod, cond, prediction_type=models.prediction_type,
                                 w_omega=cfg.omega)
-            with common.autocast(device, cfg.mixed_precision):
+            with autocast(device, cfg.mixed_precision):
                 z0 = sample_tcd(den, x.to(device), tcd_steps, models.alphas_cumprod, gamma=0.0)
         noises.append(x)
         solutions.append(z0.float().cpu())
@@ -336,11 +345,11 @@ def _settings(cfg: RefineConfig, resolution: int) -> dict[str, str]:
 
 
 def write_pairs(path: Path, pairs: dict) -> None:
-    """The pairs file, written atomically (:func:`lcmkit.train.common.atomic_write`)."""
+    """The pairs file, written atomically (:func:`lcmkit.train.atomic_write`)."""
     from safetensors.torch import save_file
 
     tensors = {"noise": pairs["noise"].contiguous(), "z0": pairs["z0"].contiguous()}
-    common.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=pairs["metadata"]))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=pairs["metadata"]))
 
 
 def read_pairs(path: Path, cfg: RefineConfig, resolution: int) -> tuple[Tensor, Tensor, list[str]]:
@@ -419,7 +428,7 @@ def refine_loss(models: RefineModels, cfg: RefineConfig, x_T: Tensor, z0: Tensor
     batch = x_T.shape[0]
     top_t = torch.full((batch,), top, device=device, dtype=torch.long)
     anchored = cfg.anchor_weight > 0
-    with common.autocast(device, models.mixed_precision):
+    with autocast(device, models.mixed_precision):
         if anchored:
             t = t.to(device)
             a, s = (append_dims(v.float(), z0.ndim) for v in alpha_sigma(ac, t))
@@ -480,7 +489,7 @@ def validation_images(models: RefineModels, cfg: RefineConfig, prompts: list[str
         for n in VALIDATION_STEPS:
             gens = [torch.Generator(models.device).manual_seed(cfg.validation_seed + i) for i in range(len(prompts))]
             x = initial_latents(models.pipe, gens, resolution, resolution, torch.float32, models.device)
-            with common.autocast(models.device, models.mixed_precision):
+            with autocast(models.device, models.mixed_precision):
                 z0 = sample_lcm(denoiser, x, lcm_timesteps(n, T, original), models.alphas_cumprod, gens)
             rows.append(to_pil(decode_latents(models.pipe, z0.float())))
     finally:
@@ -518,111 +527,54 @@ def _setup(cfg: RefineConfig, device: torch.device):
 
 def refine(cfg: RefineConfig) -> Path:
     """Run one-step refinement; returns ``out/pipeline``."""
-    accelerator = common.setup_accelerator(cfg.mixed_precision, cpu=cfg.device == "cpu")
-    device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    out = Path(cfg.out)
-    checkpoints = common.open_run_folder(out, RESULT_NAMES, cfg, accelerator, "lcmkit refine")
-
+    run = Run.start(cfg, cfg.out, RESULT_NAMES, "lcmkit refine")
+    device, out = run.device, Path(cfg.out)
     pipe, models, resolution, top, grid = _setup(cfg, device)
-    resolved = {"resolution": resolution, "top_timestep": top, "anchor_timesteps": [int(grid[0]), int(grid[-1])],
-                "pair_source": cfg.pair_source}
-    write_config = lambda folder: common.save_config(cfg, folder, resolved)  # noqa: E731
-    if main:
-        write_config(out)
+    run.record_config({"resolution": resolution, "top_timestep": top,
+                       "anchor_timesteps": [int(grid[0]), int(grid[-1])], "pair_source": cfg.pair_source})
 
     # the pairs: made once, a share per process (kept for a resume), then read by every process
-    pair_seconds = make_pairs_file(cfg, models, resolution, out, accelerator)
+    pair_seconds = make_pairs_file(cfg, models, resolution, out, run.accelerator)
     noise, z0, captions = read_pairs(out / PAIRS_FILE, cfg, resolution)
-    cache_text = cfg.cache_text if cfg.cache_text is not None else is_world(cfg.data)
+    cache_text = cfg.cache_text if cfg.cache_text is not None else is_generated(cfg.data)
     text = PairText(pipe, captions, resolution, cache_text)
     # validation grids: --validation-prompts, else the first (≤ 4) distinct pair captions, the same on every run
     validation_prompts = list(cfg.validation_prompts) or list(dict.fromkeys(captions))[:4]
-
-    params = models.trainable()
-    optimizer, scheduler, scaler, guard = common.make_optimisation(params, cfg, device)
     position = _NoDataPosition()
-    step, overflow = 0, 0
-    if cfg.resume and checkpoints:
-        step, overflow = common.resume_run(checkpoints[-1], optimizer, scheduler, scaler, guard,
-                                           {"processes": world_size, "pair_source": cfg.pair_source},
-                                           models.load_weights, position, rank)
+    run.optimise(models.trainable(), {"pair_source": cfg.pair_source}, models.load_weights, position)
 
     parts: dict[str, list[float]] = {"top": [], "anchor": []}
+    top_losses, anchor_losses = [], []
 
     def micro_loss(step: int, micro: int) -> Tensor:
         """The refine loss of one micro-batch: the draws (pairs, t, ε) of (seed, step, micro, rank)."""
         index, t, eps = draw_batch(cfg.batch_size, len(captions), grid, tuple(noise.shape[1:]),
-                                   common.generator_for(cfg.seed, step, micro, rank))
+                                   generator_for(cfg.seed, step, micro, run.rank))
         total, top_term, anchor = refine_loss(models, cfg, noise[index], z0[index], text(index).to(device), top,
                                               t, eps)
         parts["top"].append(float(top_term.detach()))
         parts["anchor"].append(float(anchor.detach()))
         return total
 
-    top_losses, anchor_losses = [], []
-    progress = common.RunProgress(cfg, out / "logs", "refine", step, main)
-    try:
-        while step < progress.stop:
-            t0 = time.perf_counter()
-            outcome = common.training_step(micro_loss, step, cfg, params, optimizer, scheduler, scaler, guard,
-                                           accelerator)
-            overflow += int(outcome.fp16_overflow)
-            step += 1
-            top_losses.append(sum(parts["top"]) / len(parts["top"]))
-            anchor_losses.append(sum(parts["anchor"]) / len(parts["anchor"]))
-            parts["top"].clear()
-            parts["anchor"].clear()
-            progress.record(step, outcome, time.perf_counter() - t0, guard.skipped, overflow)
-            if step % cfg.log_every == 0 or step == progress.stop:
-                progress.logger.log(step, {"top_loss": top_losses[-1], "anchor_loss": anchor_losses[-1]})
-            if progress.checkpoint_due(step):
-                common.save_run_checkpoint(out, step, models.checkpoint_weights(), optimizer, scheduler, scaler,
-                                           guard, position, accelerator, write_config, cfg.keep_checkpoints,
-                                           fp16_overflow=overflow, pair_source=cfg.pair_source)
-            if main and progress.validation_due(step):
-                common.save_image_grid(validation_images(models, cfg, validation_prompts, resolution),
-                                       out / "validation" / f"step-{step:07d}.png")
-    finally:
-        progress.close()
+    def log_terms(outcome) -> dict:
+        """The step's two loss terms (means over its micro-batches), kept for the summary and the log lines."""
+        top_losses.append(sum(parts["top"]) / len(parts["top"]))
+        anchor_losses.append(sum(parts["anchor"]) / len(parts["anchor"]))
+        parts["top"].clear()
+        parts["anchor"].clear()
+        return {"top_loss": top_losses[-1], "anchor_loss": anchor_losses[-1]}
 
-    sums, consistent = common.check_same_weights(params, accelerator)
-    finished = step >= cfg.max_steps
+    run.train(micro_loss, desc="refine", checkpoint_weights=models.checkpoint_weights, position=position,
+              after_step=log_terms, checkpoint_extra={"pair_source": cfg.pair_source},
+              validate=lambda: validation_images(models, cfg, validation_prompts, resolution))
+
     result = out / "pipeline"
-    if main:
-        if finished:
-            def write_result(folder: Path) -> None:
-                save_pipeline(models, cfg.model, folder)
-                write_config(folder)
-            common.atomic_folder(result, write_result)
-        common.write_json_atomic(out / "summary.json", {
-            "step": step, "max_steps": cfg.max_steps, "finished": finished, "num_pairs": len(captions),
-            "pair_source": cfg.pair_source, "pairs_made_seconds": pair_seconds, "omega": cfg.omega,
-            "anchor_weight": cfg.anchor_weight, "top_timestep": top, "nonfinite_skipped": guard.skipped,
-            "fp16_overflow": overflow, "processes": world_size, "ranks_consistent": consistent,
-            "weights_checksum": sums[0], "sec_per_step": progress.sec_per_step(), "losses": progress.losses,
-            "top_losses": top_losses, "anchor_losses": anchor_losses, "result": str(result) if finished else None})
-    accelerator.wait_for_everyone()
+
+    def write_result(folder: Path) -> None:
+        save_pipeline(models, cfg.model, folder)
+        run.write_config(folder)
+
+    run.finish(result, lambda: atomic_folder(result, write_result), num_pairs=len(captions),
+               pair_source=cfg.pair_source, pairs_made_seconds=pair_seconds, omega=cfg.omega,
+               anchor_weight=cfg.anchor_weight, top_timestep=top, top_losses=top_losses, anchor_losses=anchor_losses)
     return result
-
-
-@torch.no_grad()
-def fixed_pair_losses(cfg: RefineConfig, checkpoint=None, count: int = 8, seed: int = 1234) -> dict[str, float]:
-    """The two terms of ``checkpoint`` (None: the starting model) on a fixed evaluation set: the first ``count``
-    pairs of ``out/pairs.safetensors`` and one fixed draw of (t, ε). ``top``: d(f_θ(x_T, t_top), z0); ``anchor``:
-    d(f_θ(z_t, t), f_θ₀(z_t, t)), whatever ``anchor_weight`` is. Deterministic, so checkpoints can be compared."""
-    from ..pipelines import resolve_device
-
-    device = resolve_device(cfg.device)
-    pipe, models, resolution, top, grid = _setup(cfg, device)
-    if checkpoint is not None:
-        models.load_weights(common.load_checkpoint(checkpoint)[0], checkpoint)
-    models.student.eval()
-    noise, z0, captions = read_pairs(Path(cfg.out) / PAIRS_FILE, cfg, resolution)
-    index = torch.arange(min(count, len(captions)))
-    _, t, eps = draw_batch(len(index), len(captions), grid, tuple(noise.shape[1:]), common.generator_for(seed))
-    cond = PairText(pipe, captions, resolution, False)(index).to(device)
-    measure = copy.copy(cfg)
-    measure.anchor_weight = 1.0
-    _, top_term, anchor = refine_loss(models, measure, noise[index], z0[index], cond, top, t, eps)
-    return {"top": float(top_term), "anchor": float(anchor)}

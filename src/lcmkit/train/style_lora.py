@@ -11,7 +11,7 @@ The recipe, per optimizer step (one micro-batch per ``grad_accum``; each process
 3. :func:`denoising_loss`: x_t = α_t z0 + σ_t ε and ‖model(x_t, t, c) − target‖², the target matching the model's
    ``prediction_type`` (:func:`lcmkit.math.param.from_x0_eps`: ε for epsilon models, v = α_t ε − σ_t z0 for
    v-prediction ones);
-4. :func:`lcmkit.train.common.optimizer_step`.
+4. :func:`lcmkit.train.optim.optimizer_step`.
 
 LoRA on ``lora_targets`` (a preset of :data:`lcmkit.lora.LORA_TARGET_PRESETS`, default ``lcm-lora``, or a comma
 list of module-name suffixes), rank/alpha ``lora_rank``/``lora_alpha``, B = 0 at the start (the adapted UNet equals
@@ -27,7 +27,7 @@ CFG; columns: prompts, fixed seeds), ``summary.json``. The rest (mixed precision
 from __future__ import annotations
 
 import math
-import time
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..atomic import atomic_write
 from ..denoisers import TextConditioning, has_w_embedding, unet_denoiser, unet_output
 from ..errors import LcmkitError
 from ..math.param import from_x0_eps
 from ..math.schedule import alpha_sigma, alphas_cumprod_from_config, append_dims
-from . import common
+from .config import TrainingOptions
 from .data import default_validation_prompts, make_data
 from .finetune import freeze_frozen_parts
+from .loop import Run
+from .rng import generator_for
+from .runtime import autocast, weight_dtype
 
 RESULT_NAMES = ("summary.json", "validation")
 
@@ -51,7 +55,7 @@ RESULT_NAMES = ("summary.json", "validation")
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class StyleLoraConfig(common.TrainingOptions):
+class StyleLoraConfig(TrainingOptions):
     """Everything ``lcmkit lora train`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
 
     model: str = ""                   # base diffusers pipeline folder: SD 1.x/2.x (eps or v) or SDXL
@@ -157,7 +161,7 @@ def build_models(cfg: StyleLoraConfig, pipe, device: torch.device, generator: to
         raise LcmkitError(f"{cfg.model} is a full LCM (its UNet has a guidance embedding); train the style LoRA on "
                           "the base model and combine it with the LCM-LoRA (lcmkit lora combine / generate --lora)")
     freeze_frozen_parts(pipe, device, cfg.mixed_precision)
-    unet.requires_grad_(False).to(device, common.weight_dtype(cfg.mixed_precision))
+    unet.requires_grad_(False).to(device, weight_dtype(cfg.mixed_precision))
     try:
         unet.add_adapter(lora_config(target_modules(cfg.lora_targets), cfg.lora_rank, cfg.lora_alpha))
     except ValueError as e:  # peft: no module matched
@@ -177,7 +181,7 @@ def step_loss(models: StyleModels, cfg: StyleLoraConfig, z0: Tensor, cond: TextC
               uncond: TextConditioning, t: Tensor, noise: Tensor, u: Tensor) -> Tensor:
     """One micro-batch's loss for the draws (t, ε, u), captions dropped where u < ``caption_dropout``."""
     cond = drop_captions(cond, uncond, u < cfg.caption_dropout)
-    with common.autocast(models.device, models.mixed_precision):
+    with autocast(models.device, models.mixed_precision):
         return denoising_loss(models.unet, z0, noise.to(models.device), t.to(models.device), cond,
                               models.alphas_cumprod, models.prediction_type)
 
@@ -190,8 +194,16 @@ def step_loss(models: StyleModels, cfg: StyleLoraConfig, z0: Tensor, cond: TextC
 def validation_images(models: StyleModels, prompts: list[str], cfg: StyleLoraConfig, resolution: int) -> list[list]:
     """Two rows, the base model then base + LoRA: DDIM with CFG (``validation_guidance``, negative prompt "" /
     zeros as :func:`lcmkit.pipelines.generate`), one column per prompt, prompt i always from seed + i."""
-    from ..pipelines import (decode_latents, encode_prompt, encode_unconditional, initial_latents, sample_teacher,
-                             teacher_scheduler, teacher_timesteps, to_pil)
+    from ..pipelines import (
+        decode_latents,
+        encode_prompt,
+        encode_unconditional,
+        initial_latents,
+        sample_teacher,
+        teacher_scheduler,
+        teacher_timesteps,
+        to_pil,
+    )
 
     pipe, unet = models.pipe, models.unet
     cond = encode_prompt(pipe, prompts, resolution, resolution)
@@ -209,7 +221,7 @@ def validation_images(models: StyleModels, prompts: list[str], cfg: StyleLoraCon
             x = initial_latents(pipe, generators, resolution, resolution, torch.float32, models.device)
             scheduler = teacher_scheduler(pipe, "ddim")
             timesteps = teacher_timesteps(scheduler, cfg.validation_steps, 1.0)
-            with common.autocast(models.device, models.mixed_precision):
+            with autocast(models.device, models.mixed_precision):
                 z0 = sample_teacher(scheduler, denoiser, x, timesteps)
             rows.append(to_pil(decode_latents(pipe, z0)))
     finally:
@@ -234,7 +246,7 @@ def _setup(cfg: StyleLoraConfig, device: torch.device):
     from ..pipelines import load_pipeline, vae_scale_factor
 
     pipe = load_pipeline(cfg.model, device="cpu", dtype=None)
-    models = build_models(cfg, pipe, device, common.generator_for(cfg.seed, 0xA11CE))
+    models = build_models(cfg, pipe, device, generator_for(cfg.seed, 0xA11CE))
     factor = vae_scale_factor(pipe)
     resolution = cfg.resolution or models.unet.config.sample_size * factor
     if resolution % factor:
@@ -244,75 +256,36 @@ def _setup(cfg: StyleLoraConfig, device: torch.device):
 
 def train_style_lora(cfg: StyleLoraConfig) -> Path:
     """Train a style LoRA on ``cfg.data``; returns the LoRA file (``cfg.out``)."""
-    accelerator = common.setup_accelerator(cfg.mixed_precision, cpu=cfg.device == "cpu")
-    device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    run, out = cfg.run_folder, Path(cfg.out)
-    if main and out.exists() and not (cfg.overwrite or cfg.resume):
+    out = Path(cfg.out)
+    if out.exists() and not (cfg.overwrite or cfg.resume) and int(os.environ.get("RANK", "0")) == 0:
         raise LcmkitError(f"{out} exists; pass --overwrite to replace it, --resume to continue its run, or "
                           "choose another --out")
-    checkpoints = common.open_run_folder(run, RESULT_NAMES, cfg, accelerator, "lcmkit lora train")
-
+    run = Run.start(cfg, cfg.run_folder, RESULT_NAMES, "lcmkit lora train")
+    device = run.device
     pipe, models, resolution = _setup(cfg, device)
     T = len(models.alphas_cumprod)
-    resolved = {"architecture": models.arch, "resolution": resolution, "prediction_type": models.prediction_type,
-                "target_modules": list(target_modules(cfg.lora_targets)), "run_dir": str(run)}
-    write_config = lambda folder: common.save_config(cfg, folder, resolved)  # noqa: E731
-    if main:
-        write_config(run)
-    source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, rank, world_size,
-                                        cfg.progress and main)
-
-    params = [p for _, p in models.trainable_named()]
-    optimizer, scheduler, scaler, guard = common.make_optimisation(params, cfg, device)
-    step, overflow = 0, 0
-    if cfg.resume and checkpoints:
-        step, overflow = common.resume_run(
-            checkpoints[-1], optimizer, scheduler, scaler, guard,
-            {"processes": world_size, "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha)},
-            lambda weights, path: _load_lora_weights(models, weights["lora"], path), stream, rank)
+    run.record_config({"architecture": models.arch, "resolution": resolution,
+                       "prediction_type": models.prediction_type,
+                       "target_modules": list(target_modules(cfg.lora_targets)), "run_dir": str(run.folder)})
+    source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, run.rank, run.world_size,
+                                        cfg.progress and run.main)
+    run.optimise([p for _, p in models.trainable_named()],
+                 {"lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha)},
+                 lambda weights, path: _load_lora_weights(models, weights["lora"], path), stream)
     prompts = default_validation_prompts(cfg, source, resolution, stream)
 
     def micro_loss(step: int, micro: int) -> Tensor:
         """The denoising loss of one micro-batch: the next samples, the draws (t, ε, u) of (seed, step, micro,
         rank)."""
         z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
-        t, noise, u = draw(z0.shape[0], tuple(z0.shape), T, common.generator_for(cfg.seed, step, micro, rank))
+        t, noise, u = draw(z0.shape[0], tuple(z0.shape), T, generator_for(cfg.seed, step, micro, run.rank))
         return step_loss(models, cfg, z0, cond, uncond, t, noise, u)
 
-    progress = common.RunProgress(cfg, run / "logs", "lora train", step, main)
-    try:
-        while step < progress.stop:
-            t0 = time.perf_counter()
-            outcome = common.training_step(micro_loss, step, cfg, params, optimizer, scheduler, scaler, guard,
-                                           accelerator)
-            overflow += int(outcome.fp16_overflow)
-            step += 1
-            progress.record(step, outcome, time.perf_counter() - t0, guard.skipped, overflow)
-            if progress.checkpoint_due(step):
-                common.save_run_checkpoint(run, step, {"lora": dict(models.trainable_named())}, optimizer, scheduler,
-                                           scaler, guard, stream, accelerator, write_config, cfg.keep_checkpoints,
-                                           fp16_overflow=overflow, lora_rank=cfg.lora_rank,
-                                           lora_alpha=float(cfg.lora_alpha))
-            if main and progress.validation_due(step):
-                rows = validation_images(models, prompts, cfg, resolution)
-                common.save_image_grid(rows, run / "validation" / f"step-{step:07d}.png")
-    finally:
-        progress.close()
-
-    sums, consistent = common.check_same_weights(params, accelerator)
-    finished = step >= cfg.max_steps
-    if main:
-        if finished:  # written beside, then moved over --out: never half a file where a good one was
-            tmp = out.with_name(f".tmp-{out.name}")
-            save_style_lora(models.unet, tmp)
-            tmp.replace(out)
-        common.write_json_atomic(run / "summary.json", {
-            "step": step, "max_steps": cfg.max_steps, "finished": finished, "nonfinite_skipped": guard.skipped,
-            "fp16_overflow": overflow, "processes": world_size, "ranks_consistent": consistent,
-            "weights_checksum": sums[0], "sec_per_step": progress.sec_per_step(), "losses": progress.losses,
-            "result": str(out) if finished else None})
-    accelerator.wait_for_everyone()
+    run.train(micro_loss, desc="lora train", checkpoint_weights=lambda: {"lora": dict(models.trainable_named())},
+              position=stream, checkpoint_extra={"lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha)},
+              validate=lambda: validation_images(models, prompts, cfg, resolution))
+    # the file is written beside --out, then moved over it: never half a file where a good one was
+    run.finish(out, lambda: atomic_write(out, lambda tmp: save_style_lora(models.unet, tmp)), **source.report())
     return out
 
 
@@ -323,25 +296,3 @@ def _load_lora_weights(models: StyleModels, weights: dict[str, Tensor], path) ->
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(weights[n])
-
-
-@torch.no_grad()
-def fixed_draw_loss(cfg: StyleLoraConfig, checkpoint=None, draws: int = 4, seed: int = 1234) -> float:
-    """The denoising loss of ``checkpoint`` (None: the untrained LoRA, i.e. the base model) on the first
-    ``cfg.batch_size`` samples and ``draws`` fixed (t, ε) draws, captions kept; averaged. Deterministic."""
-    from ..pipelines import resolve_device
-
-    device = resolve_device(cfg.device)
-    pipe, models, resolution = _setup(cfg, device)
-    if checkpoint is not None:
-        _load_lora_weights(models, common.load_checkpoint(checkpoint)[0]["lora"], checkpoint)
-    _, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, 0, 1, False)
-    z0, cond, _ = encoder(stream.next_batch(cfg.batch_size))
-    T = len(models.alphas_cumprod)
-    total = 0.0
-    for d in range(draws):
-        t, noise, _ = draw(z0.shape[0], tuple(z0.shape), T, common.generator_for(seed, d))
-        with common.autocast(models.device, models.mixed_precision):
-            total += float(denoising_loss(models.unet, z0, noise.to(device), t.to(device), cond,
-                                          models.alphas_cumprod, models.prediction_type))
-    return total / draws

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import LcmkitError
-from ._training import comma_list
+from lcmkit.commands._training import comma_list
+from lcmkit.errors import LcmkitError
 
 SAMPLERS = ("lcm", "tcd", "ddim", "dpm-solver", "dpm-solver++")
 
@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..evaluate.run import evaluate, markdown_table, settings_grid
+    from lcmkit_world.evaluate.run import evaluate, markdown_table, settings_grid
 
     bad = [s for s in args.sampler if s not in SAMPLERS]
     if bad:

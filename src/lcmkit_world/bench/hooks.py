@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .machine import synchronize
+from lcmkit_world.bench.machine import synchronize
 
 
 class ForwardMeter:

@@ -6,7 +6,7 @@ The world teacher never saw outlined shapes (captions do not name the style). Gi
 - ``style_lora``: a style LoRA trained on the teacher with the outlined set (``lcmkit lora train``);
 - ``lcm_lora``: the teacher's LCM-LoRA (``lcmkit distill --mode lora``),
 
-it scores, with the same prompts and initial noise in every row (:func:`lcmkit.evaluate.run.evaluate`, world-FID
+it scores, with the same prompts and initial noise in every row (:func:`lcmkit_world.evaluate.run.evaluate`, world-FID
 against real *outlined* images):
 
 - ``real``: real outlined images, the style rate the evaluator gives the real thing (the bars' reference);
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LcmkitError
-from . import machine
-from .quality import WorldScoring
+from lcmkit.errors import LcmkitError
+from lcmkit_world.bench import machine
+from lcmkit_world.bench.quality import WorldScoring
 
 STYLE = "outlined"
 STYLE_RATE_BAR = 0.8     # × the real outlined images' style rate
@@ -59,10 +59,10 @@ class StyleOptions(WorldScoring):
 
 
 def smoke_models(work: Path) -> dict[str, str]:
-    """:func:`lcmkit.bench.quality.smoke_models` (its LCM also stands in for the LCF output) plus a second random
+    """:func:`lcmkit_world.bench.quality.smoke_models` (its LCM also stands in for the LCF output) plus a second random
     LoRA as the style LoRA."""
-    from . import configs, quality
-    from .subjects import random_lora_file
+    from lcmkit_world.bench import configs, quality
+    from lcmkit_world.bench.subjects import random_lora_file
 
     teacher, lcm, lcm_lora = quality.smoke_models(work)
     return {"teacher": teacher, "lcm": lcm, "lcf": lcm, "lcm_lora": lcm_lora,
@@ -70,8 +70,8 @@ def smoke_models(work: Path) -> dict[str, str]:
 
 
 def _models(options: StyleOptions) -> dict[str, str | None]:
-    from ..data.world import shipped_teacher
-    from .subjects import lora_file
+    from lcmkit_world.bench.subjects import lora_file
+    from lcmkit_world.world import shipped_teacher
 
     models = {"teacher": options.teacher or str(shipped_teacher(options.prompts)), "lcm": options.lcm, "lcf": options.lcf}
     for name in ("lcm", "lcf"):
@@ -89,9 +89,9 @@ def _models(options: StyleOptions) -> dict[str, str | None]:
 def real_row(options: StyleOptions) -> tuple[dict, np.ndarray]:
     """The evaluator on real outlined images of the same prompts the models get (jitter from a seed of its own,
     so they are not the world-FID reference set)."""
-    from ..data import world
-    from ..evaluate import metrics
-    from ..evaluate.run import eval_prompts
+    from lcmkit_world import world
+    from lcmkit_world.evaluate import metrics
+    from lcmkit_world.evaluate.run import eval_prompts
 
     specs, named, _ = eval_prompts(options.num, options.seed, STYLE, options.prompts)
     rng = np.random.default_rng([options.seed, 7_000_001])
@@ -105,10 +105,10 @@ def real_row(options: StyleOptions) -> tuple[dict, np.ndarray]:
 
 def score(options: StyleOptions, pipe, name: str, model: str, sampler: str, steps: int, guidance: float,
           loras: list[tuple[str, float]], work: Path, **extra) -> tuple[dict, np.ndarray]:
-    """One setting through :func:`lcmkit.evaluate.run.evaluate` (prompts asking for the outlined style)."""
+    """One setting through :func:`lcmkit_world.evaluate.run.evaluate` (prompts asking for the outlined style)."""
     from PIL import Image
 
-    from ..evaluate.run import Setting, evaluate
+    from lcmkit_world.evaluate.run import Setting, evaluate
 
     out = work / name.replace(" ", "-")
     result = evaluate(pipe, [Setting(sampler, steps, guidance)], num=options.num, seed=options.seed, loras=loras,
@@ -124,7 +124,7 @@ def score(options: StyleOptions, pipe, name: str, model: str, sampler: str, step
 
 
 def style_rows(options: StyleOptions, models: dict, work: Path, log) -> tuple[list[dict], list[tuple[str, np.ndarray]]]:
-    from ..pipelines import load_pipeline
+    from lcmkit.pipelines import load_pipeline
 
     rows, grids = [], []
 
@@ -213,7 +213,7 @@ def bars(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 def bench_style(options: StyleOptions, out_dir: str | Path, command: str, log=print) -> dict:
-    from ..pipelines import resolve_device
+    from lcmkit.pipelines import resolve_device
 
     if options.num < 2 or options.steps < 1 or options.teacher_steps < 1:
         raise LcmkitError("--num must be at least 2, --steps and --teacher-steps positive")
@@ -290,7 +290,7 @@ def save_labelled_grid(grids: list[tuple[str, np.ndarray]], path: Path, label_wi
     """Stack one strip per row (its first prompts, side by side), each labelled on the left."""
     from PIL import Image, ImageDraw
 
-    from ..data.world import IMAGE_SIZE
+    from lcmkit_world.world import IMAGE_SIZE
 
     scale = 96 // IMAGE_SIZE
     strips = []

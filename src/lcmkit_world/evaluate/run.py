@@ -1,8 +1,8 @@
 """Evaluate a model on the built-in world: generate for prompts spread over all 540, score, tabulate.
 
 One *setting* is (sampler, steps, guidance). For each, ``num`` images are generated for
-:func:`lcmkit.data.world.eval_specs` prompts, image i with seed ``seed + i`` (the same prompts and initial noise
-in every setting, so settings differ only by the method), then scored by :mod:`lcmkit.evaluate.metrics`.
+:func:`lcmkit_world.world.eval_specs` prompts, image i with seed ``seed + i`` (the same prompts and initial noise
+in every setting, so settings differ only by the method), then scored by :mod:`lcmkit_world.evaluate.metrics`.
 With a teacher, the trajectory error compares each image with the teacher's 50-step DPM-Solver++ solution of
 the same probability-flow ODE (same prompt, same initial noise, same guidance).
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import world
-from ..errors import LcmkitError
-from ..pipelines import applied_loras, generate, load_pipeline, save_grid
-from . import metrics
+from lcmkit.errors import LcmkitError
+from lcmkit.pipelines import applied_loras, generate, load_pipeline, save_grid
+from lcmkit_world import world
+from lcmkit_world.evaluate import metrics
 
 TRAJECTORY_REFERENCE = ("dpm-solver++", 50)
 
@@ -47,7 +47,7 @@ PROMPT_SETS = world.CAPTION_SETS
 
 def eval_prompts(num: int, seed: int = 0, style: str = "filled", prompts: str = "exact"):
     """``(specs, named, captions)`` of the ``num`` evaluation prompts: specs spread over all 540
-    (:func:`lcmkit.data.world.eval_specs`); ``prompts="exact"`` names all five attributes (``named`` is None),
+    (:func:`lcmkit_world.world.eval_specs`); ``prompts="exact"`` names all five attributes (``named`` is None),
     ``"open"`` names the shape and a seeded, even mix of subsets of the other four (:func:`world.eval_named`),
     so the caption leaves the rest of the image to the model."""
     if prompts not in PROMPT_SETS:

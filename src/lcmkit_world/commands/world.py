@@ -29,7 +29,7 @@ def _register_export(world_sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out; replaces earlier export files")
 
     def run(args) -> int:
-        from lcmkit.data.export import export_world
+        from lcmkit_world.export import export_world
 
         out = export_world(args.out, args.n, style=args.style, fmt=args.fmt, seed=args.seed,
                            shard_size=args.shard_size, overwrite=args.overwrite, progress=True, captions=args.captions)
@@ -61,7 +61,7 @@ def _register_train_classifier(world_sub) -> None:
         import torch
 
         from lcmkit.errors import LcmkitError
-        from lcmkit.evaluate.classifier import train_classifier
+        from lcmkit_world.evaluate.classifier import train_classifier
 
         if min(args.steps, args.batch_size, args.images) < 1:
             raise LcmkitError("--steps, --batch-size and --images must be positive")
@@ -118,8 +118,8 @@ def _register_train_teacher(world_sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args) -> int:
-        from ..errors import LcmkitError
-        from ..train.world_teacher import TrainConfig, UNetConfig, train_teacher
+        from lcmkit.errors import LcmkitError
+        from lcmkit_world.teacher import TrainConfig, UNetConfig, train_teacher
 
         try:
             channels = tuple(int(c) for c in args.unet_channels.split(","))

@@ -1,6 +1,6 @@
 """``lcmkit bench quality``: the LCM paper's Table 1 and its ablations, on the built-in world.
 
-Three parts, each scored by :func:`lcmkit.evaluate.run.evaluate` (prompt accuracy and world-FID, ``num``
+Three parts, each scored by :func:`lcmkit_world.evaluate.run.evaluate` (prompt accuracy and world-FID, ``num``
 generations per row, the same prompts and initial noise in every row):
 
 - ``table`` (``quality.json``): the teacher with DDIM / DPM-Solver / DPM-Solver++ at 1, 2, 4, 8, 25, 50 steps
@@ -23,8 +23,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..errors import LcmkitError
-from . import machine
+from lcmkit.errors import LcmkitError
+from lcmkit_world.bench import machine
 
 TEACHER_SOLVERS = ("ddim", "dpm-solver", "dpm-solver++")
 PARTS = ("table", "skip", "guidance")
@@ -62,7 +62,7 @@ class QualityOptions(WorldScoring):
     omegas: list[float] = field(default_factory=lambda: [2.0, 4.5, 7.5, 10.5, 14.0])
     ablation_steps: int = 4
     distill_batch_size: int = 32
-    world_samples: int = 10000
+    generated_samples: int = 10000
 
     def smoke(self) -> "QualityOptions":
         """Tiny random models (built in a temp folder), 4 generations per row, 2-step distillations. The skip
@@ -75,7 +75,7 @@ class QualityOptions(WorldScoring):
         return replace(self, teacher=None, lcm=None, lora=None, num=4, n_real=8, teacher_steps=[2],
                        lcm_steps=[2], budget=pick("budget", 2), evals=1, skips=pick("skips", [1, 50]),
                        solvers=pick("solvers", ["ddim", "dpm-solver++"]),
-                       omegas=[2.0, 7.5], ablation_steps=2, distill_batch_size=2, world_samples=4, batch_size=4,
+                       omegas=[2.0, 7.5], ablation_steps=2, distill_batch_size=2, generated_samples=4, batch_size=4,
                        device="cpu", is_smoke=True)
 
 
@@ -85,8 +85,8 @@ class QualityOptions(WorldScoring):
 
 def smoke_models(work: Path) -> tuple[str, str, str]:
     """A tiny teacher and full LCM (pipeline folders) and an LCM-LoRA file, random weights."""
-    from . import configs
-    from .subjects import random_lora_file
+    from lcmkit_world.bench import configs
+    from lcmkit_world.bench.subjects import random_lora_file
 
     teacher, lcm = work / "tiny-teacher", work / "tiny-lcm"
     configs.build_pipeline(configs.TINY).save_pretrained(str(teacher), safe_serialization=True)
@@ -96,7 +96,7 @@ def smoke_models(work: Path) -> tuple[str, str, str]:
 
 
 def teacher_dir(options: QualityOptions) -> str:
-    from ..data.world import shipped_teacher
+    from lcmkit_world.world import shipped_teacher
 
     folder = Path(options.teacher) if options.teacher else shipped_teacher(options.prompts)
     if not (folder / "model_index.json").is_file():
@@ -109,7 +109,7 @@ def teacher_dir(options: QualityOptions) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 def score(pipe, method: str, samplers, steps, guidances, options: QualityOptions, loras=(), **extra) -> list[dict]:
-    from ..evaluate.run import evaluate, settings_grid
+    from lcmkit_world.evaluate.run import evaluate, settings_grid
 
     result = evaluate(pipe, settings_grid(samplers, steps, guidances), num=options.num, seed=options.seed,
                       loras=loras, n_real=options.n_real, batch_size=options.batch_size, progress=False,
@@ -120,7 +120,7 @@ def score(pipe, method: str, samplers, steps, guidances, options: QualityOptions
 
 
 def table_rows(options: QualityOptions, teacher: str, lcm: str | None, lora: str | None, log) -> list[dict]:
-    from ..pipelines import load_pipeline
+    from lcmkit.pipelines import load_pipeline
 
     pipe = load_pipeline(teacher, device=options.device)
     rows = []
@@ -144,7 +144,7 @@ def table_rows(options: QualityOptions, teacher: str, lcm: str | None, lora: str
 
 
 def guidance_rows(options: QualityOptions, lcm: str | None, log) -> list[dict]:
-    from ..pipelines import load_pipeline
+    from lcmkit.pipelines import load_pipeline
 
     if not lcm:
         log("[quality] no --lcm: guidance ablation skipped")
@@ -156,15 +156,15 @@ def guidance_rows(options: QualityOptions, lcm: str | None, log) -> list[dict]:
 
 def distill_run(options: QualityOptions, teacher: str, skip: int, solver: str, out: Path) -> Path:
     """One full-LCM distillation of ``budget`` steps, a checkpoint every budget / evals steps (all kept)."""
-    from ..train import common
-    from ..train.distill import DistillConfig, distill
+    from lcmkit.train.config import build_config
+    from lcmkit.train.distill import DistillConfig, distill
 
     every = max(1, options.budget // max(1, options.evals))
-    cfg = common.build_config(DistillConfig, None, dict(
+    cfg = build_config(DistillConfig, None, dict(
         teacher=teacher, data="world:open" if options.prompts == "open" else "world", out=str(out), mode="full",
         skip=skip, solver=solver, max_steps=options.budget,
         checkpoint_every=every, keep_checkpoints=options.budget // every + 1, validate_every=0,
-        batch_size=options.distill_batch_size, world_samples=options.world_samples, seed=options.seed,
+        batch_size=options.distill_batch_size, generated_samples=options.generated_samples, seed=options.seed,
         progress=False, device="cpu" if options.device == "cpu" else "auto", overwrite=True))
     return distill(cfg)
 
@@ -173,11 +173,11 @@ def checkpoint_pipelines(result: Path, out: Path):
     """(train step, LCM pipeline with that checkpoint's θ⁻) for each checkpoint of a full-mode run."""
     from safetensors.torch import load_file
 
-    from ..pipelines import load_pipeline
-    from ..train import common
+    from lcmkit.pipelines import load_pipeline
+    from lcmkit.train.checkpoint import checkpoint_dirs
 
     pipe = load_pipeline(result, device="cpu")
-    for folder in common.checkpoint_dirs(out):
+    for folder in checkpoint_dirs(out):
         step = int(folder.name.split("-")[-1])
         pipe.unet.load_state_dict(load_file(str(folder / "target.safetensors")))
         yield step, pipe
@@ -335,14 +335,14 @@ def claims(table: list[dict], skip: list[dict], guidance: list[dict]) -> list[di
 # ---------------------------------------------------------------------------------------------------------------
 
 def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, log=print) -> dict:
-    from ..pipelines import resolve_device
+    from lcmkit.pipelines import resolve_device
 
     bad = [p for p in options.parts if p not in PARTS]
     if bad:
         raise LcmkitError(f"unknown part {bad[0]!r}; use any of {', '.join(PARTS)}")
     if not options.methods or any(m not in METHODS for m in options.methods):
         raise LcmkitError(f"--methods takes any of {', '.join(METHODS)}, got {','.join(options.methods)!r}")
-    from ..evaluate.run import PROMPT_SETS
+    from lcmkit_world.evaluate.run import PROMPT_SETS
 
     if options.prompts not in PROMPT_SETS:
         raise LcmkitError(f"--prompts takes {' or '.join(PROMPT_SETS)}, got {options.prompts!r}")
@@ -357,13 +357,15 @@ def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, lo
         else:
             teacher, lcm, lora = teacher_dir(options), options.lcm, None
             if options.lora:  # resolved up front: a lora/ folder is accepted, a wrong path fails before the hour
-                from .subjects import lora_file  # of teacher rows, not after
+                from lcmkit_world.bench.subjects import (
+                    lora_file,  # of teacher rows, not after
+                )
 
                 lora = str(lora_file(options.lora))
         table = table_rows(options, teacher, lcm, lora, log) if "table" in options.parts else []
         skip = skip_rows(options, teacher, work, log) if "skip" in options.parts else []
         guidance = guidance_rows(options, lcm, log) if "guidance" in options.parts else []
-    from ..evaluate.metrics import fid_floor
+    from lcmkit_world.evaluate.metrics import fid_floor
 
     floor = fid_floor(options.n_real)
     out_dir = Path(out_dir)

@@ -2,7 +2,7 @@
 
 * ``imagefolder``: ``KEY.png`` files plus ``metadata.jsonl``, one JSON object per line with ``file_name``
   (relative to the folder) and ``text`` (the caption): the Hugging Face ``imagefolder`` convention. Each line
-  also carries ``attributes`` (the :class:`~lcmkit.data.world.ShapeSpec` as a dict, style included).
+  also carries ``attributes`` (the :class:`~lcmkit_world.world.ShapeSpec` as a dict, style included).
 * ``webdataset``: tar shards ``shard-000000.tar``, ``shard-000001.tar``, ... of ``shard_size`` samples, each
   sample stored as ``KEY.png`` + ``KEY.txt`` (the WebDataset convention: files sharing a key up to the first
   dot form one sample).
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from lcmkit.data import world
 from lcmkit.errors import LcmkitError
+from lcmkit_world import world
 
 FORMATS = ("imagefolder", "webdataset")
 METADATA_FILE = "metadata.jsonl"

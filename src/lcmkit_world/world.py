@@ -51,7 +51,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "background": tuple(BACKGROUNDS),
 }
 #: Where lcmkit ships the world's teachers (diffusers pipeline folders)
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def shipped_teacher(prompts: str = "exact") -> Path:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import world
-from .errors import LcmkitError
-from .evaluate import metrics
-from .evaluate.run import Setting, eval_prompts, sample_world
+from lcmkit.errors import LcmkitError
+from lcmkit_world import world
+from lcmkit_world.evaluate import metrics
+from lcmkit_world.evaluate.run import Setting, eval_prompts, sample_world
 
 GUIDANCE = 7.5  # diffusers convention; ω = 6.5
 CONTROL = "control: teacher, LCM 1"  # the undistilled teacher, LCM sampler, 1 step, no CFG
@@ -85,10 +85,10 @@ def _labelled_grid(images: list[np.ndarray], labels: list[str], rows: list[str],
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     import torch
+    from lcmkit.train.config import OptimConfig
 
-    from .pipelines import applied_loras, load_pipeline
-    from .train.common import OptimConfig
-    from .train.distill import DistillConfig, distill
+    from lcmkit.pipelines import applied_loras, load_pipeline
+    from lcmkit.train.distill import DistillConfig, distill
 
     out = Path(cfg.out)
     teacher_dir = Path(cfg.teacher) if cfg.teacher else world.shipped_teacher(cfg.prompts)

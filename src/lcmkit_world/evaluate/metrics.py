@@ -1,9 +1,9 @@
 """World metrics: how well generated images follow their prompts, and how real they look.
 
 All metrics use the shipped attribute classifier (:func:`load_evaluator`, see
-:mod:`lcmkit.evaluate.classifier`). Images are uint8 ``(N, 32, 32, 3)`` or float in [-1, 1] (NHWC or NCHW).
+:mod:`lcmkit_world.evaluate.classifier`). Images are uint8 ``(N, 32, 32, 3)`` or float in [-1, 1] (NHWC or NCHW).
 
-* :func:`prompt_scores`: per-attribute accuracy against the :class:`~lcmkit.data.world.ShapeSpec` each image
+* :func:`prompt_scores`: per-attribute accuracy against the :class:`~lcmkit_world.world.ShapeSpec` each image
   was prompted with, prompt accuracy (all five caption attributes right), style rate (fraction the classifier
   judges outlined) and style accuracy (against ``spec.style``).
 * :func:`world_fid`: world-FID, the Fréchet distance (Heusel et al. 2017, the FID formula)
@@ -16,7 +16,7 @@ All metrics use the shipped attribute classifier (:func:`load_evaluator`, see
 Everything is deterministic: the real sets come from fixed seeds, the classifier is in eval mode with
 GroupNorm (per-image), and nothing random happens at evaluation time.
 
-Run ``python -m lcmkit.evaluate.metrics`` to print the shipped evaluator's accuracy on fresh real images and
+Run ``python -m lcmkit_world.evaluate.metrics`` to print the shipped evaluator's accuracy on fresh real images and
 the real-vs-real world-FID floor.
 """
 
@@ -29,10 +29,17 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from lcmkit.data import world
 from lcmkit.errors import LcmkitError
-from lcmkit.evaluate.classifier import (ASSET_DIR, WorldClassifier, as_model_input, load_classifier,
-                                        measure_accuracy, predict, spec_labels)
+from lcmkit_world import world
+from lcmkit_world.evaluate.classifier import (
+    ASSET_DIR,
+    WorldClassifier,
+    as_model_input,
+    load_classifier,
+    measure_accuracy,
+    predict,
+    spec_labels,
+)
 
 #: Seed of the real reference set for world-FID (images 0..n-1); :func:`fid_floor` uses images n..2n-1.
 REAL_SEED = 314_159
@@ -53,7 +60,7 @@ def _model(model: WorldClassifier | None) -> WorldClassifier:
 def prompt_scores(images, specs, model: WorldClassifier | None = None, named=None) -> dict[str, float]:
     """Accuracy per caption attribute, ``prompt`` (every named attribute right), ``style_rate``, ``style_accuracy``.
 
-    ``named``: per image, the attributes its prompt names (open captions, :func:`lcmkit.data.world.caption`);
+    ``named``: per image, the attributes its prompt names (open captions, :func:`lcmkit_world.world.caption`);
     default all five. An attribute's accuracy is over the prompts that name it (NaN if none does).
     """
     x = as_model_input(images)
@@ -159,7 +166,7 @@ def fid_floor(n: int = N_REAL, seed: int = REAL_SEED, style: str = "filled",
 def trajectory_error(a, b) -> float:
     """Mean over images of the per-image RMSE between two image sets of the same shape, in [-1, 1] units.
 
-    Accepts uint8 or [-1, 1] float images (converted as in :func:`~lcmkit.evaluate.classifier.as_model_input`),
+    Accepts uint8 or [-1, 1] float images (converted as in :func:`~lcmkit_world.evaluate.classifier.as_model_input`),
     so e.g. a student's and its teacher's samples from the same noise can be compared directly.
     """
     x, y = as_model_input(a).double(), as_model_input(b).double()

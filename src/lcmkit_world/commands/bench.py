@@ -6,7 +6,7 @@ recording the machine and the exact command. ``--smoke`` runs the same code on t
 
 from __future__ import annotations
 
-from ._training import comma_list
+from lcmkit.commands._training import comma_list
 
 DEFAULT_OUT = "benchmarks/results"
 
@@ -42,7 +42,7 @@ def _register_speed(bench) -> None:
                    help="default float16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet forward (GPU)")
     p.add_argument("--estimate-only", action="store_true", help="time one UNet forward per model, print, stop")
-    p.add_argument("--world-teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
+    p.add_argument("--world-teacher", help="world teacher folder (default src/lcmkit_world/assets/world-teacher)")
     p.add_argument("--world-lcm", help="distilled full LCM of the world teacher (pipeline folder)")
     p.add_argument("--world-lora", help="distilled LCM-LoRA of the world teacher (file or lora/ folder)")
     p.set_defaults(run=run_speed, bench_parser=p)
@@ -56,7 +56,7 @@ def _register_distill(bench) -> None:
     p.add_argument("--solvers", type=comma_list(str), default=["ddim", "dpm-solver", "dpm-solver++"])
     p.add_argument("--steps", type=int, default=None, help="measured steps per configuration (default 3; sd15 2)")
     p.add_argument("--batch-size", type=int, default=None, help="per step (default 16 world, 1 sd15)")
-    p.add_argument("--world-teacher", help="world teacher folder (default src/lcmkit/assets/world-teacher)")
+    p.add_argument("--world-teacher", help="world teacher folder (default src/lcmkit_world/assets/world-teacher)")
     p.add_argument("--in-process", action="store_true",
                    help="run configurations in this process (no fresh subprocess: peak memory is then cumulative)")
     p.set_defaults(run=run_distill, bench_parser=p)
@@ -86,9 +86,9 @@ def _register_quality(bench) -> None:
 
 
 def _world_scoring(p) -> None:
-    """The flags of :class:`lcmkit.bench.quality.WorldScoring` (benches that score models on the world)."""
+    """The flags of :class:`lcmkit_world.bench.quality.WorldScoring` (benches that score models on the world)."""
     p.add_argument("--teacher", help="world teacher folder (default: the shipped one for --prompts: "
-                                     "src/lcmkit/assets/world-teacher, or world-teacher-open for open prompts)")
+                                     "src/lcmkit_world/assets/world-teacher, or world-teacher-open for open prompts)")
     p.add_argument("--num", type=int, default=1000, help="generations per row (default 1000)")
     p.add_argument("--n-real", type=int, default=2000, help="real images for world-FID (default 2000)")
     p.add_argument("--seed", type=int, default=0)
@@ -150,8 +150,8 @@ def _threads(args) -> None:
 
 
 def run_speed(args) -> int:
-    from ..bench.speed import SpeedOptions, bench_speed
-    from ..errors import LcmkitError
+    from lcmkit.errors import LcmkitError
+    from lcmkit_world.bench.speed import SpeedOptions, bench_speed
 
     if args.repeats is not None and args.repeats < 1:  # `or` below would turn 0 into the default
         raise LcmkitError(f"--repeats must be positive, got {args.repeats}")
@@ -174,7 +174,7 @@ def run_speed(args) -> int:
 
 
 def run_distill(args) -> int:
-    from ..bench.distill import DistillBenchOptions, bench_distill
+    from lcmkit_world.bench.distill import DistillBenchOptions, bench_distill
 
     _threads(args)
     if args.smoke:
@@ -193,7 +193,7 @@ def run_distill(args) -> int:
 
 
 def run_quality(args) -> int:
-    from ..bench.quality import QualityOptions, bench_quality
+    from lcmkit_world.bench.quality import QualityOptions, bench_quality
 
     _threads(args)
     options = QualityOptions(lcm=args.lcm, lora=args.lora, parts=args.parts, methods=args.methods,
@@ -210,7 +210,7 @@ def run_quality(args) -> int:
 
 
 def run_style(args) -> int:
-    from ..bench.style import StyleOptions, bench_style
+    from lcmkit_world.bench.style import StyleOptions, bench_style
 
     _threads(args)
     options = StyleOptions(lcm=args.lcm, lcf=args.lcf, style_lora=args.style_lora, lcm_lora=args.lcm_lora,

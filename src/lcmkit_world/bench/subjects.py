@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..data import world
-from ..errors import LcmkitError
-from . import configs
+from lcmkit.errors import LcmkitError
+from lcmkit_world import world
+from lcmkit_world.bench import configs
 
 #: where the world teacher is shipped once trained
 WORLD_TEACHER = world.shipped_teacher()
@@ -47,7 +47,7 @@ def random_lora_file(unet_config: dict, folder: Path, rank: int = 64, seed: int 
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
 
-    from ..lora import LORA_WEIGHT_NAME, lcm_lora_config
+    from lcmkit.lora import LORA_WEIGHT_NAME, lcm_lora_config
 
     config = lcm_lora_config("sdxl" if sdxl else "sd", rank, float(rank))
     unet = meta_unet(unet_config)
@@ -77,7 +77,7 @@ def random_lcm_unet(teacher_unet, seed: int = 0):
 
 def lora_file(path: str | Path, what: str = "LCM-LoRA") -> Path:
     """A LoRA ``.safetensors`` file, or the folder a training command wrote it into (``lora/`` of distill)."""
-    from ..lora import LORA_WEIGHT_NAME
+    from lcmkit.lora import LORA_WEIGHT_NAME
 
     path = Path(path)
     if path.is_dir():
@@ -88,7 +88,7 @@ def lora_file(path: str | Path, what: str = "LCM-LoRA") -> Path:
 
 
 def world_subject(work: Path, teacher: str | None = None, lcm: str | None = None, lora: str | None = None) -> Subject:
-    from ..pipelines import load_pipeline, vae_scale_factor
+    from lcmkit.pipelines import load_pipeline, vae_scale_factor
 
     teacher_dir = Path(teacher) if teacher else WORLD_TEACHER
     if not (teacher_dir / "model_index.json").is_file():

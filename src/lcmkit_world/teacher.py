@@ -26,10 +26,6 @@ by ``scaling_factor`` wherever they meet the UNet.
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,53 +34,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import world
-from ..errors import LcmkitError
-from .common import atomic_write
-
-#: Special tokens of the word-level tokenizer (CLIP's names, so SD-style code finds what it expects).
-BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"
-#: Words outside the world's captions that later recipes may use (style fine-tunes); embeddings start random.
-EXTRA_WORDS = ("filled", "outlined", "style")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Component configs and builders
-# --------------------------------------------------------------------------------------------------------------
-@dataclass
-class VaeConfig:
-    """``AutoencoderKL`` size. Three blocks = two downsamplings: 32x32 pixels -> 8x8 latents."""
-
-    block_out_channels: tuple[int, ...] = (32, 64, 128)
-    layers_per_block: int = 1
-    latent_channels: int = 4
-    norm_num_groups: int = 16
-
-
-@dataclass
-class TextConfig:
-    """``CLIPTextModel`` size. ``max_length`` covers the longest caption (12 words) plus BOS/EOS."""
-
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 512
-    max_length: int = 16
-
-
-@dataclass
-class UNetConfig:
-    """``UNet2DConditionModel`` size: one level per width (8x8, 4x4, 2x2, ...; the last does not downsample).
-
-    The first ``attention_levels`` levels (and the mid block) have self- and cross-attention; deeper ones are
-    plain ResNet blocks.
-    """
-
-    block_out_channels: tuple[int, ...] = (64, 128)
-    layers_per_block: int = 1
-    attention_heads: int = 4
-    norm_num_groups: int = 32
-    attention_levels: int = 2
+from lcmkit.atomic import atomic_write, write_json
+from lcmkit.errors import LcmkitError
+from lcmkit.train.checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_dirs,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lcmkit.train.optim import ema_update_, ema_warmup, lr_factor
+from lcmkit_world import world
+from lcmkit_world.teacher_model import (
+    TextConfig,
+    UNetConfig,
+    VaeConfig,
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    count_parameters,
+    save_pipeline,
+)
 
 
 @dataclass
@@ -156,101 +127,6 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def world_vocabulary() -> list[str]:
-    """Every word of the world's captions (sorted), then :data:`EXTRA_WORDS`."""
-    words = sorted({w for prompt in world.all_prompts() for w in prompt.split(" ")})
-    return words + [w for w in EXTRA_WORDS if w not in words]
-
-
-def build_tokenizer(max_length: int = 16):
-    """A word-level fast tokenizer that behaves like SD's CLIP tokenizer for world captions.
-
-    Lower-cases, splits on whitespace, adds ``<|startoftext|>``/``<|endoftext|>`` and pads with ``<|pad|>`` to
-    ``model_max_length`` when asked (``padding="max_length"``, as ``StableDiffusionPipeline`` does). Unknown words
-    map to ``<|unk|>``. ``save_pretrained`` writes a standard ``tokenizer.json``.
-    """
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate([BOS, EOS, PAD, UNK, *world_vocabulary()])}
-    core = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        model_max_length=max_length, padding_side="right",
-    )
-
-
-def build_vae(cfg: VaeConfig):
-    from diffusers import AutoencoderKL
-
-    n = len(cfg.block_out_channels)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, sample_size=world.IMAGE_SIZE,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-    )
-
-
-def build_text_encoder(cfg: TextConfig, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_length,
-        projection_dim=cfg.hidden_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config)
-
-
-def build_unet(cfg: UNetConfig, latent_channels: int, cross_attention_dim: int):
-    from diffusers import UNet2DConditionModel
-
-    n = len(cfg.block_out_channels)
-    attn = [i < cfg.attention_levels for i in range(n)]
-    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
-    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
-    return UNet2DConditionModel(
-        sample_size=world.IMAGE_SIZE // 4, in_channels=latent_channels, out_channels=latent_channels,
-        down_block_types=down, up_block_types=up,
-        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        cross_attention_dim=cross_attention_dim, attention_head_dim=cfg.attention_heads,  # diffusers: = head count
-        norm_num_groups=cfg.norm_num_groups,
-    )
-
-
-def scheduler_config() -> dict:
-    """The DDPM schedule SD 1.x trains with (reference section 1): scaled_linear 0.00085 -> 0.012, T = 1000, eps."""
-    return dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False,
-        timestep_spacing="leading",
-    )
-
-
-def build_scheduler(kind: str = "dpm-solver++"):
-    """The pipeline's default scheduler (``dpm-solver++``) or the training one (``ddpm``), same schedule."""
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
-
-    if kind == "ddpm":
-        return DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"})
-    if kind == "dpm-solver++":
-        cfg = {k: v for k, v in scheduler_config().items() if k not in ("clip_sample", "set_alpha_to_one")}
-        return DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++", solver_order=2)
-    raise LcmkitError(f"unknown scheduler {kind!r}; expected ddpm or dpm-solver++")
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------
@@ -274,9 +150,7 @@ def render_cached(cache_dir: Path, n: int, seed: int, style: str) -> tuple[np.nd
     order = {world.caption(s): i for i, s in enumerate(world.all_specs())}
     spec_index = np.array([order[world.caption(s)] for s in specs], dtype=np.int64)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, images=images, spec_index=spec_index)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, images=images, spec_index=spec_index))
     return images, spec_index
 
 
@@ -334,19 +208,12 @@ def diffusion_loss(unet, text_encoder, z0: torch.Tensor, input_ids: torch.Tensor
     return (min_snr_weight(alphas_cumprod, t, min_snr_gamma) * per_sample).mean()
 
 
-def learning_rate(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up for ``warmup`` steps, then cosine from ``base`` to ``base * min_ratio`` at ``total``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # EMA and checkpoints
 # --------------------------------------------------------------------------------------------------------------
 class Ema:
-    """Exponential moving average of a module's floating-point state; decay warms up as (1 + n) / (10 + n)."""
+    """Exponential moving average of a module's floating-point state (lcmkit's EMA update, with warm-up:
+    μ_n = min(μ, (1 + n) / (10 + n)))."""
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
@@ -354,85 +221,16 @@ class Ema:
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
         current = module.state_dict()
-        keys = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[k] for k in keys], [current[k].detach() for k in keys], 1.0 - decay)
+        ema_update_(self.shadow.values(), [current[k].detach() for k in self.shadow], ema_warmup(self.decay, step))
 
     def copy_to(self, module: torch.nn.Module) -> None:
         module.load_state_dict(self.shadow, strict=False)
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def save_checkpoint(ckpt_root: Path, phase: str, step: int, weights: dict[str, dict[str, torch.Tensor]],
-                    state: dict) -> Path:
-    """Write ``checkpoint-{phase}-{step}/`` (one safetensors per entry of ``weights``, ``state.pt``), then point
-    ``latest.json`` at it atomically and delete older checkpoints. A crash leaves the previous one intact."""
-    folder = ckpt_root / f"checkpoint-{phase}-{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, tensors in weights.items():
-        _save_safetensors(tensors, folder / f"{name}.safetensors")
-    atomic_write(folder / "state.pt", lambda tmp: torch.save(state, tmp))
-    pointer = {"folder": folder.name, "phase": phase, "step": step}
-    atomic_write(ckpt_root / "latest.json", lambda tmp: tmp.write_text(json.dumps(pointer)))
-    for old in ckpt_root.glob("checkpoint-*"):
-        if old.is_dir() and old != folder:
-            shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def load_checkpoint(ckpt_root: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict] | None:
-    """``(pointer, weights, state)`` of the latest checkpoint, or None. ``state.pt`` loads with weights_only."""
-    pointer_path = ckpt_root / "latest.json"
-    if not pointer_path.exists():
-        return None
-    pointer = json.loads(pointer_path.read_text())
-    folder = ckpt_root / pointer["folder"]
-    weights = {p.stem: _load_safetensors(p) for p in folder.glob("*.safetensors")}
-    state = torch.load(folder / "state.pt", weights_only=True)
-    return pointer, weights, state
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Saving the pipeline and plotting
 # --------------------------------------------------------------------------------------------------------------
-def save_pipeline(out_dir: Path, vae, text_encoder, tokenizer, unet, float16: tuple[str, ...] = ("vae",)) -> None:
-    """Save a standard ``StableDiffusionPipeline`` folder (safetensors, no safety checker, DPM-Solver++).
-
-    Components named in ``float16`` (diffusers models only: ``vae``, ``unet``) are stored in float16 to keep the
-    folder small; diffusers loads them back as float32 unless the caller asks for another ``torch_dtype``.
-    """
-    import copy
-
-    from diffusers import StableDiffusionPipeline
-
-    if set(float16) - {"vae", "unet"}:
-        raise LcmkitError(f"float16 storage is only for vae and unet, got {float16}")
-    vae = copy.deepcopy(vae).to(torch.float16) if "vae" in float16 else vae
-    unet = copy.deepcopy(unet).to(torch.float16) if "unet" in float16 else unet
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(),
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
-    )
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-
-
 def plot_losses(curves: dict[str, list[float]], path: Path, step_every: int = 1) -> None:
     """One panel per curve (raw and a running mean), log-scale y; written with the Agg backend. Value i of a curve
     is at step ``i * step_every``."""
@@ -542,9 +340,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print):
         self.cfg, self.progress, self.log = cfg, progress, log
         self.out = Path(cfg.out)
-        self.ckpt_root = self.out / "checkpoints"
         self.cache = self.out / "cache"
-        if (self.ckpt_root / "latest.json").exists() and not resume:
+        if checkpoint_dirs(self.out) and not resume:
             raise LcmkitError(f"{self.out} already holds a training run; pass --resume to continue it "
                               "or choose another --out")
         torch.set_num_threads(cfg.threads)
@@ -565,18 +362,18 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _resume(self) -> None:
-        found = load_checkpoint(self.ckpt_root)
-        if found is None:
-            self.log(f"no checkpoint under {self.ckpt_root}; starting from scratch")
+        found = checkpoint_dirs(self.out)
+        if not found:
+            self.log(f"no checkpoint under {self.out / CHECKPOINT_DIR}; starting from scratch")
             return
-        pointer, weights, state = found
+        weights, state = load_checkpoint(found[-1])
         self.parts.load_weights(weights)
         self.vae_opt.load_state_dict(state["vae_opt"])
         self.unet_opt.load_state_dict(state["unet_opt"])
         self.generator.set_state(state["generator"])
         self.state = RunState(**state["run"])
         self._resumed = state
-        self.log(f"resumed {pointer['folder']} (phase {self.state.phase}, step {self.state.step})")
+        self.log(f"resumed {found[-1]} (phase {self.state.phase}, step {self.state.step})")
 
     def checkpoint(self) -> None:
         state = {
@@ -585,7 +382,9 @@ class Trainer:
         }
         if hasattr(self, "decoder_opt"):
             state["decoder_opt"] = self.decoder_opt.state_dict()
-        save_checkpoint(self.ckpt_root, self.state.phase, self.state.step, self.parts.weights(), state)
+        # numbered by the steps done over all phases, so the newest checkpoint is always the highest number
+        done = sum(len(v) for v in self.state.losses.values())
+        save_checkpoint(self.out, done, self.parts.weights(), state, keep=1)
 
     # -- data -------------------------------------------------------------------------------------------------
     def render(self) -> None:
@@ -607,7 +406,7 @@ class Trainer:
         vae.train()
         for step in self._steps("vae", cfg.vae_steps):
             for group in self.vae_opt.param_groups:
-                group["lr"] = learning_rate(step, cfg.vae_lr, min(200, cfg.warmup_steps), cfg.vae_steps, 0.05)
+                group["lr"] = cfg.vae_lr * lr_factor(step, min(200, cfg.warmup_steps), cfg.vae_steps, "cosine", 0.05)
             x = images_to_tensor(self.vae_images[self._batch(len(self.vae_images), cfg.vae_batch_size).numpy()])
             with self._autocast(cfg.vae_bf16):
                 loss, terms = vae_loss(vae, x.contiguous(memory_format=torch.channels_last), self.generator,
@@ -629,7 +428,7 @@ class Trainer:
         vae.decoder.train()
         for step in self._steps("decoder", cfg.vae_decoder_steps):
             for group in opt.param_groups:
-                group["lr"] = learning_rate(step, 0.5 * cfg.vae_lr, 100, cfg.vae_decoder_steps, 0.05)
+                group["lr"] = 0.5 * cfg.vae_lr * lr_factor(step, 100, cfg.vae_decoder_steps, "cosine", 0.05)
             x = images_to_tensor(self.vae_images[self._batch(len(self.vae_images), cfg.vae_batch_size).numpy()])
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
@@ -683,7 +482,7 @@ class Trainer:
         params = [*parts.unet.parameters(), *parts.text_encoder.parameters()]
         for step in self._steps("unet", cfg.unet_steps):
             for group in self.unet_opt.param_groups:
-                group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.unet_steps, cfg.min_lr_ratio)
+                group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.unet_steps, "cosine", cfg.min_lr_ratio)
             idx = self._batch(len(self.latents), cfg.batch_size)
             z0 = self.latents[idx] * self.state.scaling_factor
             subset = torch.full((len(idx),), len(self.subsets) - 1)
@@ -754,12 +553,12 @@ class Trainer:
             "seconds": self.state.seconds,
             "final_loss": {k: float(np.mean(v[-100:])) for k, v in self.state.losses.items() if v},
         }
-        atomic_write(self.out / "training.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+        write_json(self.out / "training.json", summary, indent=2)
         return summary
 
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.out / "config.json", lambda tmp: tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2)))
+        write_json(self.out / "config.json", self.cfg.to_dict(), indent=2)
         self.render()
         if self.cfg.init_from is not None and self.state.phase in ("vae", "decoder"):
             self.state.phase, self.state.step = "unet", 0  # the loaded VAE is kept as it is

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from ..demo import DemoConfig
+    from lcmkit_world.demo import DemoConfig
 
     d = DemoConfig()
     p = sub.add_parser("demo", help="distil an LCM-LoRA from the built-in world teacher and report (≈10 min, CPU)",
@@ -36,7 +36,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..demo import DemoConfig, run_demo
+    from lcmkit_world.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=args.out, mode=args.mode, teacher=args.teacher, max_steps=args.max_steps,
                      batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, ema=args.ema, num=args.num,

@@ -132,8 +132,15 @@ def _text_encoder(config: dict, with_projection: bool, max_tokens: int):
 def build_pipeline(arch: Architecture, seed: int = 0, full_lcm: bool = False):
     """A random-weight diffusers pipeline: ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``, or with
     ``full_lcm`` a ``LatentConsistencyModelPipeline`` (SD only) whose UNet takes the w-embedding."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, LatentConsistencyModelPipeline,
-                           LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     unet = build_unet(arch, full_lcm, seed=seed)
     with _seeded(seed + 1):
@@ -180,7 +187,7 @@ def lcm_pipeline_from(pipe, unet):
 def lora_trainable_parameters(arch: Architecture, rank: int = 64, alpha: float = 64.0) -> dict:
     """Trainable parameters of LCM-LoRA (:func:`lcmkit.lora.lcm_lora_config`) on ``arch``'s UNet, built on the
     ``meta`` device (no memory, well under a second), and the UNet's own size for scale."""
-    from ..lora import LCM_LORA_TARGETS, lcm_lora_config, lora_layers
+    from lcmkit.lora import LCM_LORA_TARGETS, lcm_lora_config, lora_layers
 
     preset = "sdxl" if arch.sdxl else "sd"
     with torch.device("meta"):

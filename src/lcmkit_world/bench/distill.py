@@ -2,7 +2,7 @@
 the LCM-LoRA trainable parameter counts on SD 1.5 and SDXL.
 
 One configuration = (model, mode full|lora, solver). Each runs in a fresh subprocess (``python -m
-lcmkit.bench.distill SPEC``), so its peak memory is its own: on CPU the kernel's peak RSS (``VmHWM`` in
+lcmkit_world.bench.distill SPEC``), so its peak memory is its own: on CPU the kernel's peak RSS (``VmHWM`` in
 /proc/self/status) is reset after the models are built (``echo 5 > /proc/self/clear_refs``) and read after the
 steps; on CUDA ``torch.cuda.max_memory_allocated`` is reset the same way.
 
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LcmkitError
-from . import configs, machine
+from lcmkit.errors import LcmkitError
+from lcmkit_world.bench import configs, machine
 
 PHASES = ("teacher", "target", "student", "backward", "optimizer")
 #: LCM-LoRA sizes: what the LCM-LoRA report prints, and what lcm-reference.md §8 says our preset gives.
@@ -147,7 +147,7 @@ class PhaseClock:
 
 def check_forwards(forwards: dict[str, list[int]], solver: str, batch: int) -> dict:
     """Raise unless each phase made exactly the recipe's UNet forwards (nothing computed twice)."""
-    from ..solvers import TEACHER_EVALUATIONS
+    from lcmkit.solvers import TEACHER_EVALUATIONS
 
     expected = {"teacher": [2 * batch] * TEACHER_EVALUATIONS[solver], "target": [batch], "student": [batch],
                 "backward": [], "optimizer": [], "other": []}
@@ -162,8 +162,8 @@ def check_forwards(forwards: dict[str, list[int]], solver: str, batch: int) -> d
 # ---------------------------------------------------------------------------------------------------------------
 
 def teacher_pipeline(model: str, world_teacher: str | None):
-    from ..pipelines import load_pipeline
-    from .subjects import WORLD_TEACHER
+    from lcmkit.pipelines import load_pipeline
+    from lcmkit_world.bench.subjects import WORLD_TEACHER
 
     if model == "world":
         folder = Path(world_teacher) if world_teacher else WORLD_TEACHER
@@ -175,8 +175,8 @@ def teacher_pipeline(model: str, world_teacher: str | None):
 
 def conditioning(pipe, batch: int, device):
     """cond / uncond text conditioning for a batch (SD: "" is the unconditional prompt), encoded once."""
-    from ..denoisers import TextConditioning
-    from ..train.data import encode_text
+    from lcmkit.denoisers import TextConditioning
+    from lcmkit.train.data import encode_text
 
     hidden, _ = encode_text(pipe, "sd", ["a red circle"] * batch)
     empty, _ = encode_text(pipe, "sd", [""])
@@ -185,12 +185,13 @@ def conditioning(pipe, batch: int, device):
 
 def one_step(models, optimizer, clock: PhaseClock, z0, cond, uncond, solver: str, skip: int, step: int) -> float:
     """One optimizer step of LCD, phases timed; returns the loss."""
-    from ..losses import lcd_loss
-    from ..train import common
-    from ..train.distill import draw, make_denoisers
+    from lcmkit.losses import lcd_loss
+    from lcmkit.train.optim import ema_update_
+    from lcmkit.train.rng import generator_for
+    from lcmkit.train.distill import draw, make_denoisers
 
     num_points = len(models.alphas_cumprod) // skip
-    omega, index, noise = draw(z0.shape[0], tuple(z0.shape), (5.0, 15.0), num_points, common.generator_for(0, step))
+    omega, index, noise = draw(z0.shape[0], tuple(z0.shape), (5.0, 15.0), num_points, generator_for(0, step))
     student, target, teacher = make_denoisers(models, cond, uncond, omega.to(z0.device))
     loss, _ = lcd_loss(clock.timed("student", student), clock.timed("target", target), clock.timed("teacher", teacher),
                        z0, noise.to(z0.device), index.to(z0.device), models.alphas_cumprod, skip=skip, solver=solver)
@@ -201,15 +202,17 @@ def one_step(models, optimizer, clock: PhaseClock, z0, cond, uncond, solver: str
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if models.mode == "full":
-            common.ema_update_(models.target.parameters(), models.student.parameters(), 0.95)
+            ema_update_(models.target.parameters(), models.student.parameters(), 0.95)
     return float(loss.detach())
 
 
 def measure_configuration(spec: dict) -> dict:
     """Build the models of one (model, mode, solver) and time ``spec["steps"]`` optimizer steps."""
-    from ..pipelines import resolve_device, vae_scale_factor
-    from ..train import common
-    from ..train.distill import build_models
+    from lcmkit.pipelines import resolve_device, vae_scale_factor
+    from lcmkit.train.config import OptimConfig
+    from lcmkit.train.optim import make_optimizer
+    from lcmkit.train.rng import generator_for
+    from lcmkit.train.distill import build_models
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -217,8 +220,8 @@ def measure_configuration(spec: dict) -> dict:
     pipe, source = teacher_pipeline(spec["model"], spec.get("world_teacher"))
     memory_before = memory_mb(device)
     settings = RecipeSettings(spec["mode"], source, spec["lora_rank"], float(spec["lora_rank"]))
-    models = build_models(settings, pipe, device, common.generator_for(0, 1))
-    optimizer = common.make_optimizer(models.trainable(), common.OptimConfig(lr=1e-5, warmup_steps=0))
+    models = build_models(settings, pipe, device, generator_for(0, 1))
+    optimizer = make_optimizer(models.trainable(), OptimConfig(lr=1e-5, warmup_steps=0))
     latent = pipe.unet.config.sample_size
     batch = spec["batch_size"]
     z0 = torch.randn(batch, pipe.unet.config.in_channels, latent, latent,
@@ -259,7 +262,7 @@ def run_configuration(spec: dict, isolated: bool) -> dict:
     """In a fresh interpreter (``isolated``: its own peak memory) or in this one."""
     if not isolated:
         return dict(measure_configuration(spec), memory_isolated=False)
-    proc = subprocess.run([sys.executable, "-m", "lcmkit.bench.distill", json.dumps(spec)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "lcmkit_world.bench.distill", json.dumps(spec)], capture_output=True,
                           text=True)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
@@ -286,7 +289,7 @@ def lora_parameter_counts(rank: int = 64) -> dict:
 
 
 def specs(options: DistillBenchOptions) -> list[dict]:
-    from ..solvers import SOLVERS
+    from lcmkit.solvers import SOLVERS
 
     for model in options.models:
         if model not in MODEL_NAMES:
@@ -304,7 +307,7 @@ def specs(options: DistillBenchOptions) -> list[dict]:
 
 
 def bench_distill(options: DistillBenchOptions, out_dir: str | Path, command: str, log=print) -> dict:
-    from ..pipelines import resolve_device
+    from lcmkit.pipelines import resolve_device
 
     result = {"bench": "distill", "command": command, "machine": machine.machine_info(resolve_device(options.device)),
               "options": asdict(options), "configurations": []}

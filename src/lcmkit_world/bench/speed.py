@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import LcmkitError
-from . import machine
-from .hooks import pipeline_meters
-from .subjects import MODEL_NAMES, Subject, describe, load_subject
+from lcmkit.errors import LcmkitError
+from lcmkit_world.bench import machine
+from lcmkit_world.bench.hooks import pipeline_meters
+from lcmkit_world.bench.subjects import MODEL_NAMES, Subject, describe, load_subject
 
 TEACHER = ("dpm-solver++", 25, 7.5)
 RESULT_NAMES = ("speed.json", "speed.md", "speed.png")
@@ -85,7 +85,7 @@ def measure(pipe, call, device) -> dict:
 
 
 def lcmkit_run(pipe, options: SpeedOptions, resolution: int, sampler: str, steps: int, guidance: float, loras=()):
-    from ..pipelines import generate
+    from lcmkit.pipelines import generate
 
     def call():
         return generate(pipe, options.prompt, steps=steps, guidance=guidance, seed=options.seed, sampler=sampler,
@@ -134,8 +134,8 @@ def plan(subject: Subject, options: SpeedOptions, device) -> dict[str, tuple]:
 
 def unet_forward_seconds(subject: Subject, device) -> float:
     """One batch-1 UNet forward at the subject's resolution (also warms the UNet up)."""
-    from ..denoisers import TextConditioning, unet_output
-    from ..pipelines import encode_prompt
+    from lcmkit.denoisers import TextConditioning, unet_output
+    from lcmkit.pipelines import encode_prompt
 
     pipe = subject.teacher
     unet = pipe.unet
@@ -149,7 +149,7 @@ def unet_forward_seconds(subject: Subject, device) -> float:
 
 
 def _factor(pipe) -> int:
-    from ..pipelines import vae_scale_factor
+    from lcmkit.pipelines import vae_scale_factor
     return vae_scale_factor(pipe)
 
 
@@ -188,7 +188,7 @@ def lora_phase(subject: Subject, options: SpeedOptions, device, warmup: bool) ->
     k_call = lcmkit_run(subject.teacher, options, r, "lcm", n, options.lora_guidance)
 
     def lcmkit_measure():
-        from ..pipelines import applied_loras
+        from lcmkit.pipelines import applied_loras
 
         with applied_loras(subject.teacher, [str(subject.lora)]):
             return measure(subject.teacher, k_call, device)
@@ -280,7 +280,7 @@ def prepare(subject: Subject, options: SpeedOptions, device, dtype) -> None:
 
 
 def resolve(options: SpeedOptions):
-    from ..pipelines import resolve_device, resolve_dtype
+    from lcmkit.pipelines import resolve_device, resolve_dtype
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype) or (torch.float16 if device.type == "cuda" else torch.float32)

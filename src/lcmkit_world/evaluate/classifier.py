@@ -9,7 +9,7 @@ Conventions
 -----------
 * Input: float32 ``(N, 3, 32, 32)`` in ``[-1, 1]`` (the same range the diffusion models use). Use
   :func:`as_model_input` to convert uint8 ``(N, 32, 32, 3)`` or float NHWC arrays.
-* Label order: ``lcmkit.data.world.ATTRIBUTES`` for the five attributes and ``world.STYLES`` for the style,
+* Label order: ``lcmkit_world.world.ATTRIBUTES`` for the five attributes and ``world.STYLES`` for the style,
   i.e. exactly :meth:`ShapeSpec.labels`.
 * GroupNorm, not BatchNorm: a prediction (and a feature vector) depends on its own image only, never on the
   batch it came in, so metrics do not change with the evaluation batch size.
@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lcmkit.data import world
 from lcmkit.errors import LcmkitError
+from lcmkit_world import world
 
 #: Every head the classifier has, in a fixed order, with its class names.
 HEADS: dict[str, tuple[str, ...]] = {**world.ATTRIBUTES, "style": world.STYLES}
