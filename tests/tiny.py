@@ -23,7 +23,7 @@ import torch
 
 #: Tokens longer than this are truncated; short keeps the text encoders cheap.
 MAX_TOKENS = 32
-#: A T = 1000, scaled_linear beta schedule, as SD 1.x/2.x/SDXL use (lcm-reference.md section 1).
+#: A T = 1000, scaled_linear beta schedule, as SD 1.x/2.x/SDXL use (docs/reference.md, Noise schedule).
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 

@@ -32,15 +32,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lcmkit_world import world
 from lcmkit.denoisers import TextConditioning, consistency_fn, unet_denoiser
-from lcmkit_world.evaluate.run import eval_prompts
 from lcmkit.losses import consistency_distance
 from lcmkit.math.schedule import alpha_sigma, alphas_cumprod_from_config, append_dims
 from lcmkit.math.timesteps import lcm_timesteps, training_grid
-from lcmkit.pipelines import (encode_prompt, encode_unconditional, initial_latents, load_pipeline,
-                              sample_teacher, teacher_scheduler, teacher_timesteps)
+from lcmkit.pipelines import (
+    encode_prompt,
+    encode_unconditional,
+    initial_latents,
+    load_pipeline,
+    sample_teacher,
+    teacher_scheduler,
+    teacher_timesteps,
+)
 from lcmkit.solvers import sample_tcd
+from lcmkit_world import world
+from lcmkit_world.evaluate.run import eval_prompts
 
 PAIR_SEED = 10_000     # noise of pair i: seed PAIR_SEED + i (the evaluation uses seeds 0 … num − 1)
 CAPTION_SEED = 100     # captions: eval_prompts(count, seed=CAPTION_SEED + start) (the evaluation uses seed 0)

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lcmkit.pipelines import load_pipeline
 from lcmkit_world import world
 from lcmkit_world.evaluate import metrics, run
 from lcmkit_world.evaluate.classifier import as_model_input, predict, spec_labels
-from lcmkit.pipelines import load_pipeline
 
 
 def encode(pipe, specs) -> torch.Tensor:

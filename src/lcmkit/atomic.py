@@ -69,9 +69,9 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_json(path: str | os.PathLike, data, indent: int = 1) -> Path:
-    """``data`` as indented JSON at ``path``, atomically."""
-    return write_text(path, json.dumps(data, indent=indent) + "\n")
+def write_json(path: str | os.PathLike, data, indent: int = 1, default=None) -> Path:
+    """``data`` as indented JSON at ``path``, atomically (``default``: as for ``json.dumps``)."""
+    return write_text(path, json.dumps(data, indent=indent, default=default) + "\n")
 
 
 def atomic_folder(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:

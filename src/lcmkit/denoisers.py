@@ -69,6 +69,12 @@ class TextConditioning:
                                 join(self.text_embeds, other.text_embeds), join(self.time_ids, other.time_ids))
 
 
+def architecture(unet) -> str:
+    """``"sdxl"`` for a UNet with SDXL's text-time added conditioning (pooled text embeds + size/crop time ids),
+    else ``"sd"`` (SD 1.x / 2.x): the one place lcmkit tells the two apart."""
+    return "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd"
+
+
 def has_w_embedding(unet) -> bool:
     """True for a full LCM UNet, whose time embedding takes the guidance embedding (``time_cond_proj_dim``)."""
     return getattr(unet.config, "time_cond_proj_dim", None) is not None

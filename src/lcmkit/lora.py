@@ -3,10 +3,10 @@
 Kept as separate, small functions so format conversion and task arithmetic (LCM-LoRA report, §3) can be added
 beside them without touching what is here:
 
-- :data:`LCM_LORA_TARGETS` / :func:`lcm_lora_config`: which UNet layers LCM-LoRA adapts (LCM-LoRA report,
-  lcm-reference.md §8): attention projections, transformer in/out projections, feed-forward, every ResNet
-  convolution and time-embedding projection, the down/up-sampling convolutions. Rank 64, alpha 64 by default,
-  B zero-initialised (peft's default), so the adapted UNet equals the base UNet before training.
+- :data:`LCM_LORA_TARGETS` / :func:`lcm_lora_config`: which UNet layers LCM-LoRA adapts (LCM-LoRA report;
+  docs/reference.md, LCM-LoRA targets): attention projections, transformer in/out projections, feed-forward,
+  every ResNet convolution and time-embedding projection, the down/up-sampling convolutions. Rank 64, alpha 64 by
+  default, B zero-initialised (peft's default), so the adapted UNet equals the base UNet before training.
 - :func:`save_lora_diffusers`: one ``pytorch_lora_weights.safetensors`` with keys ``unet.<module>.lora_A.weight``
   / ``.lora_B.weight`` and the adapter config (rank, alpha, targets) stored in the file's metadata, so
   ``pipe.load_lora_weights(folder)`` rebuilds scale = alpha / rank exactly (diffusers ≥ 0.34 reads it).
@@ -30,11 +30,6 @@ LCM_LORA_TARGETS: dict[str, tuple[str, ...]] = {
 LCM_LORA_TARGETS["sdxl"] = LCM_LORA_TARGETS["sd"]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-
-
-def architecture(unet) -> str:
-    """``"sdxl"`` for a UNet with SDXL's text-time added conditioning, else ``"sd"``."""
-    return "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd"
 
 
 def lcm_lora_config(arch: str = "sd", rank: int = 64, alpha: float = 64.0):

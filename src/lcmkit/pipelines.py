@@ -32,16 +32,22 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .denoisers import TextConditioning, has_w_embedding, unet_denoiser
+from .denoisers import TextConditioning, architecture, has_w_embedding, unet_denoiser
 from .errors import LcmkitError
 from .math.schedule import alpha_sigma, alphas_cumprod_from_config
 from .math.timesteps import lcm_timesteps
+from .options import (  # noqa: F401
+    CONSISTENCY_SAMPLERS,
+    DTYPE_NAMES,
+    SAMPLER_NAMES,
+    TEACHER_SAMPLERS,
+    check_generate_args,
+    check_size,
+)
 from .solvers import SAMPLERS, randn
 
-#: few-step consistency samplers (lcmkit.solvers) + teacher baselines (diffusers schedulers, lcmkit's loop)
-TEACHER_SAMPLERS = ("ddim", "dpm-solver", "dpm-solver++")
-SAMPLER_NAMES = tuple(SAMPLERS) + TEACHER_SAMPLERS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+assert tuple(SAMPLERS) == CONSISTENCY_SAMPLERS and tuple(DTYPES) == DTYPE_NAMES  # the torch-free names agree
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,7 +197,7 @@ def check_pipeline(pipe, name: str = "pipeline") -> None:
 
 
 def is_sdxl(pipe) -> bool:
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+    return architecture(pipe.unet) == "sdxl"
 
 
 def vae_scale_factor(pipe) -> int:
@@ -433,24 +439,6 @@ def sample_teacher(scheduler, denoiser, x: Tensor, timesteps: list[int], callbac
 # generate
 # ---------------------------------------------------------------------------------------------------------------
 
-def _check_args(steps, guidance, num_images, sampler, eta, strength, height, width, factor) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise LcmkitError(f"steps must be a positive integer, got {steps}")
-    if sampler not in SAMPLER_NAMES:
-        raise LcmkitError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLER_NAMES)}")
-    if not isinstance(num_images, int) or num_images < 1:
-        raise LcmkitError(f"num_images must be a positive integer, got {num_images}")
-    if not 0.0 < strength <= 1.0:
-        raise LcmkitError(f"strength must be in (0, 1], got {strength}")
-    if not 0.0 <= eta <= 1.0:
-        raise LcmkitError(f"eta (TCD gamma) must be in [0, 1], got {eta}")
-    if not math.isfinite(guidance) or guidance < 0:
-        raise LcmkitError(f"guidance must be a finite number >= 0, got {guidance}")
-    for name, v in (("height", height), ("width", width)):
-        if v < factor or v % factor:
-            raise LcmkitError(f"{name} must be a positive multiple of {factor} (the VAE scale factor), got {v}")
-
-
 def _load_init_image(init_image):
     from PIL import Image
 
@@ -491,6 +479,10 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
     """
     from tqdm.auto import tqdm
 
+    check_generate_args(steps=steps, guidance=guidance, num_images=num_images, sampler=sampler, eta=eta,
+                        strength=strength, init_image=init_image, height=height, width=width)
+    if output_type not in ("pil", "np"):
+        raise LcmkitError(f"output_type must be 'pil' or 'np', got {output_type!r}")
     if isinstance(pipe_or_path, (str, os.PathLike)):
         pipe = load_pipeline(pipe_or_path, device=device, dtype=dtype)
         device = pipe.unet.device
@@ -516,12 +508,8 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
     factor = vae_scale_factor(pipe)
     height = height or pipe.unet.config.sample_size * factor
     width = width or pipe.unet.config.sample_size * factor
-    _check_args(steps, guidance, num_images, sampler, eta, strength, height, width, factor)
-    if output_type not in ("pil", "np"):
-        raise LcmkitError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+    check_size(height, width, factor)
     init_image = _load_init_image(init_image)
-    if init_image is None and strength != 1.0:
-        raise LcmkitError("strength is for image-to-image; pass an init image too")
 
     full_lcm = has_w_embedding(pipe.unet)
     use_cfg = not full_lcm and guidance > 1.0

@@ -1,6 +1,6 @@
 """Task arithmetic with LoRAs (LCM-LoRA report, eqs. 2–3): merged into weights, or applied on the fly.
 
-Each LoRA i is a task vector over the layers it touches (lcm-reference.md section 8):
+Each LoRA i is a task vector over the layers it touches (docs/reference.md, Task arithmetic):
 
     τ_i = (alpha_i / r_i) · up_i @ down_i            (conv: both factors flattened to 2-D, reshaped back)
     θ'  = θ_pre + Σ_i λ_i · τ_i                       (e.g. λ_style = 0.8, λ_LCM = 1.0; no training)
@@ -22,7 +22,9 @@ A LoRA is given as ``(weights, λ)`` with ``weights`` a :data:`~lcmkit.lora_form
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -192,3 +194,54 @@ def apply_loras(pipe, loras: Iterable) -> AppliedLoras:
     """
     models = pipeline_models(pipe)
     return attach_loras(models, load_lora_specs(models, loras))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Merged into a saved pipeline (lcmkit lora combine)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Written into every combined folder: what was merged, so the output documents itself.
+PROVENANCE_FILE = "lcmkit_lora_combine.json"
+
+
+def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a non-empty ``out`` without ``overwrite``; with it, only replace what is a pipeline folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LcmkitError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise LcmkitError(f"--out {out} is not empty; choose another folder or pass --overwrite")
+        if not (out / "model_index.json").is_file():
+            raise LcmkitError(f"--out {out} is not empty and is not a pipeline folder (no model_index.json); "
+                              "refusing to delete it even with --overwrite")
+
+
+def combine(base: str | os.PathLike, loras: Iterable, out: str | os.PathLike, overwrite: bool = False) -> dict:
+    """θ' = θ_pre + Σ λ_i·τ_i merged into the pipeline folder ``base`` and saved, atomically, as a pipeline folder of
+    the same class at ``out``. ``loras``: ``"FILE[:λ]"`` strings or (file, λ) pairs; every file is checked before the
+    base loads and every LoRA against the base before any merge. Returns the provenance record written beside the
+    model (:data:`PROVENANCE_FILE`: base, files, λ, layers per LoRA)."""
+    from .atomic import atomic_folder, write_json
+    from .lora_formats import check_safetensors_file
+    from .pipelines import load_pipeline, parse_lora
+
+    check_out_dir(out, overwrite)
+    specs = [parse_lora(s) for s in loras]
+    for path, _ in specs:  # refuse missing files and pickles before the (slow) base model loads
+        check_safetensors_file(path)
+    pipe = load_pipeline(base, device="cpu")
+    weights = load_lora_specs(pipeline_models(pipe), specs)  # every file checked before any merge
+    merge_into_pipeline(pipe, weights, inplace=True)
+    record = {
+        "base": str(base), "pipeline_class": type(pipe).__name__,
+        "formula": "theta' = theta_pre + sum_i lambda_i * (alpha_i / r_i) * up_i @ down_i",
+        "loras": [{"file": str(path), "lambda": lam, "layers": len(w)} for (path, lam), (w, _) in zip(specs, weights)],
+    }
+
+    def write(folder: Path) -> None:
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+        write_json(folder / PROVENANCE_FILE, record, indent=2)
+
+    atomic_folder(out, write)
+    return record

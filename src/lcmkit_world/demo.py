@@ -32,12 +32,12 @@ class DemoConfig:
     out: str = "demo"
     mode: str = "lora"            # lora (LCM-LoRA) or full (LCM with w-embedding)
     teacher: str | None = None    # None: the shipped world teacher for the prompt set (world.shipped_teacher)
-    max_steps: int = 600          # distillation steps (the 10-minute budget on 2 CPU cores at batch 32)
+    max_steps: int = 600          # distillation steps (sized to the demo's time budget: benchmarks/results/demo)
     batch_size: int = 32
     lr: float = 1e-3
-    lr_schedule: str = "cosine"   # annealing to 0 (lands even the oscillating online-target LoRA training)
+    lr_schedule: str = "cosine"   # cosine annealing of the lr to 0
     ema: float = 0.95             # target EMA μ: LoRA mode's --lora-ema, full mode's --ema; 0 = online target (the
-                                  # LCM-LoRA scripts), which on the world stalls far below (benchmarks/results/demo)
+                                  # LCM-LoRA scripts'); why μ > 0: benchmarks/results/lcm-lora-target/README.md
     num: int = 300                # generations per column for the report's metrics
     grid_prompts: int = 6
     seed: int = 0
@@ -85,9 +85,9 @@ def _labelled_grid(images: list[np.ndarray], labels: list[str], rows: list[str],
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     import torch
-    from lcmkit.train.config import OptimConfig
 
     from lcmkit.pipelines import applied_loras, load_pipeline
+    from lcmkit.train.config import OptimConfig
     from lcmkit.train.distill import DistillConfig, distill
 
     out = Path(cfg.out)

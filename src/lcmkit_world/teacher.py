@@ -27,7 +27,7 @@ by ``scaling_factor`` wherever they meet the UNet.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +44,8 @@ from lcmkit.train.checkpoint import (
 )
 from lcmkit.train.optim import ema_update_, ema_warmup, lr_factor
 from lcmkit_world import world
+from lcmkit_world.teacher_config import TextConfig, TrainConfig, UNetConfig, VaeConfig  # noqa: F401
 from lcmkit_world.teacher_model import (
-    TextConfig,
-    UNetConfig,
-    VaeConfig,
     build_scheduler,
     build_text_encoder,
     build_tokenizer,
@@ -56,75 +54,6 @@ from lcmkit_world.teacher_model import (
     count_parameters,
     save_pipeline,
 )
-
-
-@dataclass
-class TrainConfig:
-    """Everything ``train_teacher`` needs; written into every checkpoint and into ``config.json``."""
-
-    out: str = "runs/world-teacher"
-    vae: VaeConfig = field(default_factory=VaeConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    num_images: int = 40_000  # filled images rendered once; the UNet trains on their cached latents
-    outlined_images: int = 20_000  # extra outlined images in the VAE's training set (for style fine-tunes)
-    vae_steps: int = 1500
-    vae_batch_size: int = 32
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    vae_edge_weight: float = 0.1
-    unet_steps: int = 9000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 300
-    min_lr_ratio: float = 0.1  # cosine decays the learning rate to lr * min_lr_ratio
-    weight_decay: float = 0.01
-    ema_decay: float = 0.999
-    min_snr_gamma: float = 5.0  # 0 disables min-SNR weighting
-    caption_dropout: float = 0.1
-    # probability that a training caption is an open caption (each of size/colour/position/background named with
-    # probability 1/2) instead of the exact one: the teacher learns prompts that leave the image uncertain
-    open_captions: float = 0.0
-    # a teacher pipeline folder to start from: its VAE, tokenizer, text encoder and UNet are loaded and only the
-    # UNet phase runs (the VAE and decoder phases are skipped; the folder's scaling_factor is kept)
-    init_from: str | None = None
-    vae_decoder_steps: int = 1500  # decoder-only polish on the frozen encoder's latents, after caching them
-    checkpoint_every: int = 250
-    seed: int = 0
-    threads: int = 2
-    # bfloat16 autocast, weights stay float32: ~1.4x faster for the VAE's 32x32 convolutions on AVX512-BF16
-    # CPUs; slower than float32 for the UNet's 8x8 feature maps, so off there by default.
-    vae_bf16: bool = True
-    unet_bf16: bool = False
-
-    def __post_init__(self):
-        for name, cls in (("vae", VaeConfig), ("text", TextConfig), ("unet", UNetConfig)):
-            value = getattr(self, name)
-            if isinstance(value, dict):  # loaded from JSON
-                setattr(self, name, cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}))
-        if len(self.vae.block_out_channels) != 3:
-            raise LcmkitError("vae.block_out_channels needs 3 entries (two downsamplings: 32x32 -> 8x8)")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise LcmkitError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        if not 0.0 <= self.open_captions <= 1.0:
-            raise LcmkitError(f"open_captions must be in [0, 1], got {self.open_captions}")
-        if self.init_from is not None and not (Path(self.init_from) / "model_index.json").is_file():
-            raise LcmkitError(f"--init-from {self.init_from}: not a pipeline folder (no model_index.json)")
-        for name in ("vae_steps", "vae_decoder_steps", "unet_steps", "outlined_images"):
-            if getattr(self, name) < 0:
-                raise LcmkitError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        for name in ("batch_size", "vae_batch_size", "num_images", "checkpoint_every", "threads"):
-            if getattr(self, name) <= 0:
-                raise LcmkitError(f"{name} must be positive, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        """Inverse of :meth:`to_dict`; keys this version does not know are ignored."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 # --------------------------------------------------------------------------------------------------------------

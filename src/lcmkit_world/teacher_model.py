@@ -8,7 +8,6 @@ cross-attention, and the DDPM ``scaled_linear`` schedule (beta 0.00085 -> 0.012,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from lcmkit.atomic import atomic_folder
 from lcmkit.errors import LcmkitError
 from lcmkit_world import world
+from lcmkit_world.teacher_config import TextConfig, UNetConfig, VaeConfig
 
 #: Special tokens of the word-level tokenizer (CLIP's names, so SD-style code finds what it expects).
 BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"
@@ -26,42 +26,6 @@ EXTRA_WORDS = ("filled", "outlined", "style")
 # --------------------------------------------------------------------------------------------------------------
 # Component configs and builders
 # --------------------------------------------------------------------------------------------------------------
-@dataclass
-class VaeConfig:
-    """``AutoencoderKL`` size. Three blocks = two downsamplings: 32x32 pixels -> 8x8 latents."""
-
-    block_out_channels: tuple[int, ...] = (32, 64, 128)
-    layers_per_block: int = 1
-    latent_channels: int = 4
-    norm_num_groups: int = 16
-
-
-@dataclass
-class TextConfig:
-    """``CLIPTextModel`` size. ``max_length`` covers the longest caption (12 words) plus BOS/EOS."""
-
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 512
-    max_length: int = 16
-
-
-@dataclass
-class UNetConfig:
-    """``UNet2DConditionModel`` size: one level per width (8x8, 4x4, 2x2, ...; the last does not downsample).
-
-    The first ``attention_levels`` levels (and the mid block) have self- and cross-attention; deeper ones are
-    plain ResNet blocks.
-    """
-
-    block_out_channels: tuple[int, ...] = (64, 128)
-    layers_per_block: int = 1
-    attention_heads: int = 4
-    norm_num_groups: int = 32
-    attention_levels: int = 2
-
-
 def world_vocabulary() -> list[str]:
     """Every word of the world's captions (sorted), then :data:`EXTRA_WORDS`."""
     words = sorted({w for prompt in world.all_prompts() for w in prompt.split(" ")})

@@ -1,7 +1,10 @@
-"""``lcmkit generate MODEL --prompt TEXT --out FILE.png ...``: parse, validate, call :func:`lcmkit.pipelines.generate`.
+"""``lcmkit generate MODEL --prompt TEXT --out FILE.png ...``: parse, check the output, call
+:func:`lcmkit.pipelines.generate`.
 
 With ``--num-images N > 1`` the images go to FILE-0.png … FILE-{N-1}.png and a grid to FILE-grid.png.
-Bad input becomes an :class:`~lcmkit.errors.LcmkitError` (one line, exit 2) before any model is loaded.
+Bad input becomes an :class:`~lcmkit.errors.LcmkitError` (one line, exit 2) before any model is loaded: the output
+paths are checked here, the generation arguments by the library (:func:`lcmkit.options.check_generate_args`, the
+first thing ``generate`` does).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SAMPLERS = ("lcm", "tcd", "ddim", "dpm-solver", "dpm-solver++")
+from lcmkit.options import DTYPE_NAMES, SAMPLER_NAMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output PNG file (with several images: FILE-i.png + FILE-grid.png)")
     p.add_argument("--overwrite", action="store_true", help="replace output PNGs that already exist")
     p.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="lcm",
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="lcm",
                    help="lcm / tcd (few-step), or the teacher baselines ddim / dpm-solver / dpm-solver++")
     p.add_argument("--eta", type=float, default=0.3, help="TCD gamma in [0, 1] (default 0.3)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
@@ -37,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", type=float, default=None,
                    help="img2img strength in (0, 1] (default 1.0); lcm/tcd shrink the 50-point grid to 50·strength")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     p.set_defaults(run=run)
 
 
@@ -50,30 +53,20 @@ def output_paths(out: Path, num_images: int) -> tuple[list[Path], Path | None]:
 
 
 def validate(args) -> None:
+    """What only the command line has: the output files, the LoRA files and a model path that does not exist."""
     from lcmkit.errors import LcmkitError
     from lcmkit.pipelines import check_lora_file, parse_lora
 
-    if args.steps < 1:
-        raise LcmkitError(f"--steps must be >= 1, got {args.steps}")
-    if args.num_images < 1:
-        raise LcmkitError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.strength is not None and not 0.0 < args.strength <= 1.0:
-        raise LcmkitError(f"--strength must be in (0, 1], got {args.strength}")
-    if args.strength is not None and args.init_image is None:
-        raise LcmkitError("--strength needs --init-image")
-    if args.init_image is not None and not Path(args.init_image).is_file():
-        raise LcmkitError(f"--init-image {args.init_image} not found")
-    if not 0.0 <= args.eta <= 1.0:
-        raise LcmkitError(f"--eta must be in [0, 1], got {args.eta}")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise LcmkitError(f"--out must be a .png file, got {args.out}")
     if not out.parent.is_dir():
         raise LcmkitError(f"output folder {out.parent} does not exist; create it first")
-    paths, grid = output_paths(out, args.num_images)
-    existing = [p for p in [*paths, grid] if p is not None and p.exists()]
-    if existing and not args.overwrite:
-        raise LcmkitError(f"{existing[0]} already exists; pass --overwrite to replace it")
+    if isinstance(args.num_images, int) and args.num_images >= 1:
+        paths, grid = output_paths(out, args.num_images)
+        existing = [p for p in [*paths, grid] if p is not None and p.exists()]
+        if existing and not args.overwrite:
+            raise LcmkitError(f"{existing[0]} already exists; pass --overwrite to replace it")
     for spec in args.lora:
         check_lora_file(parse_lora(spec)[0])
     if not Path(args.model).expanduser().exists() and args.model.startswith((".", "/", "~")):

@@ -230,3 +230,42 @@ class TrainingOptions:
             raise LcmkitError("keep_checkpoints, validate_every and max_nonfinite must be >= 0")
         if self.device not in ("auto", "cpu"):
             raise LcmkitError(f"device must be auto or cpu, got {self.device!r}")
+
+
+@dataclass
+class ConsistencyOptions(TrainingOptions):
+    """The options both consistency recipes share (distillation, Algorithm 1; fine-tuning, Algorithm 4): the target
+    EMA, the ω draws, the skipping step k, the distance d and the LCM validation grids."""
+
+    ema: float = 0.95                 # μ of the target θ⁻ (full mode); 0 = target is a copy of θ
+    omega: float | None = None        # fixed paper ω (diffusers guidance_scale − 1) instead of a range
+    omega_min: float | None = None    # default 5 (SD) / 3 (SDXL)
+    omega_max: float | None = None    # default 15
+    skip: int = 20                    # skipping step k
+    loss: str = "huber"               # l2 (paper) or huber (pseudo-Huber)
+    huber_c: float = 0.001
+    validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    validation_omega: float = 7.0     # ω of the full LCM's w-embedding in validation grids
+
+    def check_consistency(self) -> None:
+        """Check the shared options; each recipe's ``__post_init__`` calls this after :meth:`check_training`."""
+        from ..losses import LOSS_TYPES
+
+        if not 0.0 <= self.ema < 1.0:
+            raise LcmkitError(f"ema must be in [0, 1) (0.95 is the reference; 0 = no EMA), got {self.ema}")
+        if self.omega is not None and (self.omega_min is not None or self.omega_max is not None):
+            raise LcmkitError("give either a fixed --omega or --omega-min/--omega-max, not both")
+        for name in ("omega", "omega_min", "omega_max", "validation_omega"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise LcmkitError(f"{name} must be a finite number >= 0 (paper ω = guidance_scale − 1), got {v}")
+        if self.omega_min is not None and self.omega_max is not None and self.omega_min > self.omega_max:
+            raise LcmkitError(f"omega_min {self.omega_min} > omega_max {self.omega_max}; swap them")
+        if self.skip < 1:
+            raise LcmkitError(f"skip k must be >= 1 (20 is the reference), got {self.skip}")
+        if self.loss not in LOSS_TYPES:
+            raise LcmkitError(f"loss must be one of {', '.join(LOSS_TYPES)}, got {self.loss!r}")
+        if self.huber_c <= 0:
+            raise LcmkitError(f"huber_c must be > 0 (0.001 is the reference), got {self.huber_c}")
+        if not self.validation_steps or any(s < 1 for s in self.validation_steps):
+            raise LcmkitError(f"validation_steps must be positive step counts, got {self.validation_steps}")

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -44,13 +44,13 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_folder
-from ..denoisers import TextConditioning, unet_denoiser
+from ..denoisers import TextConditioning, architecture, unet_denoiser
 from ..errors import LcmkitError
-from ..losses import LOSS_TYPES, lcd_loss
+from ..losses import lcd_loss
 from ..math.schedule import alphas_cumprod_from_config
 from ..math.timesteps import lcm_timesteps
 from ..solvers import SOLVERS, randn, sample_lcm
-from .config import TrainingOptions
+from .config import ConsistencyOptions
 from .data import Encoder, default_validation_prompts, encode_text, make_data
 from .loop import Run
 from .optim import ema_update_
@@ -60,7 +60,7 @@ from .runtime import autocast, weight_dtype
 MODES = ("full", "lora")
 #: Width of the guidance embedding of ω (``time_cond_proj_dim``), as the released LCMs.
 W_EMBEDDING_DIM = 256
-#: ω range when none is given: the released LCM code's (lcm-reference.md §5).
+#: ω range when none is given: the released LCM code's (docs/reference.md, Guidance ω).
 DEFAULT_OMEGA = {"sd": (5.0, 15.0), "sdxl": (3.0, 15.0)}
 RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 
@@ -70,7 +70,7 @@ RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class DistillConfig(TrainingOptions):
+class DistillConfig(ConsistencyOptions):
     """Everything ``lcmkit distill`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
 
     teacher: str = ""                 # diffusers pipeline folder: SD 1.x/2.x (eps or v) or SDXL
@@ -78,51 +78,25 @@ class DistillConfig(TrainingOptions):
     mode: str = "lora"                # full (w-embedding student + EMA target) or lora (LCM-LoRA)
     lora_rank: int = 64
     lora_alpha: float = 64.0
-    ema: float = 0.95                 # μ of the target θ⁻ (full mode); 0 = target is a copy of θ
     lora_ema: float = 0.0             # LoRA mode: μ of an EMA of the adapter weights as θ⁻; 0 = online (reference)
-    omega: float | None = None        # fixed paper ω (diffusers guidance_scale − 1) instead of a range
-    omega_min: float | None = None    # default 5 (SD) / 3 (SDXL)
-    omega_max: float | None = None    # default 15
     solver: str = "ddim"              # teacher solver Ψ: ddim, dpm-solver, dpm-solver++
-    skip: int = 20                    # skipping step k
-    loss: str = "huber"               # l2 (paper) or huber (pseudo-Huber)
-    huber_c: float = 0.001
     top_fraction: float = 0.0         # extra share of pairs drawn at the grid's top point (the 1-step sampler's t)
-    validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
-    validation_omega: float = 7.0     # ω of the full LCM's w-embedding in validation grids
 
     def __post_init__(self):
         self.check_training(model_key="teacher")
+        self.check_consistency()
         if self.mode not in MODES:
             raise LcmkitError(f"mode must be full or lora, got {self.mode!r}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             raise LcmkitError(f"lora_rank must be >= 1 and lora_alpha > 0 (got {self.lora_rank}, {self.lora_alpha})")
-        if not 0.0 <= self.ema < 1.0:
-            raise LcmkitError(f"ema must be in [0, 1) (0.95 is the reference; 0 = no EMA), got {self.ema}")
         if not 0.0 <= self.lora_ema < 1.0:
             raise LcmkitError(f"lora_ema must be in [0, 1) (0 = online target, the reference), got {self.lora_ema}")
         if self.lora_ema > 0 and self.mode != "lora":
             raise LcmkitError("lora_ema is for --mode lora; a full model's target EMA is --ema")
-        if self.omega is not None and (self.omega_min is not None or self.omega_max is not None):
-            raise LcmkitError("give either a fixed --omega or --omega-min/--omega-max, not both")
-        for name in ("omega", "omega_min", "omega_max"):
-            v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v >= 0):
-                raise LcmkitError(f"{name} must be a finite number >= 0 (paper ω = guidance_scale − 1), got {v}")
-        if self.omega_min is not None and self.omega_max is not None and self.omega_min > self.omega_max:
-            raise LcmkitError(f"omega_min {self.omega_min} > omega_max {self.omega_max}; swap them")
         if self.solver not in SOLVERS:
             raise LcmkitError(f"unknown solver {self.solver!r}; use one of {', '.join(SOLVERS)}")
-        if self.skip < 1:
-            raise LcmkitError(f"skip k must be >= 1 (20 is the reference), got {self.skip}")
-        if self.loss not in LOSS_TYPES:
-            raise LcmkitError(f"loss must be one of {', '.join(LOSS_TYPES)}, got {self.loss!r}")
-        if self.huber_c <= 0:
-            raise LcmkitError(f"huber_c must be > 0 (0.001 is the reference), got {self.huber_c}")
         if not (math.isfinite(self.top_fraction) and 0.0 <= self.top_fraction < 1.0):
             raise LcmkitError(f"top_fraction must be in [0, 1) (0 = uniform n, the reference), got {self.top_fraction}")
-        if not self.validation_steps or any(s < 1 for s in self.validation_steps):
-            raise LcmkitError(f"validation_steps must be positive step counts, got {self.validation_steps}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,6 +137,16 @@ class Models:
     prediction_type: str
     device: torch.device
     mixed_precision: str
+
+    @classmethod
+    def assemble(cls, pipe, cfg, arch: str, teacher, student, target, device: torch.device) -> Models:
+        """The roles on ``pipe``'s noise schedule and prediction type, with gradient checkpointing on the student
+        when ``cfg`` asks for it (shared by distillation and fine-tuning)."""
+        if cfg.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        return cls(pipe, cfg.mode, arch, teacher, student, target,
+                   alphas_cumprod_from_config(pipe.scheduler.config).to(device),
+                   pipe.scheduler.config.get("prediction_type", "epsilon"), device, cfg.mixed_precision)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.trainable_named()]
@@ -243,7 +227,7 @@ class EmaLoraTarget:
 
 def build_models(cfg: DistillConfig, pipe, device: torch.device, generator: torch.Generator) -> Models:
     """Freeze and cast the teacher's parts, then build the student and target for ``cfg.mode``."""
-    from ..lora import architecture, init_lora_A_, lcm_lora_config
+    from ..lora import init_lora_A_, lcm_lora_config
 
     dtype = weight_dtype(cfg.mixed_precision)
     unet = pipe.unet
@@ -274,12 +258,7 @@ def build_models(cfg: DistillConfig, pipe, device: torch.device, generator: torc
         teacher = student = target = unet.train()
         if cfg.lora_ema > 0:
             target = EmaLoraTarget(unet, {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad})
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler.config).to(device)
-    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    return Models(pipe, cfg.mode, arch, teacher, student, target, alphas_cumprod, prediction_type, device,
-                  cfg.mixed_precision)
+    return Models.assemble(pipe, cfg, arch, teacher, student, target, device)
 
 
 def _adapters_off(denoiser: Callable, unet) -> Callable:

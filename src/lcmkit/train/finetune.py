@@ -33,19 +33,17 @@ step counts; columns: prompts), ``summary.json`` and the result.
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..atomic import atomic_folder
-from ..denoisers import TextConditioning, has_w_embedding, unet_denoiser
+from ..denoisers import TextConditioning, architecture, has_w_embedding, unet_denoiser
 from ..errors import LcmkitError
-from ..losses import LOSS_TYPES, lcf_loss
-from ..math.schedule import alphas_cumprod_from_config
-from .config import TrainingOptions
+from ..losses import lcf_loss
+from .config import ConsistencyOptions
 from .data import default_validation_prompts, make_data
 from .distill import Models, draw, omega_range, validation_images
 from .loop import Run
@@ -61,46 +59,20 @@ RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class FinetuneConfig(TrainingOptions):
+class FinetuneConfig(ConsistencyOptions):
     """Everything ``lcmkit finetune`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
 
     model: str = ""                   # full LCM pipeline folder, or the base pipeline of --lora
     out: str = ""                     # output folder
     lora: str | None = None           # LCM-LoRA .safetensors for --model (LoRA mode); None = full mode
-    ema: float = 0.95                 # μ of the target θ⁻ (full mode); 0 = target is a copy of θ
-    omega: float | None = None        # fixed paper ω for the w-embedding (full mode) instead of a range
-    omega_min: float | None = None    # default 5 (SD) / 3 (SDXL), as distillation
-    omega_max: float | None = None    # default 15
-    skip: int = 20                    # skipping step k
-    loss: str = "huber"               # l2 (paper) or huber (pseudo-Huber)
-    huber_c: float = 0.001
-    validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
-    validation_omega: float = 7.0     # ω of the full LCM's w-embedding in validation grids
 
     def __post_init__(self):
         self.check_training(model_key="model")
+        self.check_consistency()
         if self.lora is not None:
             from ..lora_formats import check_safetensors_file
 
             check_safetensors_file(self.lora)
-        if not 0.0 <= self.ema < 1.0:
-            raise LcmkitError(f"ema must be in [0, 1) (0.95 is the reference; 0 = no EMA), got {self.ema}")
-        if self.omega is not None and (self.omega_min is not None or self.omega_max is not None):
-            raise LcmkitError("give either a fixed --omega or --omega-min/--omega-max, not both")
-        for name in ("omega", "omega_min", "omega_max", "validation_omega"):
-            v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v >= 0):
-                raise LcmkitError(f"{name} must be a finite number >= 0 (paper ω = guidance_scale − 1), got {v}")
-        if self.omega_min is not None and self.omega_max is not None and self.omega_min > self.omega_max:
-            raise LcmkitError(f"omega_min {self.omega_min} > omega_max {self.omega_max}; swap them")
-        if self.skip < 1:
-            raise LcmkitError(f"skip k must be >= 1 (20 is the reference), got {self.skip}")
-        if self.loss not in LOSS_TYPES:
-            raise LcmkitError(f"loss must be one of {', '.join(LOSS_TYPES)}, got {self.loss!r}")
-        if self.huber_c <= 0:
-            raise LcmkitError(f"huber_c must be > 0 (0.001 is the reference), got {self.huber_c}")
-        if not self.validation_steps or any(s < 1 for s in self.validation_steps):
-            raise LcmkitError(f"validation_steps must be positive step counts, got {self.validation_steps}")
 
     @property
     def mode(self) -> str:
@@ -141,7 +113,7 @@ def build_models(cfg: FinetuneConfig, pipe, device: torch.device) -> Models:
 
     ``Models.teacher`` is None: LCF has no teacher.
     """
-    from ..lora import architecture, load_into_adapters
+    from ..lora import load_into_adapters
     from ..lora_formats import load_lora
 
     unet = pipe.unet
@@ -160,12 +132,7 @@ def build_models(cfg: FinetuneConfig, pipe, device: torch.device) -> Models:
         unet.requires_grad_(False).to(device, weight_dtype(cfg.mixed_precision))
         load_into_adapters(unet, load_lora(cfg.lora, unet))  # float32 LoRA weights, trainable
         student = target = unet.train()
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler.config).to(device)
-    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    return Models(pipe, cfg.mode, arch, None, student, target, alphas_cumprod, prediction_type, device,
-                  cfg.mixed_precision)
+    return Models.assemble(pipe, cfg, arch, None, student, target, device)
 
 
 def step_loss(models: Models, cfg: FinetuneConfig, z0: Tensor, cond: TextConditioning, omega: Tensor,

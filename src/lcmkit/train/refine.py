@@ -1,13 +1,13 @@
 """One-step refinement of a full LCM after distillation (``lcmkit refine``). **Not in the LCM paper**: lcmkit's own
-stage, motivated by a measured gap (benchmarks/results/open/README.md, "Session 7").
+stage.
 
-Why: LCD's target at the top grid point (t = 999, the 1-step sampler's timestep) is bootstrapped, the EMA student's
-own one step from t = 979, so one-step samples lag the rest of the grid. Regressing the model's one-step output
-directly onto deterministic solutions from the same initial noise, while holding the consistency function at the
-rest of the grid to the starting model, lifted 1-step accuracy on the world from 0.763 to 0.861 and kept 2 and 4
-steps (the probe: benchmarks/scripts/one_step_capacity.py, ``make_pairs`` and ``train --anchor``). This stage with
-``--teacher`` and its defaults (12,000 pairs; batch 32, 4,000 steps, AdamW lr 1e-4 cosine without warm-up) took the
-c = 0.02 LCD model from 0.763 to 0.873 at one step and to 0.995 at four (benchmarks/results/open/refine-teacher/).
+In LCD (LCM paper, Algorithm 1) the target at the top grid point (the 1-step sampler's timestep, t = 999 at k = 20)
+is bootstrapped: the EMA student's own one step from the grid point below it. This stage instead regresses the
+model's one-step output at the top point directly onto deterministic solutions z0 reached from the same initial
+noise x_T, and an anchor term holds the consistency function at the rest of the grid to the starting model. It is
+the algorithm of ``benchmarks/scripts/one_step_capacity.py`` (``make_pairs``, ``train --anchor``) on distillation's
+machinery. The defaults (``num_pairs``, ``batch_size``, ``max_steps``, ``optim``) are the recipe whose results are
+recorded in benchmarks/results/open/README.md (``refine-teacher/``).
 
 **Pairs**, made once at the start, an equal contiguous share per process (each written atomically to
 ``out/pairs.parts/``, kept if a run is killed), then merged by the main process into ``out/pairs.safetensors``
@@ -94,7 +94,7 @@ class RefineConfig(TrainingOptions):
     anchor_weight: float = 1.0        # weight of the rest-of-grid anchor to the starting model; 0 = top only
     loss: str = "huber"               # l2 or huber (pseudo-Huber)
     huber_c: float = 0.001
-    # the loop of the measured recipe (benchmarks/results/open/refine-teacher/), not the other recipes' defaults
+    # loop defaults of refine's own recipe, not the other recipes' (recorded in benchmarks/results/open/README.md)
     batch_size: int = 32
     max_steps: int = 4000
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=0,

@@ -36,7 +36,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..atomic import atomic_write
-from ..denoisers import TextConditioning, has_w_embedding, unet_denoiser, unet_output
+from ..denoisers import (
+    TextConditioning,
+    architecture,
+    has_w_embedding,
+    unet_denoiser,
+    unet_output,
+)
 from ..errors import LcmkitError
 from ..math.param import from_x0_eps
 from ..math.schedule import alpha_sigma, alphas_cumprod_from_config, append_dims
@@ -154,7 +160,7 @@ class StyleModels:
 
 def build_models(cfg: StyleLoraConfig, pipe, device: torch.device, generator: torch.Generator) -> StyleModels:
     """Freeze the base model, cast it to the weight dtype, add the LoRA (float32, B = 0, A from ``generator``)."""
-    from ..lora import architecture, init_lora_A_, lora_config
+    from ..lora import init_lora_A_, lora_config
 
     unet = pipe.unet
     if has_w_embedding(unet):

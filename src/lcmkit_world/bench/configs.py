@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+#: the SD 1.x/2.x/SDXL teacher schedule (docs/reference.md, Noise schedule)
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 #: width of the full LCM's guidance embedding (``time_cond_proj_dim``)
 W_EMBEDDING_DIM = 256

@@ -37,7 +37,7 @@ from lcmkit.errors import LcmkitError
 from lcmkit_world.bench import configs, machine
 
 PHASES = ("teacher", "target", "student", "backward", "optimizer")
-#: LCM-LoRA sizes: what the LCM-LoRA report prints, and what lcm-reference.md §8 says our preset gives.
+#: LCM-LoRA sizes: what the LCM-LoRA report prints, and what our preset gives (docs/reference.md, LCM-LoRA targets).
 LORA_PARAMS_REPORT = {"sd15": 67.5e6, "sdxl": 197e6}
 LORA_PARAMS_REFERENCE = {"sd15": 67.3e6, "sdxl": 196.8e6}
 DEFAULTS = {"world": {"batch_size": 16, "steps": 3}, "sd15": {"batch_size": 1, "steps": 2},
@@ -186,9 +186,9 @@ def conditioning(pipe, batch: int, device):
 def one_step(models, optimizer, clock: PhaseClock, z0, cond, uncond, solver: str, skip: int, step: int) -> float:
     """One optimizer step of LCD, phases timed; returns the loss."""
     from lcmkit.losses import lcd_loss
+    from lcmkit.train.distill import draw, make_denoisers
     from lcmkit.train.optim import ema_update_
     from lcmkit.train.rng import generator_for
-    from lcmkit.train.distill import draw, make_denoisers
 
     num_points = len(models.alphas_cumprod) // skip
     omega, index, noise = draw(z0.shape[0], tuple(z0.shape), (5.0, 15.0), num_points, generator_for(0, step))
@@ -210,9 +210,9 @@ def measure_configuration(spec: dict) -> dict:
     """Build the models of one (model, mode, solver) and time ``spec["steps"]`` optimizer steps."""
     from lcmkit.pipelines import resolve_device, vae_scale_factor
     from lcmkit.train.config import OptimConfig
+    from lcmkit.train.distill import build_models
     from lcmkit.train.optim import make_optimizer
     from lcmkit.train.rng import generator_for
-    from lcmkit.train.distill import build_models
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -316,7 +316,7 @@ def bench_distill(options: DistillBenchOptions, out_dir: str | Path, command: st
             f"{spec['steps']} steps) …")
         result["configurations"].append(run_configuration(spec, options.subprocess))
     result["lora_trainable_params"] = lora_parameter_counts(options.lora_rank)
-    write_outputs(result, Path(out_dir))
+    machine.write_outputs(Path(out_dir), "distill", result, markdown, plot)
     return result
 
 
@@ -333,7 +333,7 @@ def markdown(result: dict) -> str:
     lora = [[k, v["rank"], v["lora_layers"], v["trainable_params"] / 1e6, v["reference"] / 1e6, v["report"] / 1e6,
              v["unet_params"] / 1e6] for k, v in result["lora_trainable_params"].items()]
     text += "LCM-LoRA trainable parameters (preset `lcmkit.lora.LCM_LORA_TARGETS`, counted on a meta-device UNet):\n\n"
-    text += machine.table(["UNet", "rank", "LoRA layers", "measured M", "lcm-reference M", "LCM-LoRA report M",
+    text += machine.table(["UNet", "rank", "LoRA layers", "measured M", "preset M (docs)", "LCM-LoRA report M",
                            "UNet M"], lora)
     return text
 
@@ -358,12 +358,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def write_outputs(result: dict, out_dir: Path) -> None:
-    machine.write_json(out_dir / "distill.json", result)
-    (out_dir / "distill.md").write_text(markdown(result))
-    plot(result, out_dir / "distill.png")
 
 
 if __name__ == "__main__":  # one configuration in a fresh process: JSON on the last line of stdout

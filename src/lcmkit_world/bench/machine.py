@@ -8,7 +8,6 @@ of each per round, the order rotated every round), repeated, and summarised by t
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from lcmkit import atomic
 
 
 def cpu_model() -> str:
@@ -87,12 +88,17 @@ def timed(fn: Callable[[], object], device=None) -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
+def write_outputs(out_dir: Path, name: str, result: dict, markdown: Callable[[dict], str],
+                  plot: Callable[[dict, Path], None]) -> None:
+    """A benchmark's three outputs side by side: ``name``.json, ``name``.md and ``name``.png in ``out_dir``."""
+    write_json(out_dir / f"{name}.json", result)
+    atomic.write_text(out_dir / f"{name}.md", markdown(result))
+    plot(result, out_dir / f"{name}.png")
+
+
 def write_json(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-    return path
+    """A benchmark's JSON (numpy values as numbers), atomically."""
+    return atomic.write_json(path, data, indent=2, default=_jsonable)
 
 
 def _jsonable(value):

@@ -319,13 +319,13 @@ def bench_speed(options: SpeedOptions, out_dir: str | Path, command: str, log=pr
         entry["command"], entry["date"] = command, result["machine"]["date"]
     keep_other_models(result, Path(out_dir))
     add_headline(result)
-    write_outputs(result, Path(out_dir))
+    machine.write_outputs(Path(out_dir), "speed", result, markdown, plot)
     return result
 
 
 def keep_other_models(result: dict, out_dir: Path) -> None:
     """Models an earlier run measured into ``out_dir`` and this one did not stay (each model records its own
-    command and date): a minutes-long world re-run keeps the hour of SD 1.5 behind it, an SDXL run keeps the world.
+    command and date): a re-run of the world keeps the slower full-size models behind it, an SDXL run the world.
     Models are then listed world, sd15, sdxl (others after), so the reference model of the headline does not
     depend on which model was measured last."""
     path = out_dir / "speed.json"
@@ -426,9 +426,3 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def write_outputs(result: dict, out_dir: Path) -> None:
-    machine.write_json(out_dir / "speed.json", result)
-    (out_dir / "speed.md").write_text(markdown(result))
-    plot(result, out_dir / "speed.png")

@@ -1,4 +1,4 @@
-"""``lcmkit bench style``: a new style on the built-in world, by LCF and by LoRA task arithmetic (issue 5).
+"""``lcmkit bench style``: a new style on the built-in world, by LCF and by LoRA task arithmetic.
 
 The world teacher never saw outlined shapes (captions do not name the style). Given
 
@@ -17,9 +17,11 @@ against real *outlined* images):
 - ``lcm-lora``: the teacher + LCM-LoRA alone at ``steps`` (guidance baked in);
 - ``combined λ1``: θ_pre + λ1·τ_style + λ2·τ_LCM (LCM-LoRA report, eq. 3), applied on the fly, for each λ1.
 
-Bars (issue 5): LCF style rate ≥ 0.8 × real and accuracy ≥ 0.85 × the LCM's; the best combination style rate
-≥ 0.8 × real with accuracy ≥ 0.85 × the LCM-LoRA's alone. Writes ``style.json``, ``style.md``, ``style.png``
-(style rate and accuracy against λ1) and ``style_grid.png`` (rows: settings; columns: the first prompts).
+:func:`bars` judges the rows against two relative thresholds: LCF needs style rate ≥ :data:`STYLE_RATE_BAR` × real
+and accuracy ≥ :data:`ACCURACY_BAR` × the LCM's; the best combination needs the same style rate with accuracy ≥
+:data:`ACCURACY_BAR` × the LCM-LoRA's alone, and is compared with ``style-lora-control`` on accuracy and world-FID.
+Writes ``style.json``, ``style.md``, ``style.png`` (style rate and accuracy against λ1) and ``style_grid.png``
+(rows: settings; columns: the first prompts).
 """
 
 from __future__ import annotations
@@ -177,7 +179,8 @@ def _bar(name: str, row: dict, real_rate: float, reference: dict, reference_name
 
 
 def bars(rows: list[dict]) -> list[dict]:
-    """The issue's two bars, from the measured rows (a bar whose rows are missing is left out)."""
+    """The LCF and task-arithmetic thresholds and the control comparison, from the rows (one whose rows are
+    missing is left out)."""
     real = _row(rows, "real")
     out = []
     lcm, lcf = _row(rows, "lcm"), _row(rows, "lcf")

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from lcmkit.commands._training import comma_list
 from lcmkit.errors import LcmkitError
-
-SAMPLERS = ("lcm", "tcd", "ddim", "dpm-solver", "dpm-solver++")
+from lcmkit.options import SAMPLER_NAMES
 
 
 def register(sub) -> None:
@@ -40,9 +39,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from lcmkit_world.evaluate.run import evaluate, markdown_table, settings_grid
 
-    bad = [s for s in args.sampler if s not in SAMPLERS]
+    bad = [s for s in args.sampler if s not in SAMPLER_NAMES]
     if bad:
-        raise LcmkitError(f"unknown sampler {bad[0]!r}; use one of {', '.join(SAMPLERS)}")
+        raise LcmkitError(f"unknown sampler {bad[0]!r}; use one of {', '.join(SAMPLER_NAMES)}")
     if any(n < 1 for n in args.steps):
         raise LcmkitError(f"steps must be positive integers, got {args.steps}")
     if args.batch_size < 1:

@@ -82,40 +82,48 @@ def _register_train_classifier(world_sub) -> None:
 
 # --- train-teacher (owner: train/world_teacher.py) ----------------------------------------------------------
 def _register_train_teacher(world_sub) -> None:
+    from lcmkit_world.teacher_config import TrainConfig
+
+    d = TrainConfig()  # the defaults, read from the config (the help says them)
     p = world_sub.add_parser(
         "train-teacher", help="train the world's teacher (a tiny Stable Diffusion) and save it as a pipeline folder",
         description="Train the VAE, then the UNet + text encoder on cached latents; resumable; writes "
                     "OUT/pipeline (a StableDiffusionPipeline folder), OUT/loss.png, OUT/config.json, OUT/training.json.",
     )
-    p.add_argument("--out", required=True, help="output folder (checkpoints, caches, pipeline, plots)")
-    p.add_argument("--vae-steps", type=int, default=1500, help="VAE training steps (default 1500)")
-    p.add_argument("--vae-decoder-steps", type=int, default=1500,
-                   help="decoder-only polish steps on the frozen encoder's latents (default 1500)")
-    p.add_argument("--vae-batch-size", type=int, default=32, help="VAE batch size (default 32)")
-    p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate (default 1e-3)")
-    p.add_argument("--unet-steps", type=int, default=9000, help="UNet + text encoder steps (default 9000)")
-    p.add_argument("--batch-size", type=int, default=64, help="UNet batch size (default 64)")
-    p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate (default 1e-3)")
-    p.add_argument("--num-images", type=int, default=40_000, help="filled images rendered and cached (default 40000)")
-    p.add_argument("--unet-channels", default="64,128", help="UNet block widths, comma-separated (default 64,128)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default 0.999)")
-    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default 250)")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch intra-op CPU threads (default 2); use 1 on a machine other jobs keep busy: "
-                        "threads that wait for each other on busy cores can run ~10x slower")
-    p.add_argument("--outlined-images", type=int, default=20_000,
-                   help="outlined images added to the VAE's training set (default 20000)")
-    p.add_argument("--no-vae-bf16", action="store_true", help="train the VAE in float32, not bfloat16 autocast")
-    p.add_argument("--unet-bf16", action="store_true", help="train the UNet under bfloat16 autocast")
-    p.add_argument("--warmup-steps", type=int, default=300, help="learning-rate warm-up steps (default 300)")
-    p.add_argument("--open-captions", type=float, default=0.0,
-                   help="probability that a training caption is an open one, naming each of size, colour, position "
-                        "and background with probability 1/2 ('a red circle'); default 0")
-    p.add_argument("--init-from", default=None,
-                   help="start from this teacher pipeline folder (its VAE is kept, only the UNet phase runs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.add_argument
+    a("--out", required=True, help="output folder (checkpoints, caches, pipeline, plots)")
+    a("--vae-steps", type=int, default=d.vae_steps, help=f"VAE training steps (default {d.vae_steps})")
+    a("--vae-decoder-steps", type=int, default=d.vae_decoder_steps,
+      help=f"decoder-only polish steps on the frozen encoder's latents (default {d.vae_decoder_steps})")
+    a("--vae-batch-size", type=int, default=d.vae_batch_size, help=f"VAE batch size (default {d.vae_batch_size})")
+    a("--vae-lr", type=float, default=d.vae_lr, help=f"VAE peak learning rate (default {d.vae_lr:g})")
+    a("--unet-steps", type=int, default=d.unet_steps, help=f"UNet + text encoder steps (default {d.unet_steps})")
+    a("--batch-size", type=int, default=d.batch_size, help=f"UNet batch size (default {d.batch_size})")
+    a("--lr", type=float, default=d.lr, help=f"UNet + text encoder peak learning rate (default {d.lr:g})")
+    a("--num-images", type=int, default=d.num_images,
+      help=f"filled images rendered and cached (default {d.num_images})")
+    channels = ",".join(str(c) for c in d.unet.block_out_channels)
+    a("--unet-channels", default=channels, help=f"UNet block widths, comma-separated (default {channels})")
+    a("--ema-decay", type=float, default=d.ema_decay, help=f"EMA decay of the saved weights (default {d.ema_decay})")
+    a("--checkpoint-every", type=int, default=d.checkpoint_every,
+      help=f"steps between checkpoints (default {d.checkpoint_every})")
+    a("--threads", type=int, default=d.threads,
+      help=f"torch intra-op CPU threads (default {d.threads}); use 1 on a machine other jobs keep busy: threads "
+           "that wait for each other on busy cores can run ~10x slower")
+    a("--outlined-images", type=int, default=d.outlined_images,
+      help=f"outlined images added to the VAE's training set (default {d.outlined_images})")
+    a("--no-vae-bf16", action="store_true", help="train the VAE in float32, not bfloat16 autocast")
+    a("--unet-bf16", action="store_true", help="train the UNet under bfloat16 autocast")
+    a("--warmup-steps", type=int, default=d.warmup_steps,
+      help=f"learning-rate warm-up steps (default {d.warmup_steps})")
+    a("--open-captions", type=float, default=d.open_captions,
+      help="probability that a training caption is an open one, naming each of size, colour, position and "
+           f"background with probability 1/2 ('a red circle'); default {d.open_captions:g}")
+    a("--init-from", default=None,
+      help="start from this teacher pipeline folder (its VAE is kept, only the UNet phase runs)")
+    a("--seed", type=int, default=d.seed)
+    a("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    a("--no-progress", action="store_true", help="no progress bar")
 
     def run(args) -> int:
         from lcmkit.errors import LcmkitError

@@ -24,7 +24,6 @@ Weights are stored as safetensors plus a ``config.json``; loading never unpickle
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lcmkit.atomic import atomic_write, write_json
 from lcmkit.errors import LcmkitError
+from lcmkit.train.optim import lr_factor
 from lcmkit_world import world
 
 #: Every head the classifier has, in a fixed order, with its class names.
@@ -163,14 +164,6 @@ def render_training_set(n: int, seed: int) -> tuple[np.ndarray, dict[str, torch.
     return np.concatenate([img_f, img_o]), spec_labels(spec_f + spec_o)
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up for ``warmup`` steps, then cosine decay to 0 at ``steps``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_classifier(out_dir=ASSET_DIR, steps: int = 2400, batch_size: int = 128, seed: int = 0,
                      n_images: int = 30_000, lr: float = 3e-3, weight_decay: float = 1e-4,
                      eval_images: int = 2000, eval_seed: int = 10_000, progress: bool = True,
@@ -201,7 +194,7 @@ def train_classifier(out_dir=ASSET_DIR, steps: int = 2400, batch_size: int = 128
     bar = tqdm(range(steps), desc="train classifier", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+            group["lr"] = lr * lr_factor(step, warmup, steps, "cosine")
         idx = torch.randint(len(data), (batch_size,), generator=gen)
         x = augment(as_model_input(data[idx]), gen)
         logits = model(x)
@@ -251,13 +244,13 @@ def save_classifier(model: WorldClassifier, out_dir, train_info: dict | None = N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     cfg = asdict(model.config)
     cfg["widths"] = list(cfg["widths"])
     meta = {"architecture": "WorldClassifier", "config": cfg, "feature_dim": model.config.feature_dim,
             "classes": {k: list(v) for k, v in HEADS.items()},
             "input": "float32 (N, 3, 32, 32) in [-1, 1]", "training": train_info or {}}
-    (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(out_dir / CONFIG_FILE, meta, indent=2)
     return out_dir
 
 

@@ -38,7 +38,7 @@ from lcmkit.train.checkpoint import checkpoint_dirs, load_checkpoint
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LCMKIT = Path(sys.executable).with_name("lcmkit")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 ENV.pop("LCMKIT_DEBUG", None)

@@ -24,7 +24,7 @@ from lcmkit.lora_formats import (
     to_state_dict,
 )
 
-#: Layers of the tiny UNet / text encoder the random LoRAs touch: every kind section 8 of lcm-reference lists.
+#: Layers of the tiny UNet / text encoder the random LoRAs touch: every kind in docs/reference.md, LCM-LoRA targets.
 UNET_TARGETS = [
     "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
     "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
