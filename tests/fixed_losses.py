@@ -20,7 +20,8 @@ from lcmkit.train import finetune as lcf
 from lcmkit.train import refine as rf
 from lcmkit.train import style_lora as sl
 from lcmkit.train.checkpoint import load_checkpoint
-from lcmkit.train.data import DataSource, DataStream, Encoder, encode_text, make_data
+from lcmkit.train.data import DataSource, DataStream, make_data
+from lcmkit.train.encode import Encoder, encode_text
 from lcmkit.train.rng import generator_for
 from lcmkit.train.runtime import autocast
 

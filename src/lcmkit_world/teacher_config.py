@@ -22,6 +22,7 @@ class VaeConfig:
 class TextConfig:
     """``CLIPTextModel`` size. ``max_length`` covers the longest caption (12 words) plus BOS/EOS."""
 
+    # typed settings, one per line: the component configs are alike in shape, not logic to share
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "--teacher, else the LCM's own TCD with gamma = 0) while holding the rest of the "
                                    "grid to the starting model. Not in the LCM paper. Flags override the --config "
                                    "YAML file.")
+    # the same add_argument shape as finetune's on purpose: each command lists its own options and their help
     a = p.add_argument
     a("--model", help="full LCM pipeline folder (UNet with a guidance embedding), e.g. lcmkit distill --mode full")
     a("--teacher", help="base pipeline folder: pairs are its DPM-Solver++ 25-step solutions with CFG at guidance "

@@ -134,6 +134,7 @@ def save_config(cfg, folder: str | os.PathLike, extra: dict | None = None) -> Pa
 class OptimConfig:
     """AdamW and its learning-rate schedule, in optimizer steps (not micro-batches, not per-process steps)."""
 
+    # typed settings, one per line: alike in shape to the world teacher's config, not logic to share
     lr: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

@@ -51,7 +51,8 @@ from ..math.schedule import alphas_cumprod_from_config
 from ..math.timesteps import lcm_timesteps
 from ..solvers import SOLVERS, randn, sample_lcm
 from .config import ConsistencyOptions
-from .data import Encoder, default_validation_prompts, encode_text, make_data
+from .data import default_validation_prompts, make_data
+from .encode import Encoder, encode_text
 from .loop import Run
 from .optim import ema_update_
 from .rng import generator_for

@@ -1,14 +1,20 @@
-"""Run logs: scalars to TensorBoard and ``log.jsonl``, the loss curve as PNG, validation grids."""
+"""Run logs: scalars to TensorBoard and ``log.jsonl``, the loss curve as PNG, validation grids, and the progress of
+a run (bar, log lines, when checkpoints and grids are due)."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..atomic import atomic_write
+
+if TYPE_CHECKING:
+    from .config import TrainingOptions
+    from .optim import StepOutcome
 
 
 class RunLogger:
@@ -96,3 +102,47 @@ def save_image_grid(rows: list[list], path: str | os.PathLike) -> Path:
     from ..pipelines import save_grid
 
     return atomic_write(path, lambda tmp: save_grid([im for row in rows for im in row], tmp, cols=len(rows[0])))
+
+
+class RunProgress:
+    """The bookkeeping of a recipe's loop: the step it stops at (``stop_at``, else ``max_steps``), the progress bar,
+    the log lines (every ``log_every`` steps and at the stop), each step's loss and duration for the summary, and
+    when a checkpoint or a validation grid is due. The bar and the log are the main process's only."""
+
+    def __init__(self, cfg: TrainingOptions, log_dir: str | os.PathLike, desc: str, step: int, main: bool):
+        from tqdm.auto import tqdm
+
+        self.cfg = cfg
+        self.logger = RunLogger(log_dir, enabled=main)
+        self.stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
+        self.bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not (cfg.progress and main),
+                        dynamic_ncols=True)
+        self.losses: list[float] = []
+        self.step_times: list[float] = []
+
+    def record(self, step: int, outcome: StepOutcome, seconds: float, skipped: int, overflow: int) -> None:
+        """Optimizer step ``step`` (1-based) is done: keep its loss and time, move the bar, log when due."""
+        self.step_times.append(seconds)
+        self.losses.append(outcome.loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{outcome.loss:.4g}", lr=f"{outcome.lr:.2g}")
+        if self.log_due(step):
+            self.logger.log(step, {"loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
+                                   "nonfinite_skipped": skipped, "fp16_overflow": overflow, "sec_per_step": seconds})
+
+    def log_due(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == self.stop
+
+    def checkpoint_due(self, step: int) -> bool:
+        return step % self.cfg.checkpoint_every == 0 or step == self.stop
+
+    def validation_due(self, step: int) -> bool:
+        return step == self.stop or bool(self.cfg.validate_every and step % self.cfg.validate_every == 0)
+
+    def sec_per_step(self) -> float | None:
+        """Median seconds per step of this run (None before any step), for the summary."""
+        return float(np.median(self.step_times)) if self.step_times else None
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()

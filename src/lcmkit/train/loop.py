@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 
 from ..atomic import write_json
@@ -38,7 +37,7 @@ from .checkpoint import (
     training_state,
 )
 from .config import TrainingOptions, save_config
-from .logs import RunLogger, save_image_grid
+from .logs import RunProgress, save_image_grid
 from .optim import (
     NonFiniteGuard,
     StepOutcome,
@@ -145,50 +144,6 @@ def save_run_checkpoint(out_dir: str | os.PathLike, step: int, weights: dict[str
     accelerator.wait_for_everyone()
 
 
-class RunProgress:
-    """The bookkeeping of a recipe's loop: the step it stops at (``stop_at``, else ``max_steps``), the progress bar,
-    the log lines (every ``log_every`` steps and at the stop), each step's loss and duration for the summary, and
-    when a checkpoint or a validation grid is due. The bar and the log are the main process's only."""
-
-    def __init__(self, cfg: TrainingOptions, log_dir: str | os.PathLike, desc: str, step: int, main: bool):
-        from tqdm.auto import tqdm
-
-        self.cfg = cfg
-        self.logger = RunLogger(log_dir, enabled=main)
-        self.stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
-        self.bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not (cfg.progress and main),
-                        dynamic_ncols=True)
-        self.losses: list[float] = []
-        self.step_times: list[float] = []
-
-    def record(self, step: int, outcome: StepOutcome, seconds: float, skipped: int, overflow: int) -> None:
-        """Optimizer step ``step`` (1-based) is done: keep its loss and time, move the bar, log when due."""
-        self.step_times.append(seconds)
-        self.losses.append(outcome.loss)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{outcome.loss:.4g}", lr=f"{outcome.lr:.2g}")
-        if self.log_due(step):
-            self.logger.log(step, {"loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
-                                   "nonfinite_skipped": skipped, "fp16_overflow": overflow, "sec_per_step": seconds})
-
-    def log_due(self, step: int) -> bool:
-        return step % self.cfg.log_every == 0 or step == self.stop
-
-    def checkpoint_due(self, step: int) -> bool:
-        return step % self.cfg.checkpoint_every == 0 or step == self.stop
-
-    def validation_due(self, step: int) -> bool:
-        return step == self.stop or bool(self.cfg.validate_every and step % self.cfg.validate_every == 0)
-
-    def sec_per_step(self) -> float | None:
-        """Median seconds per step of this run (None before any step), for the summary."""
-        return float(np.median(self.step_times)) if self.step_times else None
-
-    def close(self) -> None:
-        self.bar.close()
-        self.logger.close()
-
-
 @dataclass
 class Run:
     """One run of a recipe: its config, folder, processes and optimisation state (see the module docstring)."""
@@ -214,6 +169,7 @@ class Run:
         checkpoints = open_run_folder(folder, result_names, cfg, accelerator, command)
         return cls(cfg, Path(folder), command, accelerator, checkpoints)
 
+    # read-only views of the accelerator, one per name the recipes use (boilerplate on purpose)
     @property
     def device(self) -> torch.device:
         return self.accelerator.device

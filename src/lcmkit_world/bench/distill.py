@@ -176,7 +176,7 @@ def teacher_pipeline(model: str, world_teacher: str | None):
 def conditioning(pipe, batch: int, device):
     """cond / uncond text conditioning for a batch (SD: "" is the unconditional prompt), encoded once."""
     from lcmkit.denoisers import TextConditioning
-    from lcmkit.train.data import encode_text
+    from lcmkit.train.encode import encode_text
 
     hidden, _ = encode_text(pipe, "sd", ["a red circle"] * batch)
     empty, _ = encode_text(pipe, "sd", [""])

@@ -105,6 +105,7 @@ def _world_scoring_kwargs(args) -> dict:
 def _register_style(bench) -> None:
     p = bench.add_parser("style", help="a new style on the world: LCF, and style LoRA + LCM-LoRA task arithmetic")
     _common(p)
+    # quality and style take the same scoring options through _world_scoring; their own flags differ
     _world_scoring(p)
     p.add_argument("--lcm", help="distilled full LCM (pipeline folder), before fine-tuning")
     p.add_argument("--lcf", help="the same LCM after `lcmkit finetune` on the outlined set (pipeline folder)")
