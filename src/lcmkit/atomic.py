@@ -1,7 +1,6 @@
 """Atomic writes: a file or a folder is either the old one or the new one, never half written.
 
-Every writer in lcmkit (checkpoints, results, configs, grids, caches, the world's assets) goes through these two
-functions. The new content is written beside its final place under a hidden temporary name that keeps the suffix
+lcmkit's checkpoints, results, configs, grids and caches are written through these functions. The new content is written beside its final place under a hidden temporary name that keeps the suffix
 (``.tmp-<name>``, so writers that pick a format from the suffix still work), flushed to disk, then moved over the
 final name with ``os.replace``, which POSIX makes atomic within one file system.
 """

@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import entry_points
 
     for ep in sorted(entry_points(group=COMMAND_ENTRY_POINTS), key=lambda ep: ep.name):
-        ep.load()(sub)
+        try:
+            ep.load()(sub)
+        except Exception as e:  # a broken extension must not take lcmkit's own commands down with it
+            print(f"lcmkit: warning: the {ep.name!r} commands ({ep.value}) could not be loaded: "
+                  f"{type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
     return parser
 
 

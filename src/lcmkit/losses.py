@@ -87,7 +87,7 @@ def lcf_loss(student: Denoiser, target: Denoiser, z0: Tensor, noise: Tensor, ind
     z_{t_{n+k}} = α_{t_{n+k}}·z0 + σ_{t_{n+k}}·ε and z_{t_n} = α_{t_n}·z0 + σ_{t_n}·ε, then the same
     consistency loss d(f_θ(z_{t_{n+k}}, t_{n+k}), f_θ⁻(z_{t_n}, t_n)) against the EMA target.
     """
-# steps parallel to lcd_loss on purpose: Algorithm 4 is Algorithm 1 with the data standing in for the teacher
+    # steps parallel to lcd_loss on purpose: Algorithm 4 is Algorithm 1 with the data standing in for the teacher
     # 1. the pair on the skipping-step grid
     t_n_plus_k, t_n = consistency_pair(index.to(z0.device), skip)
     # 2. both noisy latents from the same z0 and ε (the data itself stands in for the teacher's ODE step)

@@ -8,6 +8,7 @@ same messages.
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 
 from .errors import LcmkitError
@@ -21,7 +22,7 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise LcmkitError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -35,11 +36,11 @@ def check_generate_args(*, steps=4, guidance=1.0, num_images=1, sampler="lcm", e
     _positive_int("num_images", num_images)
     if sampler not in SAMPLER_NAMES:
         raise LcmkitError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLER_NAMES)}")
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+    if not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) or guidance < 0:
         raise LcmkitError(f"guidance must be a finite number >= 0, got {guidance!r}")
-    if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+    if not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
         raise LcmkitError(f"eta (TCD gamma) must be in [0, 1], got {eta!r}")
-    if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+    if not isinstance(strength, numbers.Real) or not 0.0 < strength <= 1.0:
         raise LcmkitError(f"strength must be in (0, 1], got {strength!r}")
     if init_image is None and strength != 1.0:
         raise LcmkitError("strength is for image-to-image; pass an init image too")

@@ -47,7 +47,6 @@ from .options import (  # noqa: F401
 from .solvers import SAMPLERS, randn
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-assert tuple(SAMPLERS) == CONSISTENCY_SAMPLERS and tuple(DTYPES) == DTYPE_NAMES  # the torch-free names agree
 
 
 # ---------------------------------------------------------------------------------------------------------------

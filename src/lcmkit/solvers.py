@@ -98,7 +98,7 @@ def dpm_solver_pp_2s_step(denoiser: Denoiser, x_t: Tensor, t: Tensor, s: Tensor,
 
     Cost: 2 teacher evaluations (at t and at the λ-midpoint s1).
     """
-# same shape as dpm_solver_2_step on purpose: each solver reads as its paper's Algorithm 1, line by line
+    # same shape as dpm_solver_2_step on purpose: each solver reads as its paper's Algorithm 1, line by line
     t, s = _as_batch(t, x_t), _as_batch(s, x_t)
     s1 = _midpoint(alphas_cumprod, t, s, r1)
     _, sigma_t, lam_t = _coeffs(alphas_cumprod, t, x_t)

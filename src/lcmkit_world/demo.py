@@ -10,7 +10,6 @@ methods), ``report.md`` (prompt accuracy, world-FID and seconds per image per co
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcmkit.atomic import atomic_write, write_json, write_text
 from lcmkit.errors import LcmkitError
 from lcmkit_world import world
 from lcmkit_world.evaluate import metrics
@@ -68,19 +68,23 @@ def columns(mode: str) -> list[tuple[str, str, Setting]]:
             *[(f"{student} {n}", "student", Setting("lcm", n, g_student)) for n in (1, 2, 4)]]
 
 
-def _labelled_grid(images: list[np.ndarray], labels: list[str], rows: list[str], path: Path, tile: int = 96):
-    """Columns of images (each (R, 32, 32, 3)) under a header row of labels."""
+def _labelled_grid(images: list[np.ndarray], verdicts: list[dict], labels: list[str], rows: list[str], path: Path):
+    """Columns of images (each (R, 32, 32, 3)) under a header row of labels, each tile framed with the strict
+    judge's verdict (:mod:`lcmkit_world.evaluate.sheet`: green right, red wrong)."""
     from PIL import Image, ImageDraw
 
+    from lcmkit_world.evaluate.sheet import reasons, tile
+
     n_rows, n_cols = len(rows), len(images)
-    header = 28
-    canvas = Image.new("RGB", (n_cols * tile, header + n_rows * tile), "white")
+    header, size = 28, tile(images[0][0], True).size[0]
+    canvas = Image.new("RGB", (n_cols * size, header + n_rows * size), "white")
     draw = ImageDraw.Draw(canvas)
-    for c, (column, label) in enumerate(zip(images, labels)):
-        draw.text((c * tile + 4, 4), label.replace(" ", "\n", 1), fill="black")
+    for c, (column, judged, label) in enumerate(zip(images, verdicts, labels)):
+        draw.text((c * size + 4, 4), label.replace(" ", "\n", 1), fill="black")
+        why = reasons(judged)
         for r in range(n_rows):
-            canvas.paste(Image.fromarray(column[r]).resize((tile, tile), Image.NEAREST), (c * tile, header + r * tile))
-    canvas.save(path)
+            canvas.paste(tile(column[r], bool(judged["strict"][r]), why[r]), (c * size, header + r * size))
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
@@ -123,25 +127,28 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     else:
         student, loras = load_pipeline(result_dir, device="cpu"), []
     specs, named, captions = eval_prompts(cfg.num, cfg.seed, prompts=cfg.prompts)
-    rows, grid_columns = [], []
+    rows, grid_columns, grid_verdicts = [], [], []
     for label, which, setting in columns(cfg.mode):
         pipe = teacher if which == "teacher" else student
         with applied_loras(pipe, loras if which == "student" else []):
             images, sec = sample_world(pipe, captions, setting, cfg.seed, progress=progress)
-        scores = metrics.evaluate_world(images, specs, named=named)
+        judged = metrics.judgements(images, specs, named=named)
+        scores = metrics.prompt_scores(images, specs, named=named, judged=judged)
         rows.append({"column": label, "sampler": setting.sampler, "steps": setting.steps,
-                     "guidance": setting.guidance, "accuracy": scores["prompt"], "world_fid": scores["world_fid"],
-                     "seconds_per_image": sec, "n": cfg.num})
+                     "guidance": setting.guidance, "accuracy": scores["prompt"], "attributes": scores["attributes"],
+                     "well_formed": scores["well_formed"], "fidelity": scores["fidelity"],
+                     "world_fid": metrics.world_fid(images, judged=judged), "seconds_per_image": sec, "n": cfg.num})
         grid_columns.append(images[:cfg.grid_prompts])
+        grid_verdicts.append({k: judged[k][:cfg.grid_prompts] for k in ("strict", "attributes", "well_formed")})
 
     # 3. outputs
     prompts = captions[:cfg.grid_prompts]
-    _labelled_grid(grid_columns, [r["column"] for r in rows], prompts, out / "grid.png")
+    _labelled_grid(grid_columns, grid_verdicts, [r["column"] for r in rows], prompts, out / "grid.png")
     report = {"config": asdict(cfg), "distill_minutes": distill_minutes, "distill_resumed": resumed,
               "distilled": str(result_dir),
               "fid_floor": metrics.fid_floor(), "rows": rows, "grid_prompts": prompts}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(report_markdown(report))
+    write_json(out / "report.json", report, indent=2)
+    write_text(out / "report.md", report_markdown(report))
     return out
 
 
@@ -153,16 +160,21 @@ def report_markdown(report: dict) -> str:
              f"took {report['distill_minutes']:.1f} minutes"
              f"{' in this call (resumed from a checkpoint)' if report.get('distill_resumed') else ''}. "
              f"Output: `{report['distilled']}`.", "",
-             "| column | prompt accuracy | world-FID | seconds / image |", "|---|---|---|---|"]
+             "| column | strict accuracy | attributes alone | well formed | shape IoU | world-FID | seconds / image |",
+             "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['column']} | {r['accuracy']:.3f} | {r['world_fid']:.2f} | {r['seconds_per_image']:.4f} |")
+        lines.append(f"| {r['column']} | {r['accuracy']:.3f} | {r['attributes']:.3f} | {r['well_formed']:.3f} | "
+                     f"{r['fidelity']:.3f} | {r['world_fid']:.2f} | {r['seconds_per_image']:.4f} |")
     kind = ("open prompts (the shape and some of size, colour, position, background named; accuracy counts the "
             "named ones)" if cfg.get("prompts") == "open" else "prompts spread across the world's 540 captions")
     lines += ["", f"{report['rows'][0]['n']} generations per column over {kind}, "
               f"the same prompts and initial noise in every column; guidance {GUIDANCE} "
               f"(ω = {GUIDANCE - 1}). World-FID against 2,000 real images; real-vs-real floor "
               f"{report['fid_floor']:.2f}. `{CONTROL}`: the undistilled teacher sampled like the student (its own "
-              "x̂0 from noise, 1 step, no CFG): what distillation has to beat.", "",
-              "Grid (`grid.png`), rows = prompts:", ""]
+              "x̂0 from noise, 1 step, no CFG): what distillation has to beat. Strict accuracy: every named "
+              "attribute right (the classifier) and one well-formed shape of the prompted kind (the geometric fit); "
+              "`attributes alone` is the classifier's verdict without the form check.", "",
+              "Grid (`grid.png`), rows = prompts; each tile framed green (strict verdict right) or red (wrong: A = "
+              "an attribute, F = the form):", ""]
     lines += [f"{i + 1}. {p}" for i, p in enumerate(report["grid_prompts"])]
     return "\n".join(lines) + "\n"

@@ -42,7 +42,7 @@ from lcmkit.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from lcmkit.train.optim import ema_update_, ema_warmup, lr_factor
+from lcmkit.train.optim import ema_update_, lr_factor
 from lcmkit_world import world
 from lcmkit_world.teacher_config import TextConfig, TrainConfig, UNetConfig, VaeConfig  # noqa: F401
 from lcmkit_world.teacher_model import (
@@ -62,11 +62,6 @@ from lcmkit_world.teacher_model import (
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (B, 32, 32, 3) -> float (B, 3, 32, 32) in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def tensor_to_images(x: torch.Tensor) -> np.ndarray:
-    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def render_cached(cache_dir: Path, n: int, seed: int, style: str) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +146,8 @@ class Ema:
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
         current = module.state_dict()
-        ema_update_(self.shadow.values(), [current[k].detach() for k in self.shadow], ema_warmup(self.decay, step))
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: early averages do not keep the random init
+        ema_update_(self.shadow.values(), [current[k].detach() for k in self.shadow], decay)
 
     def copy_to(self, module: torch.nn.Module) -> None:
         module.load_state_dict(self.shadow, strict=False)
@@ -270,6 +266,9 @@ class Trainer:
         self.cfg, self.progress, self.log = cfg, progress, log
         self.out = Path(cfg.out)
         self.cache = self.out / "cache"
+        if (self.out / CHECKPOINT_DIR / "latest.json").exists():
+            raise LcmkitError(f"{self.out} holds a teacher run in the checkpoint format of lcmkit 0.1 (latest.json), "
+                              "which this version does not resume; choose another --out")
         if checkpoint_dirs(self.out) and not resume:
             raise LcmkitError(f"{self.out} already holds a training run; pass --resume to continue it "
                               "or choose another --out")

@@ -211,9 +211,9 @@ def random_spec(rng: np.random.Generator, style: str = "filled") -> ShapeSpec:
     return ShapeSpec(*(values[rng.integers(len(values))] for values in ATTRIBUTES.values()), style=style)
 
 
-def _coverage(spec: ShapeSpec, extent: float, cx: float, cy: float) -> np.ndarray:
-    """Fraction of each pixel covered by the shape, (32, 32) float in [0, 1], by supersampling."""
-    n = IMAGE_SIZE * SUPERSAMPLE
+def _coverage(spec: ShapeSpec, extent: float, cx: float, cy: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Fraction of each pixel covered by the shape, (size, size) float in [0, 1], by supersampling."""
+    n = size * SUPERSAMPLE
     c = (np.arange(n) + 0.5) / SUPERSAMPLE  # supersample centres in pixel coordinates
     x, y = np.meshgrid(c, c)  # x: column, y: row
     h = extent / 2.0
@@ -232,7 +232,7 @@ def _coverage(spec: ShapeSpec, extent: float, cx: float, cy: float) -> np.ndarra
     if spec.style == "outlined":
         mask &= inside_depth < STROKE
     # box filter: average each SUPERSAMPLE x SUPERSAMPLE block
-    return mask.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
+    return mask.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
 
 
 def render(spec: ShapeSpec, rng: np.random.Generator | None = None) -> np.ndarray:

@@ -69,3 +69,37 @@ def test_help_lists_the_product_commands_first():
 def test_no_source_file_is_over_600_lines():
     long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
     assert not long
+
+
+def test_the_torch_free_names_are_the_librarys():
+    import torch
+
+    from lcmkit.options import CONSISTENCY_SAMPLERS, DTYPE_NAMES, SAMPLER_NAMES, TEACHER_SAMPLERS
+    from lcmkit.pipelines import DTYPES
+    from lcmkit.solvers import SAMPLERS
+
+    assert tuple(SAMPLERS) == CONSISTENCY_SAMPLERS and SAMPLER_NAMES == CONSISTENCY_SAMPLERS + TEACHER_SAMPLERS
+    assert tuple(DTYPES) == DTYPE_NAMES and DTYPES["bfloat16"] is torch.bfloat16
+
+
+def test_a_broken_extension_does_not_take_the_cli_down(monkeypatch, capsys):
+    import importlib.metadata
+
+    from lcmkit import cli
+
+    class Broken:
+        name, value = "broken", "nowhere:register"
+
+        def load(self):
+            raise ImportError("no module named nowhere")
+
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: [Broken()] if kw.get("group") == cli.COMMAND_ENTRY_POINTS else real(**kw))
+    choices = build_choices(cli)
+    assert choices[:len(cli.COMMANDS)] == cli.COMMANDS
+    assert "'broken' commands" in capsys.readouterr().err
+
+
+def build_choices(cli) -> list[str]:
+    return list(cli.build_parser()._subparsers._group_actions[0].choices)

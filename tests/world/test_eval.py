@@ -33,7 +33,8 @@ def test_eval_cli_and_refusals(tiny_sd_dir, tmp_path, capsys):
     args = ["eval", str(tiny_sd_dir), "--sampler", "lcm", "--steps", "1", "--guidance", "1", "--num", "4",
             "--n-real", "10", "--out", str(out)]
     assert main(args) == 0
-    assert "prompt accuracy" in capsys.readouterr().out
+    assert "strict accuracy" in capsys.readouterr().out
+    assert (out / "sheet-lcm-1-g1.png").is_file()  # the setting's contact sheet, verdicts drawn on its tiles
     assert main(args) == 2  # results already there
     assert "--overwrite" in capsys.readouterr().err
     assert main(args[:-2] + ["--sampler", "euler", "--out", str(tmp_path / "f")]) == 2

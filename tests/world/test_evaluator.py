@@ -41,7 +41,7 @@ def noise_images(n: int, seed: int) -> np.ndarray:
 
 def test_shipped_files_are_small_and_safetensors_only():
     names = sorted(p.name for p in ASSET_DIR.iterdir())
-    assert names == ["config.json", "model.safetensors"]
+    assert names == ["config.json", "judge.json", "model.safetensors"]  # judge.json: the strict judge's thresholds
     assert sum(p.stat().st_size for p in ASSET_DIR.iterdir()) < 3 * 2**20
     cfg = json.loads((ASSET_DIR / "config.json").read_text())
     assert cfg["classes"] == {k: list(v) for k, v in HEADS.items()}

@@ -42,12 +42,13 @@ def add_training_args(p: argparse.ArgumentParser, defaults: dict | None = None) 
     a = p.add_argument
     a("--config", default=None, help="YAML file with any of the options (flags override it)")
     a("--data", help="imagefolder with metadata.jsonl, webdataset .tar shards (file/folder/glob/{a..b}), "
-                     "or a generated dataset (the proving ground's world, world:outlined, world:open)")
+                     "or the name of a generated dataset a plug-in registers (lcmkit_world's: world, world:outlined, "
+                     "world:open)")
     a("--resolution", type=int, help="training pixels (default: the model's native size)")
     a("--crop", choices=("center", "random"), help="square crop (default center)")
     a("--flip", type=_bool, help="random horizontal flip, true/false (default false)")
     a("--caption-key", help="imagefolder caption column (default text)")
-    a("--generated-samples", type=int, help="size of a generated dataset such as world (default 10000)")
+    a("--generated-samples", "--world-samples", dest="generated_samples", type=int, help="size of a generated dataset (default 10000)")
     a("--cache-latents", type=_bool, help="encode every image once with the VAE posterior mean (default false)")
     a("--cache-text", type=_bool, help="encode every caption once (default: true for generated datasets)")
     a("--batch-size", type=int, help=f"per process and micro-batch (default {d['batch_size']})")

@@ -57,6 +57,8 @@ def validate(args) -> None:
     from lcmkit.errors import LcmkitError
     from lcmkit.pipelines import check_lora_file, parse_lora
 
+    if args.strength is not None and args.init_image is None:
+        raise LcmkitError("--strength needs --init-image")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise LcmkitError(f"--out must be a .png file, got {args.out}")
@@ -75,6 +77,7 @@ def validate(args) -> None:
 
 def run(args) -> int:
     validate(args)
+    from lcmkit.atomic import atomic_write
     from lcmkit.pipelines import generate, save_grid
 
     images = generate(
@@ -85,9 +88,9 @@ def run(args) -> int:
     )
     paths, grid = output_paths(Path(args.out), len(images))
     for image, path in zip(images, paths):
-        image.save(path)
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
         print(path)
     if grid is not None:
-        save_grid(images, grid)
+        atomic_write(grid, lambda tmp: save_grid(images, tmp))
         print(f"{grid} (grid of {len(images)})")
     return 0

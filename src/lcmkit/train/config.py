@@ -20,9 +20,11 @@ from typing import Any
 from ..atomic import write_text
 from ..errors import LcmkitError
 from .data import check_data_spec
+from .runtime import MIXED_PRECISION
 
 CONFIG_FILE = "config.yaml"
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
+#: keys of older configs → their names now (a saved config.yaml keeps working with --config)
+RENAMED = {"world_samples": "generated_samples"}
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -55,6 +57,7 @@ def _flatten(raw: dict, cls, source: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         key = str(key).replace("-", "_")
+        key = RENAMED.get(key, key)
         if key in sections and isinstance(value, dict):
             flat.update(_flatten(value, sections[key], f"{source} section {key!r}"))
             continue
@@ -134,7 +137,7 @@ def save_config(cfg, folder: str | os.PathLike, extra: dict | None = None) -> Pa
 class OptimConfig:
     """AdamW and its learning-rate schedule, in optimizer steps (not micro-batches, not per-process steps)."""
 
-    # typed settings, one per line: alike in shape to the world teacher's config, not logic to share
+    # typed settings, one per line: alike in shape to other configs, not logic to share
     lr: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -225,7 +228,7 @@ class TrainingOptions:
                 raise LcmkitError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:
             raise LcmkitError(f"stop_at must be in [1, max_steps={self.max_steps}], got {self.stop_at}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
+        if self.mixed_precision not in MIXED_PRECISION:
             raise LcmkitError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.keep_checkpoints < 0 or self.validate_every < 0 or self.max_nonfinite < 0:
             raise LcmkitError("keep_checkpoints, validate_every and max_nonfinite must be >= 0")

@@ -1,4 +1,4 @@
-"""The data side of lcmkit's training recipes (distillation, LCF fine-tuning, style LoRAs), shared by all three.
+"""The data side of lcmkit's training recipes (distillation, LCF fine-tuning, refinement, style LoRAs).
 
 - **sources**: :class:`DataSource` (an imagefolder / webdataset, or a generated dataset registered by a plug-in,
   such as the proving ground's ``world``), :func:`transform` (resize, square crop, flip; SDXL's time ids);
@@ -52,8 +52,11 @@ def check_data_spec(data: str) -> None:
     if factory is not None:
         factory(data, 1, 0)
     elif not any(c in data for c in "*{") and not Path(data).exists():
-        raise LcmkitError(f"data {data} not found; pass an imagefolder, .tar shards, or a generated dataset "
-                          "such as 'world'")
+        from importlib.metadata import entry_points
+
+        names = sorted(ep.name for ep in entry_points(group=DATASET_ENTRY_POINTS))
+        generated = f", or a generated dataset ({', '.join(names)})" if names else ""
+        raise LcmkitError(f"data {data} not found; pass an imagefolder or .tar shards{generated}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

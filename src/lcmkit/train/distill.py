@@ -410,11 +410,6 @@ def save_lora_output(models: Models, folder: Path) -> None:
 # The recipe
 # ---------------------------------------------------------------------------------------------------------------
 
-def _resolved(cfg: DistillConfig, arch: str, resolution: int, num_points: int, omega_range) -> dict:
-    return {"architecture": arch, "resolution": resolution, "num_grid_points": num_points,
-            "omega_range": list(omega_range)}
-
-
 def distill(cfg: DistillConfig) -> Path:
     """Run latent consistency distillation; returns the output (``out/pipeline`` or ``out/lora``)."""
     from ..pipelines import load_pipeline, vae_scale_factor

@@ -25,7 +25,7 @@ the online model without gradients (no EMA, as LCM-LoRA); guidance is baked in (
 diffusers), readable by ``lcmkit generate BASE --lora FILE`` and diffusers' ``load_lora_weights``.
 
 Mixed precision, checkpoints, resume, logs and validation grids work as in :mod:`lcmkit.train.distill`, and the data
-pipeline is distillation's (:class:`~lcmkit.train.data.DataStream`, :class:`~lcmkit.train.data.Encoder`).
+pipeline is distillation's (:class:`~lcmkit.train.data.DataStream`, :class:`~lcmkit.train.encode.Encoder`).
 Output folder ``out/``: ``config.yaml``, ``checkpoints/step-N/``, ``logs/``, ``validation/step-N.png`` (rows: LCM
 step counts; columns: prompts), ``summary.json`` and the result.
 """
@@ -181,7 +181,7 @@ def save_lora_like(unet, source_file: str | Path, folder: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _setup(cfg: FinetuneConfig, device: torch.device):
-    """Pipeline + models + resolution + grid size, shared by :func:`finetune` and :func:`fixed_draw_loss`."""
+    """Pipeline + models + resolution + grid size, for :func:`finetune` (and the tests' fixed-draw losses)."""
     from ..pipelines import load_pipeline, vae_scale_factor
 
     pipe = load_pipeline(cfg.model, device="cpu", dtype=None)

@@ -1,7 +1,6 @@
 """Optimisation: AdamW, the learning-rate schedule, the EMA update, the non-finite guard, and one optimizer step.
 
-:func:`lr_factor` is the one learning-rate schedule of every lcmkit trainer (recipes, the world's teacher and
-evaluator): warm-up, then constant or cosine, a pure function of the *optimizer* step, so it is never stretched by
+:func:`lr_factor` is the one learning-rate schedule of every lcmkit trainer: warm-up, then constant or cosine, a pure function of the *optimizer* step, so it is never stretched by
 the number of processes. :func:`ema_update_` is the one EMA. :func:`optimizer_step` is everything between the
 micro-batches' backward passes and the next step, taken or skipped identically on every process.
 """
@@ -55,12 +54,6 @@ def ema_update_(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], 
             t.copy_(o)
         else:
             t.lerp_(o.to(t.dtype), 1.0 - mu)
-
-
-def ema_warmup(mu: float, step: int) -> float:
-    """The EMA rate at update ``step`` (0-based) with warm-up: min(μ, (1 + step) / (10 + step)), so early averages
-    are not dominated by the random initialisation (used by the world's teacher, not by LCD's target)."""
-    return min(mu, (1 + step) / (10 + step))
 
 
 def grads_finite(params: Iterable[torch.nn.Parameter]) -> bool:

@@ -345,7 +345,7 @@ def _settings(cfg: RefineConfig, resolution: int) -> dict[str, str]:
 
 
 def write_pairs(path: Path, pairs: dict) -> None:
-    """The pairs file, written atomically (:func:`lcmkit.train.atomic_write`)."""
+    """The pairs file, written atomically (:func:`lcmkit.atomic.atomic_write`)."""
     from safetensors.torch import save_file
 
     tensors = {"noise": pairs["noise"].contiguous(), "z0": pairs["z0"].contiguous()}
@@ -512,7 +512,7 @@ class _NoDataPosition:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _setup(cfg: RefineConfig, device: torch.device):
-    """LCM pipeline + models + resolution + (t_top, grid), shared by :func:`refine` and :func:`fixed_pair_losses`."""
+    """LCM pipeline + models + resolution + (t_top, grid), for :func:`refine` (and the tests' fixed-draw losses)."""
     from ..pipelines import load_pipeline, vae_scale_factor
 
     pipe = load_pipeline(cfg.model, device="cpu", dtype=None)

@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from lcmkit import atomic
 from lcmkit.errors import LcmkitError
 from lcmkit_world.bench import machine
 
@@ -504,4 +505,4 @@ def write_outputs(result: dict, out_dir: Path, names: list[str]) -> None:
     for name in dict.fromkeys(names):
         machine.write_json(out_dir / f"{name}.json", result[name])
         plots[name](result[name]["rows"], out_dir / f"{name}.png")
-    (out_dir / "quality.md").write_text(markdown(result))
+    atomic.write_text(out_dir / "quality.md", markdown(result))

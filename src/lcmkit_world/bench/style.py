@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcmkit import atomic
 from lcmkit.errors import LcmkitError
 from lcmkit_world.bench import machine
 from lcmkit_world.bench.quality import WorldScoring
@@ -229,7 +230,7 @@ def bench_style(options: StyleOptions, out_dir: str | Path, command: str, log=pr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     machine.write_json(out / "style.json", result)
-    (out / "style.md").write_text(markdown(result))
+    atomic.write_text(out / "style.md", markdown(result))
     plot_sweep(rows, out / "style.png")
     save_labelled_grid(grids, out / "style_grid.png")
     return result
@@ -310,4 +311,4 @@ def save_labelled_grid(grids: list[tuple[str, np.ndarray]], path: Path, label_wi
         canvas.paste(img, (label_width, y))
         draw.text((6, y + img.height // 2 - 6), name, fill="black")
         y += img.height
-    canvas.save(path)
+    atomic.atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))

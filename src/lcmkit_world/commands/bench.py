@@ -1,4 +1,4 @@
-"""``lcmkit bench speed | distill | quality | style``: benchmarks written as JSON + Markdown + PNG (benchmarks/README.md).
+"""``lcmkit bench speed | distill | quality | style | judge``: benchmarks written as JSON + Markdown + PNG (benchmarks/README.md).
 
 Each writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``--out`` (default ``benchmarks/results``),
 recording the machine and the exact command. ``--smoke`` runs the same code on tiny random models in seconds.
@@ -26,6 +26,41 @@ def register(sub) -> None:
     _register_distill(bench)
     _register_quality(bench)
     _register_style(bench)
+    _register_judge(bench)
+
+
+def _register_judge(bench) -> None:
+    from lcmkit_world.bench.judge import JudgeOptions
+
+    d = JudgeOptions()
+    p = bench.add_parser("judge", help="the strict judge on held-out clean, VAE-reconstructed and malformed shapes",
+                         description="Validate (and with --calibrate first calibrate) the strict judge: its verdict "
+                                     "on held-out clean renders, their VAE reconstructions and every kind of hard "
+                                     "negative, world-FID on each, and contact sheets with the verdicts.")
+    p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
+    p.add_argument("--num", type=int, default=d.num, help=f"clean renders per style and split (default {d.num})")
+    p.add_argument("--num-distorted", type=int, default=d.num_distorted,
+                   help=f"hard negatives per kind and style (default {d.num_distorted})")
+    p.add_argument("--n-real", type=int, default=d.n_real, help=f"real images for world-FID (default {d.n_real})")
+    p.add_argument("--calibrate", action="store_true",
+                   help="first recalibrate the IoU thresholds and write them into the shipped evaluator (judge.json)")
+    p.add_argument("--quantile", type=float, default=d.quantile,
+                   help=f"calibration: the quantile of clean/VAE IoUs a threshold sits at (default {d.quantile})")
+    p.add_argument("--margin", type=float, default=d.margin, help=f"calibration: subtracted (default {d.margin})")
+    p.add_argument("--vae", default=None, help="pipeline folder whose VAE reconstructs (default: the world teacher)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(run=run_judge, bench_parser=p)
+
+
+def run_judge(args) -> int:
+    from lcmkit_world.bench.judge import JudgeOptions, bench_judge
+
+    opts = JudgeOptions(out=args.out, num=args.num, num_distorted=args.num_distorted, n_real=args.n_real,
+                        calibrate=args.calibrate, quantile=args.quantile, margin=args.margin, vae=args.vae,
+                        threads=args.threads)
+    bench_judge(opts)
+    print(f"wrote {args.out}/judge.md, judge.json and contact sheets")
+    return 0
 
 
 def _register_speed(bench) -> None:

@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_train_teacher(world_sub)
 
 
-# --- export (owner: data/export.py) -------------------------------------------------------------------------
+# --- export (owner: lcmkit_world/export.py) -------------------------------------------------------------------------
 def _register_export(world_sub) -> None:
     p = world_sub.add_parser("export", help="render world images to an imagefolder or webdataset shards")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
@@ -43,7 +43,9 @@ def _register_export(world_sub) -> None:
 def _register_train_classifier(world_sub) -> None:
     from pathlib import Path
 
-    shipped = Path(__file__).resolve().parent.parent / "assets" / "world-evaluator"
+    from lcmkit_world.world import ASSETS
+
+    shipped = ASSETS / "world-evaluator"
     p = world_sub.add_parser("train-classifier", help="train the world's attribute classifier (the evaluator)")
     p.add_argument("--out", default=str(shipped), help="output folder for model.safetensors + config.json "
                    "(default: the shipped evaluator's folder)")
@@ -80,7 +82,7 @@ def _register_train_classifier(world_sub) -> None:
     p.set_defaults(run=run)
 
 
-# --- train-teacher (owner: train/world_teacher.py) ----------------------------------------------------------
+# --- train-teacher (owner: lcmkit_world/teacher.py) ----------------------------------------------------------
 def _register_train_teacher(world_sub) -> None:
     from lcmkit_world.teacher_config import TrainConfig
 

@@ -42,7 +42,7 @@ from lcmkit_world import world
 HEADS: dict[str, tuple[str, ...]] = {**world.ATTRIBUTES, "style": world.STYLES}
 
 #: The shipped evaluator (weights committed to the repository).
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "world-evaluator"
+ASSET_DIR = world.ASSETS / "world-evaluator"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 

@@ -1,16 +1,19 @@
 """World metrics: how well generated images follow their prompts, and how real they look.
 
-All metrics use the shipped attribute classifier (:func:`load_evaluator`, see
-:mod:`lcmkit_world.evaluate.classifier`). Images are uint8 ``(N, 32, 32, 3)`` or float in [-1, 1] (NHWC or NCHW).
+The judge (:func:`judgements`) reads each image twice: the shipped attribute classifier (:func:`load_evaluator`,
+:mod:`lcmkit_world.evaluate.classifier`) reads its attributes, and the geometric fit
+(:mod:`lcmkit_world.evaluate.geometry`) checks that it holds one well-formed world shape of the prompted kind. The
+**strict verdict** is both. Images are uint8 ``(N, 32, 32, 3)`` or float in [-1, 1] (NHWC or NCHW).
 
-* :func:`prompt_scores`: per-attribute accuracy against the :class:`~lcmkit_world.world.ShapeSpec` each image
-  was prompted with, prompt accuracy (all five caption attributes right), style rate (fraction the classifier
-  judges outlined) and style accuracy (against ``spec.style``).
+* :func:`prompt_scores`: ``prompt``, the strict verdict's rate (an image counts when every attribute its prompt
+  names is right and its shape is well formed); ``attributes``, the classifier's verdict alone; ``well_formed``;
+  ``fidelity`` (mean IoU with the ideal shape); per-attribute accuracy, style rate and style accuracy.
 * :func:`world_fid`: world-FID, the Fréchet distance (Heusel et al. 2017, the FID formula)
-  ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` between Gaussians fitted to the classifier's penultimate
-  features of the images and of ``n_real`` real images rendered with a fixed seed (``REAL_SEED``). Float64
-  throughout; ``scipy.linalg.sqrtm``, real part kept. It is small-sample biased like FID: compare numbers made
-  with the same ``n``, and against :func:`fid_floor` (two disjoint real sets of the same size).
+  ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` between Gaussians fitted to the features of the images and of
+  ``n_real`` real images rendered with a fixed seed (``REAL_SEED``): the classifier's penultimate features and two
+  geometric descriptors (:data:`GEOMETRY_WEIGHTS`), so that distorted shapes move it. Float64 throughout;
+  ``scipy.linalg.sqrtm``, real part kept. It is small-sample biased like FID: compare numbers made with the same
+  ``n``, and against :func:`fid_floor` (two disjoint real sets of the same size).
 * :func:`trajectory_error`: mean per-image RMSE between two image sets, in [-1, 1] units.
 
 Everything is deterministic: the real sets come from fixed seeds, the classifier is in eval mode with
@@ -31,6 +34,7 @@ import torch
 
 from lcmkit.errors import LcmkitError
 from lcmkit_world import world
+from lcmkit_world.evaluate import geometry
 from lcmkit_world.evaluate.classifier import (
     ASSET_DIR,
     WorldClassifier,
@@ -57,11 +61,37 @@ def _model(model: WorldClassifier | None) -> WorldClassifier:
     return load_evaluator() if model is None else model
 
 
-def prompt_scores(images, specs, model: WorldClassifier | None = None, named=None) -> dict[str, float]:
-    """Accuracy per caption attribute, ``prompt`` (every named attribute right), ``style_rate``, ``style_accuracy``.
+#: the geometric descriptors appended to the classifier's features for world-FID, and their weights: the best
+#: ideal-shape IoU (× 40: its spread on real images then matches a classifier feature's) and the fitted extent's
+#: distance to the nearer world size (px)
+GEOMETRY_WEIGHTS = {"best_iou": 40.0, "size_gap": 1.0}
 
-    ``named``: per image, the attributes its prompt names (open captions, :func:`lcmkit_world.world.caption`);
-    default all five. An attribute's accuracy is over the prompts that name it (NaN if none does).
+
+def _uint8(images) -> np.ndarray:
+    """Images as uint8 (N, 32, 32, 3), from any input :func:`as_model_input` takes."""
+    x = as_model_input(images)
+    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def read(images, model: WorldClassifier | None = None):
+    """What the judge reads of each image: the classifier's predictions and features, and the geometric fit of the
+    three ideal shapes made with the background, colour and style the classifier reads (the styles are returned
+    too)."""
+    x = as_model_input(images)
+    preds, feats = predict(_model(model), x)
+    background = np.array(list(world.BACKGROUNDS.values()))[preds["background"].numpy()]
+    colour = np.array(list(world.COLOURS.values()))[preds["colour"].numpy()]
+    styles = [world.STYLES[i] for i in preds["style"].numpy()]
+    return preds, feats, geometry.judge(_uint8(x), background, colour, styles), styles
+
+
+def judgements(images, specs, model: WorldClassifier | None = None, named=None) -> dict[str, np.ndarray]:
+    """The strict judge, per image: ``attributes`` (every attribute the prompt names is what the classifier reads),
+    ``well_formed`` (one well-formed world shape of the prompted kind, :func:`geometry.well_formed`, fitted with
+    the colours the classifier reads), ``strict`` (both), ``fidelity`` (IoU with the ideal prompted shape at its
+    fitted size and position), the classifier's ``predictions`` and ``features``, and the ``geometry`` descriptors.
+
+    ``named``: per image, the attributes its prompt names (open captions); default all five.
     """
     x = as_model_input(images)
     if len(x) != len(specs):
@@ -70,17 +100,41 @@ def prompt_scores(images, specs, model: WorldClassifier | None = None, named=Non
         raise LcmkitError(f"{len(named)} attribute sets but {len(specs)} specs")
     if len(x) == 0:
         raise LcmkitError("no images to score")
-    preds, _ = predict(_model(model), x)
+    preds, feats, fitted, _ = read(x, model)
     labels = spec_labels(specs)
-    correct = {name: preds[name] == labels[name] for name in world.ATTRIBUTES}
-    asked = {name: torch.tensor([name in n for n in named], dtype=torch.bool) if named is not None
-             else torch.ones(len(specs), dtype=torch.bool) for name in world.ATTRIBUTES}
-    out = {name: float(c[asked[name]].double().mean()) if asked[name].any() else float("nan")
-           for name, c in correct.items()}
-    right = torch.stack([c | ~asked[name] for name, c in correct.items()])  # an attribute not asked for is no error
-    out["prompt"] = float(right.all(dim=0).double().mean())
-    out["style_rate"] = float((preds["style"] == world.STYLES.index("outlined")).double().mean())
-    out["style_accuracy"] = float((preds["style"] == labels["style"]).double().mean())
+    asked = {name: np.array([name in n for n in named]) if named is not None else np.ones(len(specs), bool)
+             for name in world.ATTRIBUTES}
+    correct = {name: (preds[name] == labels[name]).numpy() for name in world.ATTRIBUTES}
+    attributes = np.stack([correct[n] | ~asked[n] for n in world.ATTRIBUTES]).all(0)
+    shape = labels["shape"].numpy()
+    rows = np.arange(len(shape))
+    formed = geometry.well_formed(fitted, shape)
+    descriptors = np.stack([fitted["iou"].max(1) * GEOMETRY_WEIGHTS["best_iou"],
+                            geometry.nearest_size_gap(fitted["extent"][rows, fitted["iou"].argmax(1)])
+                            * GEOMETRY_WEIGHTS["size_gap"]], 1)
+    return {"attributes": attributes, "well_formed": formed, "strict": attributes & formed,
+            "fidelity": fitted["iou"][rows, shape], "correct": correct, "asked": asked,
+            "predictions": {k: v.numpy() for k, v in preds.items()}, "features": feats.numpy(),
+            "geometry": descriptors}
+
+
+def prompt_scores(images, specs, model: WorldClassifier | None = None, named=None,
+                  judged: dict | None = None) -> dict[str, float]:
+    """Accuracy per caption attribute; ``prompt``: the strict verdict's rate (every named attribute right and one
+    well-formed shape, :func:`judgements`); ``attributes``: the attribute verdict alone (the classifier's, as the
+    evaluator scored before it judged form); ``well_formed``; ``fidelity`` (mean IoU with the ideal shape);
+    ``style_rate`` and ``style_accuracy``. An attribute's accuracy is over the prompts that name it (NaN if none
+    does). ``judged``: :func:`judgements` already made for these images."""
+    j = judgements(images, specs, model, named) if judged is None else judged
+    out = {name: float(j["correct"][name][j["asked"][name]].mean()) if j["asked"][name].any() else float("nan")
+           for name in world.ATTRIBUTES}
+    out["prompt"] = float(j["strict"].mean())
+    out["attributes"] = float(j["attributes"].mean())
+    out["well_formed"] = float(j["well_formed"].mean())
+    out["fidelity"] = float(j["fidelity"].mean())
+    style_labels = np.array([world.STYLES.index(s.style) for s in specs])
+    out["style_rate"] = float((j["predictions"]["style"] == world.STYLES.index("outlined")).mean())
+    out["style_accuracy"] = float((j["predictions"]["style"] == style_labels).mean())
     return out
 
 
@@ -114,9 +168,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean), 0.0))
 
 
-def features(images, model: WorldClassifier | None = None) -> np.ndarray:
-    """The classifier's penultimate features of ``images``, float64 ``(N, feature_dim)``."""
-    return predict(_model(model), images)[1].numpy()
+def features_of(judged: dict, with_geometry: bool = True) -> np.ndarray:
+    """The world-FID features of a :func:`judgements` result (``with_geometry=False``: the classifier's alone)."""
+    if not with_geometry:
+        return judged["features"]
+    return np.concatenate([judged["features"], judged["geometry"]], axis=1)
+
+
+def features(images, model: WorldClassifier | None = None, specs=None, judged: dict | None = None) -> np.ndarray:
+    """World-FID's features of ``images``, float64 (N, feature_dim + 2): the classifier's penultimate features and
+    the geometric descriptors of :func:`judgements` (:data:`GEOMETRY_WEIGHTS`), which move when shapes distort.
+    ``specs`` only serve the judgement (the descriptors do not depend on them); ``judged``: one already made."""
+    if judged is None:
+        if specs is None:  # any spec will do: neither the features nor the descriptors read it
+            specs = [world.ShapeSpec("small", "red", "circle", "center", "black")] * len(as_model_input(images))
+        judged = judgements(images, specs, model)
+    return features_of(judged)
 
 
 # real-image statistics per model and (n, seed, style, start); weak keys: a dropped model frees its entries
@@ -135,8 +202,8 @@ def real_statistics(n: int = N_REAL, seed: int = REAL_SEED, style: str = "filled
     cache = _REAL_STATS.setdefault(m, {})
     key = (n, seed, style, start)
     if key not in cache:
-        images, _ = world.sample(n, seed=seed, style=style, start=start)
-        mu, sigma = gaussian_stats(features(images, m))
+        images, specs = world.sample(n, seed=seed, style=style, start=start)
+        mu, sigma = gaussian_stats(features(images, m, specs))
         mu.setflags(write=False)
         sigma.setflags(write=False)
         cache[key] = (mu, sigma)
@@ -144,9 +211,9 @@ def real_statistics(n: int = N_REAL, seed: int = REAL_SEED, style: str = "filled
 
 
 def world_fid(images, n_real: int = N_REAL, seed: int = REAL_SEED, style: str = "filled",
-              model: WorldClassifier | None = None) -> float:
+              model: WorldClassifier | None = None, judged: dict | None = None) -> float:
     """World-FID of ``images`` against ``n_real`` real images (``seed``, ``style``; statistics cached)."""
-    mu, sigma = gaussian_stats(features(images, model))
+    mu, sigma = gaussian_stats(features(images, model, judged=judged))
     mu_r, sigma_r = real_statistics(n_real, seed, style, model=model)
     return frechet_distance(mu, sigma, mu_r, sigma_r)
 
@@ -179,9 +246,10 @@ def trajectory_error(a, b) -> float:
 
 def evaluate_world(images, specs, n_real: int = N_REAL, style: str = "filled",
                    model: WorldClassifier | None = None, named=None) -> dict[str, float]:
-    """:func:`prompt_scores` plus ``world_fid`` (against real ``style`` images) in one dict."""
-    out = prompt_scores(images, specs, model, named)
-    out["world_fid"] = world_fid(images, n_real, style=style, model=model)
+    """:func:`prompt_scores` plus ``world_fid`` (against real ``style`` images) in one dict, from one judgement."""
+    judged = judgements(images, specs, model, named)
+    out = prompt_scores(images, specs, model, named, judged=judged)
+    out["world_fid"] = world_fid(images, n_real, style=style, model=model, judged=judged)
     return out
 
 

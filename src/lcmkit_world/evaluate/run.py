@@ -10,19 +10,21 @@ the same probability-flow ODE (same prompt, same initial noise, same guidance).
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lcmkit.atomic import atomic_write, write_json, write_text
 from lcmkit.errors import LcmkitError
 from lcmkit.pipelines import applied_loras, generate, load_pipeline, save_grid
 from lcmkit_world import world
-from lcmkit_world.evaluate import metrics
+from lcmkit_world.evaluate import metrics, sheet
 
 TRAJECTORY_REFERENCE = ("dpm-solver++", 50)
+#: tiles of each setting's contact sheet (the first prompts, the verdict drawn on each)
+SHEET_TILES = 64
 
 
 @dataclass(frozen=True)
@@ -93,17 +95,23 @@ def evaluate(model, settings: list[Setting], *, num: int = 1000, seed: int = 0, 
         raise LcmkitError(f"--num must be at least 2 (world-FID needs a covariance), got {num}")
     pipe = load_pipeline(model) if not hasattr(model, "unet") else model
     specs, named, captions = eval_prompts(num, seed, style, prompts)
-    rows, grid_rows = [], []
+    rows, grid_rows, sheets = [], [], []
     references = {}
     with applied_loras(pipe, loras):
         for setting in settings:
             images, sec = sample_world(pipe, captions, setting, seed, batch_size, progress)
-            scores = metrics.evaluate_world(images, specs, n_real=n_real, style=style, named=named)
+            judged = metrics.judgements(images, specs, named=named)
+            scores = metrics.prompt_scores(images, specs, named=named, judged=judged)
             row = {"method": setting.sampler, "steps": setting.steps, "guidance": setting.guidance,
                    "eta": setting.eta if setting.sampler == "tcd" else None, "n": num,
-                   "accuracy": scores["prompt"], "world_fid": scores["world_fid"],
+                   "accuracy": scores["prompt"], "attributes": scores["attributes"],
+                   "well_formed": scores["well_formed"], "fidelity": scores["fidelity"],
+                   "world_fid": metrics.world_fid(images, n_real, style=style, judged=judged),
                    "style_rate": scores["style_rate"], "seconds_per_image": sec,
                    "per_attribute": {k: scores[k] for k in world.ATTRIBUTES}}
+            sheets.append((setting, images[:SHEET_TILES], {k: v[:SHEET_TILES] for k, v in judged.items()
+                                                           if k in ("strict", "attributes", "well_formed")},
+                           scores["prompt"]))
             if teacher is not None:
                 if setting.guidance not in references:
                     tpipe = load_pipeline(teacher) if not hasattr(teacher, "unet") else teacher
@@ -118,17 +126,27 @@ def evaluate(model, settings: list[Setting], *, num: int = 1000, seed: int = 0, 
               "prompts": captions[:grid_prompts]}
     if out_dir is not None:
         write_outputs(result, grid_rows, Path(out_dir))
+        for setting, images, judged, rate in sheets:
+            sheet.contact_sheet(images, judged, Path(out_dir) / sheet_name(setting),
+                                title=f"{setting.name}: strict {rate:.3f} of {num}")
     return result
+
+
+def sheet_name(setting: Setting) -> str:
+    """File name of a setting's contact sheet: ``sheet-<sampler>-<steps>-g<guidance>.png``."""
+    return f"sheet-{setting.sampler}-{setting.steps}-g{setting.guidance:g}.png"
 
 
 def markdown_table(result: dict) -> str:
     has_traj = any("trajectory_error" in r for r in result["rows"])
-    head = "| method | steps | guidance | prompt accuracy | world-FID | style rate | s/image |" + \
+    head = ("| method | steps | guidance | strict accuracy | attributes alone | well formed | world-FID | style rate |"
+            " s/image |") + \
         (" trajectory error |" if has_traj else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
-        line = (f"| {r['method']} | {r['steps']} | {r['guidance']:g} | {r['accuracy']:.3f} | {r['world_fid']:.2f} | "
-                f"{r['style_rate']:.3f} | {r['seconds_per_image']:.4f} |")
+        line = (f"| {r['method']} | {r['steps']} | {r['guidance']:g} | {r['accuracy']:.3f} | "
+                f"{r.get('attributes', float('nan')):.3f} | {r.get('well_formed', float('nan')):.3f} | "
+                f"{r['world_fid']:.2f} | {r['style_rate']:.3f} | {r['seconds_per_image']:.4f} |")
         if has_traj:
             line += f" {r.get('trajectory_error', float('nan')):.4f} |"
         lines.append(line)
@@ -146,7 +164,7 @@ def write_outputs(result: dict, grid_rows: list[np.ndarray], out_dir: Path) -> N
     from PIL import Image
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "eval.md").write_text(markdown_table(result))
+    write_json(out_dir / "eval.json", result, indent=2)
+    write_text(out_dir / "eval.md", markdown_table(result))
     tiles = [Image.fromarray(im).resize((96, 96), Image.NEAREST) for row in grid_rows for im in row]
-    save_grid(tiles, out_dir / "grid.png", cols=max(len(r) for r in grid_rows))
+    atomic_write(out_dir / "grid.png", lambda tmp: save_grid(tiles, tmp, cols=max(len(r) for r in grid_rows)))
