@@ -177,6 +177,7 @@ def bench_judge(options: JudgeOptions, log=print) -> dict:
 
 
 def markdown(result: dict) -> str:
+    # a report table built line by line, as the demo's is: alike in shape, different columns and sources
     m = result["machine"]
     lines = ["# The strict judge on held-out sets", "",
              f"Machine: {m['cpu']}, {m['torch_threads']} torch threads, load average at the start "
