@@ -211,10 +211,11 @@ def random_spec(rng: np.random.Generator, style: str = "filled") -> ShapeSpec:
     return ShapeSpec(*(values[rng.integers(len(values))] for values in ATTRIBUTES.values()), style=style)
 
 
-def _coverage(spec: ShapeSpec, extent: float, cx: float, cy: float, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Fraction of each pixel covered by the shape, (size, size) float in [0, 1], by supersampling."""
-    n = size * SUPERSAMPLE
-    c = (np.arange(n) + 0.5) / SUPERSAMPLE  # supersample centres in pixel coordinates
+def _coverage(spec: ShapeSpec, extent: float, cx: float, cy: float, size: int = IMAGE_SIZE,
+              supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """Fraction of each pixel covered by the shape, (size, size) float in [0, 1], by ``supersample`` x supersampling."""
+    n = size * supersample
+    c = (np.arange(n) + 0.5) / supersample  # supersample centres in pixel coordinates
     x, y = np.meshgrid(c, c)  # x: column, y: row
     h = extent / 2.0
     if spec.shape == "circle":
@@ -231,8 +232,8 @@ def _coverage(spec: ShapeSpec, extent: float, cx: float, cy: float, size: int = 
     mask = inside_depth >= 0
     if spec.style == "outlined":
         mask &= inside_depth < STROKE
-    # box filter: average each SUPERSAMPLE x SUPERSAMPLE block
-    return mask.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+    # box filter: average each supersample x supersample block
+    return mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 
 def render(spec: ShapeSpec, rng: np.random.Generator | None = None) -> np.ndarray:

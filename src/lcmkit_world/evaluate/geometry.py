@@ -59,14 +59,11 @@ def templates(shape: str, style: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
     spec = world.ShapeSpec("small", "red", shape, "center", "black", style)
     size, half = CANVAS, CANVAS // 2
     bank = np.empty((len(EXTENTS), len(FRACTIONS), len(FRACTIONS), size, size), dtype=np.float32)
-    saved, world.SUPERSAMPLE = world.SUPERSAMPLE, TEMPLATE_SUPERSAMPLE
-    try:
-        for e, extent in enumerate(EXTENTS):
-            for j, fy in enumerate(FRACTIONS):
-                for i, fx in enumerate(FRACTIONS):
-                    bank[e, j, i] = world._coverage(spec, float(extent), half + fx, half + fy, size=size)
-    finally:
-        world.SUPERSAMPLE = saved
+    for e, extent in enumerate(EXTENTS):
+        for j, fy in enumerate(FRACTIONS):
+            for i, fx in enumerate(FRACTIONS):
+                bank[e, j, i] = world._coverage(spec, float(extent), half + fx, half + fy, size=size,
+                                                supersample=TEMPLATE_SUPERSAMPLE)
     ys, xs = np.mgrid[0:size, 0:size] + 0.5
     base = bank[:, 0, 0]
     mass = base.sum(axis=(1, 2))
