@@ -1,4 +1,4 @@
-"""Run the fault suite (tests/cli/test_faults.py) and write what it tried: benchmarks/results/faults.{json,md}.
+"""Run the fault suite (tests/cli/test_faults*.py) and write what it tried: benchmarks/results/faults.{json,md}.
 
     .venv/bin/python benchmarks/faults.py
 
@@ -45,8 +45,9 @@ def main() -> int:
         report = Path(tmp) / "faults.jsonl"
         env = dict(os.environ, LCMKIT_FAULTS_REPORT=str(report), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               "tests/cli/test_faults.py"], cwd=REPO, env=env)
+        files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests" / "cli").glob("test_faults*.py"))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
+                              cwd=REPO, env=env)
         seconds = time.perf_counter() - t0
         records = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
 
@@ -79,7 +80,7 @@ def markdown(result: dict) -> str:
     s, m = result["summary"], result["machine"]
     k = s["kill_resume"]
     lines = [
-        "# Fault suite (tests/cli/test_faults.py)", "",
+        "# Fault suite (tests/cli/test_faults*.py)", "",
         f"`{result['command']}` — pytest exit code {result['pytest_exit_code']}, {result['seconds']} s; "
         f"{m['cpu']} ({m['cpu_count']} cores, 1 torch thread), torch {m['torch']}, diffusers {m['diffusers']}, "
         f"Python {m['python']}, {m['date']}.", "",

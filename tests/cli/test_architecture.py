@@ -74,7 +74,12 @@ def test_no_source_file_is_over_600_lines():
 def test_the_torch_free_names_are_the_librarys():
     import torch
 
-    from lcmkit.options import CONSISTENCY_SAMPLERS, DTYPE_NAMES, SAMPLER_NAMES, TEACHER_SAMPLERS
+    from lcmkit.options import (
+        CONSISTENCY_SAMPLERS,
+        DTYPE_NAMES,
+        SAMPLER_NAMES,
+        TEACHER_SAMPLERS,
+    )
     from lcmkit.pipelines import DTYPES
     from lcmkit.solvers import SAMPLERS
 
