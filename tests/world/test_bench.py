@@ -298,3 +298,33 @@ def test_bad_bench_arguments(tmp_path, capsys):
     assert main(["bench", "quality", "--parts", "table", "--lora", str(tmp_path / "nope"), "--num", "2",
                  "--out", str(tmp_path)]) == 2
     assert "LCM-LoRA file" in capsys.readouterr().err and not (tmp_path / "quality.json").exists()
+
+
+def test_pooled_rows_average_seeds_and_keep_each():
+    from lcmkit_world.bench.pooled import pool
+
+    def row(acc, fid):
+        return {"method": "lcm", "steps": 1, "accuracy": acc, "attributes": acc, "well_formed": 1.0, "fidelity": 0.9,
+                "world_fid": fid, "seconds_per_image": 0.1, "n": 100}
+
+    (p,) = pool([[row(0.8, 4.0)], [row(0.9, 6.0)], [row(0.7, 5.0)]], [0, 1, 2])
+    assert p["accuracy"] == pytest.approx(0.8) and p["world_fid"] == pytest.approx(5.0) and p["n"] == 300
+    assert p["spread"] == pytest.approx(0.1) and [s["seed"] for s in p["per_seed"]] == [0, 1, 2]
+
+
+def test_bars_are_ratios_of_the_reference_row():
+    from lcmkit_world.bench.pooled import bars
+
+    rows = [{"method": "reference", "steps": 25, "guidance": 2.0, "accuracy": 0.96, "world_fid": 2.0, "n": 3000},
+            {"method": "lcm-lora", "steps": 4, "accuracy": 0.92, "world_fid": 2.7, "n": 3000},
+            {"method": "lcm-lora", "steps": 2, "accuracy": 0.86, "world_fid": 3.0, "n": 3000},
+            {"method": "lcm", "steps": 1, "accuracy": 0.80, "world_fid": 9.0, "n": 3000}]
+    judged = {(b["method"], b["steps"], b["metric"]): b for b in bars(rows)}
+    assert set(judged) == {("lcm-lora", 4, "accuracy"), ("lcm-lora", 2, "accuracy"), ("lcm", 1, "accuracy"),
+                           ("lcm-lora", 4, "world_fid")}
+    assert judged[("lcm-lora", 4, "accuracy")]["needed"] == pytest.approx(0.912)
+    assert judged[("lcm-lora", 4, "accuracy")]["met"]               # 0.92 ≥ 0.95 × 0.96
+    assert not judged[("lcm-lora", 2, "accuracy")]["met"]           # 0.86 < 0.9 × 0.96 = 0.864
+    assert not judged[("lcm", 1, "accuracy")]["met"]                # 0.80 < 0.85 × 0.96 = 0.816
+    assert not judged[("lcm-lora", 4, "world_fid")]["met"]          # 2.7 > 1.3 × 2.0
+    assert bars(rows[1:]) == []                                     # no reference row, no bars

@@ -12,7 +12,10 @@ generations per row, the same prompts and initial noise in every row):
 - ``guidance`` (``ablation_guidance.json``): the full LCM at 1, 2, 4, 8 steps for each ω (paper Fig. 4).
 
 Rows: ``{"method", "solver", "steps", "guidance", "accuracy", "world_fid", "n"}`` (+ ``omega`` = guidance − 1,
-``seconds_per_image``; skip rows add ``skip`` and ``train_steps``). ``quality.md`` tabulates them and states, from
+``attributes``, ``well_formed``, ``fidelity``, ``seconds_per_image``; skip rows add ``skip`` and ``train_steps``).
+``accuracy`` is the strict verdict (attributes right and the shape well formed). The table may be scored at several
+evaluation seeds and pooled, and carry a ``reference`` row (the teacher at its best guidance, DPM-Solver++ 25) that
+the quality bars are taken against (:mod:`lcmkit_world.bench.pooled`). ``quality.md`` tabulates them and states, from
 the measured numbers, whether each qualitative claim of the paper holds here (:func:`claims`).
 """
 
@@ -29,7 +32,7 @@ from lcmkit_world.bench import machine
 
 TEACHER_SOLVERS = ("ddim", "dpm-solver", "dpm-solver++")
 PARTS = ("table", "skip", "guidance")
-METHODS = ("teacher", "control", "lcm-lora", "lcm")
+METHODS = ("reference", "teacher", "control", "lcm-lora", "lcm")
 
 
 @dataclass
@@ -56,6 +59,9 @@ class QualityOptions(WorldScoring):
     lcm_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     guidance: float = 7.5
     lora_guidance: float = 1.0
+    seeds: list[int] = field(default_factory=lambda: [0])  # evaluation seeds of the table (pooled: bench.pooled)
+    reference_guidance: float | None = None  # the teacher's best guidance: the reference row (DPM-Solver++ 25)
+    sheets: bool = True                 # contact sheets (64 tiles, verdicts drawn) per table row, first seed
     budget: int = 1000
     evals: int = 4
     skips: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
@@ -109,38 +115,59 @@ def teacher_dir(options: QualityOptions) -> str:
 # Evaluation rows
 # ---------------------------------------------------------------------------------------------------------------
 
-def score(pipe, method: str, samplers, steps, guidances, options: QualityOptions, loras=(), **extra) -> list[dict]:
+def score(pipe, method: str, samplers, steps, guidances, options: QualityOptions, loras=(), seeds=None,
+          sheets: Path | None = None, **extra) -> list[dict]:
+    """Rows of ``method`` over the setting grid, at ``seeds`` (default ``[options.seed]``) pooled; the first seed's
+    eval.json, grid and contact sheets go to ``sheets`` when given."""
+    from lcmkit_world.bench.pooled import pool
     from lcmkit_world.evaluate.run import evaluate, settings_grid
 
-    result = evaluate(pipe, settings_grid(samplers, steps, guidances), num=options.num, seed=options.seed,
-                      loras=loras, n_real=options.n_real, batch_size=options.batch_size, progress=False,
-                      prompts=options.prompts)
-    return [dict({"method": method, "solver": r["method"], "steps": r["steps"], "guidance": r["guidance"],
-                  "omega": r["guidance"] - 1.0, "accuracy": r["accuracy"], "world_fid": r["world_fid"], "n": r["n"],
-                  "seconds_per_image": r["seconds_per_image"]}, **extra) for r in result["rows"]]
+    seeds = list(seeds) if seeds else [options.seed]
+    per_seed = []
+    for i, seed in enumerate(seeds):
+        result = evaluate(pipe, settings_grid(samplers, steps, guidances), num=options.num, seed=seed,
+                          loras=loras, n_real=options.n_real, batch_size=options.batch_size, progress=False,
+                          prompts=options.prompts, out_dir=sheets if i == 0 else None)
+        per_seed.append([{"method": method, "solver": r["method"], "steps": r["steps"], "guidance": r["guidance"],
+                          "omega": r["guidance"] - 1.0, "accuracy": r["accuracy"], "attributes": r["attributes"],
+                          "well_formed": r["well_formed"], "fidelity": r["fidelity"], "world_fid": r["world_fid"],
+                          "n": r["n"], "seconds_per_image": r["seconds_per_image"], **extra}
+                         for r in result["rows"]])
+    return per_seed[0] if len(seeds) == 1 else pool(per_seed, seeds)
 
 
-def table_rows(options: QualityOptions, teacher: str, lcm: str | None, lora: str | None, log) -> list[dict]:
+def _table_score(pipe, method, samplers, steps, guidances, options, sheets_root, **kw) -> list[dict]:
+    """A table row group: at every evaluation seed, contact sheets under ``sheets_root/<method>``."""
+    sheets = sheets_root / method if sheets_root is not None and options.sheets else None
+    return score(pipe, method, samplers, steps, guidances, options, seeds=options.seeds, sheets=sheets, **kw)
+
+
+def table_rows(options: QualityOptions, teacher: str, lcm: str | None, lora: str | None, log,
+               sheets_root: Path | None = None) -> list[dict]:
     from lcmkit.pipelines import load_pipeline
 
     pipe = load_pipeline(teacher, device=options.device)
     rows = []
+    if "reference" in options.methods and options.reference_guidance is not None:
+        log(f"[quality] reference row (teacher, DPM-Solver++ 25, guidance {options.reference_guidance:g}) …")
+        rows += _table_score(pipe, "reference", ["dpm-solver++"], [2 if options.is_smoke else 25],
+                             [options.reference_guidance], options, sheets_root)
     if "teacher" in options.methods:
         log("[quality] teacher rows …")
-        rows += score(pipe, "teacher", options.solvers if options.is_smoke else TEACHER_SOLVERS,
-                      options.teacher_steps, [options.guidance], options)
+        rows += _table_score(pipe, "teacher", options.solvers if options.is_smoke else TEACHER_SOLVERS,
+                             options.teacher_steps, [options.guidance], options, sheets_root)
     if "control" in options.methods:
         # no distillation: the teacher's own x̂0, sampled with the LCM sampler, no CFG. What distillation must beat
         log("[quality] control rows (teacher, LCM sampler, guidance 1) …")
-        rows += score(pipe, "control", ["lcm"], options.lcm_steps, [1.0], options)
+        rows += _table_score(pipe, "control", ["lcm"], options.lcm_steps, [1.0], options, sheets_root)
     if lora and "lcm-lora" in options.methods:
         log("[quality] LCM-LoRA rows …")
-        rows += score(pipe, "lcm-lora", ["lcm"], options.lcm_steps, [options.lora_guidance], options,
-                      loras=[lora])
+        rows += _table_score(pipe, "lcm-lora", ["lcm"], options.lcm_steps, [options.lora_guidance], options,
+                             sheets_root, loras=[lora])
     if lcm and "lcm" in options.methods:
         log("[quality] LCM rows …")
-        rows += score(load_pipeline(lcm, device=options.device), "lcm", ["lcm"], options.lcm_steps,
-                      [options.guidance], options)
+        rows += _table_score(load_pipeline(lcm, device=options.device), "lcm", ["lcm"], options.lcm_steps,
+                             [options.guidance], options, sheets_root)
     return rows
 
 
@@ -350,6 +377,10 @@ def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, lo
         raise LcmkitError(f"--prompts takes {' or '.join(PROMPT_SETS)}, got {options.prompts!r}")
     if options.num < 2 or options.budget < 1 or options.evals < 1 or options.ablation_steps < 1:
         raise LcmkitError("--num must be at least 2, --budget, --evals and --ablation-steps positive")
+    if not options.seeds or len(set(options.seeds)) != len(options.seeds):
+        raise LcmkitError(f"--eval-seeds takes distinct seeds, got {options.seeds}")
+    if "reference" in options.methods and options.reference_guidance is None and "table" in options.parts:
+        options = replace(options, methods=[m for m in options.methods if m != "reference"])
     base = {"command": command, "machine": machine.machine_info(resolve_device(options.device)),
             "options": asdict(options)}
     with tempfile.TemporaryDirectory(prefix="lcmkit-quality-") as work:
@@ -364,7 +395,8 @@ def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, lo
                 )
 
                 lora = str(lora_file(options.lora))
-        table = table_rows(options, teacher, lcm, lora, log) if "table" in options.parts else []
+        sheets_root = Path(out_dir) / "sheets"
+        table = table_rows(options, teacher, lcm, lora, log, sheets_root) if "table" in options.parts else []
         skip = skip_rows(options, teacher, work, log) if "skip" in options.parts else []
         guidance = guidance_rows(options, lcm, log) if "guidance" in options.parts else []
     from lcmkit_world.evaluate.metrics import fid_floor
@@ -395,6 +427,9 @@ def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, lo
         result["quality"]["measured_by"] = measured_by
     if ran["ablation_skip"]:
         keep_other_skip_rows(result["ablation_skip"], options, out_dir, log)
+    from lcmkit_world.bench.pooled import bars
+
+    result["quality"]["bars"] = bars(result["quality"]["rows"])
     result["quality"]["claims"] = claims(*(result[n]["rows"] for n in ("quality", "ablation_skip",
                                                                          "ablation_guidance")))
     write_outputs(result, out_dir, [n for n, done in ran.items() if done] + ["quality"])
@@ -412,10 +447,22 @@ def markdown(result: dict) -> str:
                  "it). Distillations of the skip ablation train on open captions (`world:open`).\n\n")
     text += "## Agreement with the LCM paper (judged from the numbers below)\n\n"
     text += "".join(f"- **{c['verdict']}**: {c['claim']}. {c['evidence']}\n" for c in q["claims"]) + "\n"
-    head = ["method", "solver", "steps", "guidance", "accuracy", "world-FID", "s/image"]
-    cells = lambda r: [r["method"], r["solver"], r["steps"], r["guidance"], r["accuracy"], r["world_fid"],  # noqa: E731
+    head = ["method", "solver", "steps", "guidance", "accuracy (strict)", "attributes", "well formed", "fidelity",
+            "world-FID", "s/image"]
+    cells = lambda r: [r["method"], r["solver"], r["steps"], r["guidance"], r["accuracy"],  # noqa: E731
+                       r.get("attributes", "—"), r.get("well_formed", "—"), r.get("fidelity", "—"), r["world_fid"],
                        r["seconds_per_image"]]
     text += "## Table 1 on the world\n\n" + machine.table(head, [cells(r) for r in q["rows"]]) + "\n"
+    pooled = [r for r in q["rows"] if r.get("seeds")]
+    if pooled:
+        text += (f"Rows pooled over evaluation seeds {', '.join(map(str, pooled[0]['seeds']))} "
+                 f"({pooled[0]['n']} generations each; ± = half the range of the per-seed accuracies). "
+                 "Contact sheets of the first seed (64 tiles, the verdict drawn on each) are in `sheets/<method>/`.\n\n")
+    from lcmkit_world.bench.pooled import bars_markdown
+
+    bar_text = bars_markdown(q["rows"])
+    if bar_text:
+        text += "## Quality bars (against the reference row)\n\n" + bar_text + "\n"
     others = {m: c for m, c in q.get("measured_by", {}).items() if c != q["command"]}
     if others:
         text += "".join(f"Rows `{m}` measured by `{c}`.\n" for m, c in others.items()) + "\n"
@@ -471,7 +518,8 @@ def _group(rows: list[dict], key) -> dict:
 
 
 def plot_table(rows: list[dict], path: Path) -> None:
-    plt, fig, axes = _axes(1, "Table 1 on the world (guidance 7.5)")
+    guidances = sorted({r["guidance"] for r in rows if r["method"] in ("teacher", "lcm")})
+    plt, fig, axes = _axes(1, "Table 1 on the world (guidance " + ", ".join(f"{g:g}" for g in guidances) + ")")
     _lines(axes[0][0], axes[1][0], _group(rows, lambda r: f"{r['method']} {r['solver']}"), "steps", "steps", True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

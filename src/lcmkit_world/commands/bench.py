@@ -105,9 +105,10 @@ def _register_quality(bench) -> None:
     p.add_argument("--lora", help="distilled LCM-LoRA (file or lora/ folder)")
     p.add_argument("--parts", type=comma_list(str), default=["table", "skip", "guidance"],
                    help="table, skip, guidance (comma-separated; default all)")
-    p.add_argument("--methods", type=comma_list(str), default=["teacher", "control", "lcm-lora", "lcm"],
-                   help="table rows to measure: teacher, control (teacher + LCM sampler, no CFG), lcm-lora, lcm "
-                        "(default all); the others stay as an earlier run wrote them in --out")
+    p.add_argument("--methods", type=comma_list(str), default=["reference", "teacher", "control", "lcm-lora", "lcm"],
+                   help="table rows to measure: reference (with --reference-guidance), teacher, control (teacher + LCM "
+                        "sampler, no CFG), lcm-lora, lcm (default all); the others stay as an earlier run wrote them "
+                        "in --out")
     p.add_argument("--budget", type=int, default=1000, help="distillation steps per skip-ablation run")
     p.add_argument("--evals", type=int, default=4, help="checkpoints evaluated per skip-ablation run")
     p.add_argument("--ablation-steps", type=int, default=4,
@@ -117,6 +118,16 @@ def _register_quality(bench) -> None:
     p.add_argument("--omegas", type=comma_list(float), default=[2.0, 4.5, 7.5, 10.5, 14.0],
                    help="paper ω for the guidance ablation (guidance_scale = ω + 1)")
     p.add_argument("--distill-batch-size", type=int, default=32)
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="guidance of the teacher rows and the full LCM (diffusers convention, ω = g − 1; default 7.5)")
+    p.add_argument("--lora-guidance", type=float, default=1.0, help="guidance of the LCM-LoRA rows (default 1)")
+    p.add_argument("--reference-guidance", type=float, default=None,
+                   help="the teacher's best guidance: adds the reference row (DPM-Solver++ 25) the quality bars are "
+                        "taken against")
+    p.add_argument("--eval-seeds", type=comma_list(int), default=[0],
+                   help="evaluation seeds of the table, pooled (default 0; the bars ask for 0,1,2)")
+    p.add_argument("--no-sheets", dest="sheets", action="store_false",
+                   help="no contact sheets per table row (default: sheets/<method>/ under --out)")
     p.set_defaults(run=run_quality, bench_parser=p)
 
 
@@ -235,6 +246,8 @@ def run_quality(args) -> int:
     options = QualityOptions(lcm=args.lcm, lora=args.lora, parts=args.parts, methods=args.methods,
                              ablation_steps=args.ablation_steps, budget=args.budget, evals=args.evals, skips=args.skips,
                              solvers=args.solvers, omegas=args.omegas, distill_batch_size=args.distill_batch_size,
+                             guidance=args.guidance, lora_guidance=args.lora_guidance,
+                             reference_guidance=args.reference_guidance, seeds=args.eval_seeds, sheets=args.sheets,
                              **_world_scoring_kwargs(args))
     if args.smoke:
         options = options.smoke()
