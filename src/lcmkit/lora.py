@@ -9,7 +9,9 @@ beside them without touching what is here:
   default, B zero-initialised (peft's default), so the adapted UNet equals the base UNet before training.
 - :func:`save_lora_diffusers`: one ``pytorch_lora_weights.safetensors`` with keys ``unet.<module>.lora_A.weight``
   / ``.lora_B.weight`` and the adapter config (rank, alpha, targets) stored in the file's metadata, so
-  ``pipe.load_lora_weights(folder)`` rebuilds scale = alpha / rank exactly (diffusers ≥ 0.34 reads it).
+  ``pipe.load_lora_weights(folder)`` rebuilds scale = alpha / rank exactly (diffusers ≥ 0.34 reads it), written by
+  diffusers' own writer. The recipes write their LoRAs through :func:`lcmkit.lora_export.write_lora_files` instead
+  (that file plus the kohya-keyed one every other client applies whole).
 - :data:`LORA_TARGET_PRESETS` / :func:`lora_config`: target sets for training other LoRAs (style LoRAs).
 - :func:`load_into_adapters` / :func:`adapter_weights`: a LoRA file's layers (any format, via
   :mod:`lcmkit.lora_formats`) as trainable peft adapters on a UNet, and back, ranks and alphas kept per layer.

@@ -24,8 +24,13 @@ Conventions:
   key. Nothing is dropped silently.
 - **kohya names** (``lora_unet_down_blocks_0_attentions_0_proj_in``) lost their dots, and real module names
   contain underscores (``to_out.0``, ``ff.net.0.proj``, ``conv_shortcut``), so they are mapped back through a
-  table built from the model's own ``named_modules()``, never by string guessing. kohya's SDXL files that use
-  the original SGM block names (``input_blocks``/``middle_block``/``output_blocks``) are refused with a hint.
+  table built from the model's own ``named_modules()``, never by string guessing. UNet keys may also use the
+  original LDM/SGM block names (``lora_unet_input_blocks_4_1_proj_in``, as sd-scripts writes SDXL LoRAs and
+  ComfyUI/AUTOMATIC1111 accept for SD 1.x): the table holds those spellings too (:mod:`lcmkit.lora_sgm`).
+- **Plain LoRA only, checked first** (:mod:`lcmkit.lora_checks`): LyCORIS LoHa/LoKr/GLoRA, IA3, OFT, DoRA and
+  weight-difference files are refused by name before anything is resolved; LoCon (LoRA on convolutions, with an
+  optional ``lora_mid`` core, folded exactly into ``down``) is read. Every tensor and alpha must be finite, every
+  rank ≥ 1, every header alpha a number.
 - **CLIP text encoders**: transformers ≥ 5 flattened ``CLIPTextModel`` (``encoder.layers.0…``) while files
   and ``CLIPTextModelWithProjection`` say ``text_model.encoder.layers.0…``. Reading accepts both; writing uses
   the ``text_model.`` form every tool reads.
@@ -35,10 +40,10 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +53,20 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LcmkitError
+from .lora_checks import (  # noqa: F401  (check_safetensors_file, read_safetensors, PICKLE_SUFFIXES: re-exported)
+    PICKLE_SUFFIXES,
+    alpha_value,
+    check_finite,
+    check_rank,
+    check_safetensors_file,
+    read_safetensors,
+    refuse_other_adapters,
+)
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 FORMATS = ("diffusers", "peft", "kohya")
 #: Header key diffusers uses for its LoRA config (``lora_base.LORA_ADAPTER_METADATA_KEY``); we use it for PEFT too.
 METADATA_KEY = "lora_adapter_metadata"
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 
 _KOHYA_PREFIX = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
 
@@ -109,46 +122,6 @@ def models_dict(unet: nn.Module, text_encoders=None) -> dict[str, nn.Module]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading files safely
-# ---------------------------------------------------------------------------------------------------------------
-
-def check_safetensors_file(path: str | os.PathLike) -> Path:
-    """Refuse anything but a safetensors file, by name and by content; never unpickles.
-
-    A safetensors file starts with a little-endian u64 header length N followed by a JSON object (``{``) of N
-    bytes. Pickles start with ``0x80`` (protocol ≥ 2), ``torch.save`` zips with ``PK``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise LcmkitError(f"LoRA file {path} not found")
-    how = "convert it to .safetensors first (e.g. load it in a trusted environment and save with safetensors)"
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise LcmkitError(f"LoRA file {path} is a pickle checkpoint ({path.suffix}); lcmkit only reads safetensors "
-                          f"because unpickling can run arbitrary code: {how}")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    size = path.stat().st_size
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        raise LcmkitError(f"LoRA file {path} contains a pickle / torch.save checkpoint despite its name; lcmkit "
-                          f"only reads safetensors because unpickling can run arbitrary code: {how}")
-    if len(head) < 9 or struct.unpack("<Q", head[:8])[0] + 8 > size or head[8:9] != b"{":
-        raise LcmkitError(f"LoRA file {path} is not a valid safetensors file")
-    return path
-
-
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, header metadata) of a checked safetensors file."""
-    from safetensors import safe_open
-
-    path = check_safetensors_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as e:  # a corrupt header or truncated data
-        raise LcmkitError(f"LoRA file {path} could not be read as safetensors: {e}") from e
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Key parsing: one key → where it points and what it holds (no model needed)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -161,7 +134,7 @@ class KeyRef:
     fmt: str               # "kohya" | "peft" | "diffusers"
     component: str | None
     names: tuple[str, ...]
-    role: str              # "down" | "up" | "alpha"
+    role: str              # "down" | "up" | "mid" (LoCon's core) | "alpha"
 
     @property
     def raw_path(self) -> str:
@@ -169,7 +142,7 @@ class KeyRef:
         return self.names[0]
 
 
-_KOHYA = re.compile(r"^lora_(unet|te|te1|te2)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA = re.compile(r"^lora_(unet|te|te1|te2)_([A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha)$")
 _KOHYA_ANY = re.compile(r"^lora_(unet|te|te1|te2)_[A-Za-z0-9_]+\.")
 _PEFT_PREFIX = "base_model.model."
 # a PEFT/diffusers LoRA factor: lora_A / lora_B, optionally with an adapter name (lora_A.default.weight)
@@ -186,16 +159,15 @@ _PROC_TARGETS = {"to_q": ("to_q", "q_proj"), "to_k": ("to_k", "k_proj"), "to_v":
 
 def parse_kohya_key(key: str) -> KeyRef | None:
     """``lora_unet_<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (``lora_te_``, ``lora_te1_``,
-    ``lora_te2_`` for text encoders). Other kohya-looking keys (DoRA ``dora_scale``, LyCORIS ``hada_``/``lokr_``,
-    ``lora_mid``) raise: they are not plain LoRA."""
+    ``lora_te2_`` for text encoders), and LoCon's ``.lora_mid.weight``. Other kohya-looking keys raise."""
     m = _KOHYA.match(key)
     if m is None:
         if _KOHYA_ANY.match(key):
-            raise LcmkitError(f"LoRA key {key!r} is a kohya key lcmkit does not support (only plain LoRA "
-                              "lora_down/lora_up/alpha; DoRA and LyCORIS variants are not LoRA)")
+            raise LcmkitError(f"LoRA key {key!r} is a kohya key lcmkit does not support (only plain LoRA / LoCon: "
+                              "lora_down, lora_up, lora_mid, alpha)")
         return None
     prefix, name, what = m.groups()
-    role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[what]
+    role = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha"}[what]
     return KeyRef(key, "kohya", _KOHYA_PREFIX[prefix], (name,), role)
 
 
@@ -257,21 +229,27 @@ def _text_model_aliases(path: str) -> list[str]:
 
 
 class ModuleIndex:
-    """Real module names of one model, plus kohya's underscore spelling of each (ambiguous spellings kept apart
-    so that a key hitting one raises instead of picking a layer at random)."""
+    """Real module names of one model, plus kohya's underscore spelling of each, and for a UNet of its original
+    LDM/SGM name (ambiguous spellings kept apart so that a key hitting one raises instead of picking a layer at
+    random)."""
 
     def __init__(self, component: str, model: nn.Module):
+        from .lora_sgm import original_names
+
         self.component = component
         self.modules = dict(model.named_modules())
         self.kohya: dict[str, str] = {}
         self.ambiguous: dict[str, list[str]] = {}
         is_text = component != "unet"
+        original = {} if is_text else original_names(model)
         for name in self.modules:
             if not name:
                 continue
             spellings = {name.replace(".", "_")}
             if is_text:
                 spellings |= {a.replace(".", "_") for a in _text_model_aliases(name)}
+            elif name in original:
+                spellings.add(original[name].replace(".", "_"))
             for s in spellings:
                 if s in self.kohya and self.kohya[s] != name:
                     self.ambiguous.setdefault(s, [self.kohya[s]]).append(name)
@@ -314,8 +292,7 @@ def resolve(ref: KeyRef, indexes: Mapping[str, ModuleIndex]) -> str:
     if not found:
         hint = ""
         if ref.fmt == "kohya" and re.match(r"(input_blocks|middle_block|output_blocks)_", ref.names[0]):
-            hint = (" (this is kohya's SGM/LDM block naming used for SDXL; lcmkit maps kohya names against the "
-                    "diffusers UNet only: convert the file to diffusers format first)")
+            hint = " (an original-layout LDM/SGM block name, but not one of this UNet's blocks)"
         raise LcmkitError(f"LoRA key {ref.key!r} matches no module of this model{hint}; is the LoRA for "
                           "another base model?")
     if len(found) > 1:
@@ -341,12 +318,18 @@ def parse_lora_metadata(metadata: Mapping[str, str]) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+@functools.lru_cache(maxsize=8192)  # one compile per pattern, not per (pattern, layer): files hold ~1000 of them
+def _pattern_regex(pattern: str) -> re.Pattern | None:
+    try:
+        return re.compile(rf"(.*\.)?({pattern})$")
+    except re.error:
+        return None
+
+
 def _pattern_matches(pattern: str, path: str) -> bool:
     """PEFT's rule for ``alpha_pattern`` keys: the pattern matches a dotted suffix of the module path."""
-    try:
-        return re.match(rf"(.*\.)?({pattern})$", path) is not None
-    except re.error:
-        return False
+    regex = _pattern_regex(pattern)
+    return regex is not None and regex.match(path) is not None
 
 
 def alpha_from_config(config: Mapping, ref: KeyRef) -> float | None:
@@ -359,14 +342,19 @@ def alpha_from_config(config: Mapping, ref: KeyRef) -> float | None:
     paths = list(ref.names) + ([f"{ref.component}.{n}" for n in ref.names] if ref.component else [])
     for prefix in prefixes:
         patterns = config.get(prefix + "alpha_pattern") or {}
-        for path in paths:
-            if path in patterns:
-                return float(patterns[path])
+        if not isinstance(patterns, Mapping):
+            raise LcmkitError(f"the LoRA config's {prefix}alpha_pattern must map module names to numbers, got "
+                              f"{patterns!r}")
+        where = f"alpha of {ref.key!r} in the LoRA config's {prefix}alpha_pattern"
+        for path in paths:  # as written, or escaped as lcmkit writes patterns: no regex scan needed
+            for exact in (path, re.escape(path)):
+                if exact in patterns:
+                    return alpha_value(patterns[exact], where)
         for pattern, value in patterns.items():
             if any(_pattern_matches(pattern, p) for p in paths):
-                return float(value)
+                return alpha_value(value, where)
         if config.get(prefix + "lora_alpha") is not None:
-            return float(config[prefix + "lora_alpha"])
+            return alpha_value(config[prefix + "lora_alpha"], f"the LoRA config's {prefix}lora_alpha")
     return None
 
 
@@ -381,6 +369,7 @@ def fit_to_module(key: str, down: Tensor, up: Tensor, module: nn.Module) -> tupl
     is a 1x1 conv, SD 2.x's a linear): those are reshaped, as they are the same map.
     """
     module = unwrap(module)
+    check_rank(key, down)
     if down.ndim not in (2, 4) or up.ndim not in (2, 4) or down.shape[0] != up.shape[1]:
         raise LcmkitError(f"LoRA key {key!r}: down {tuple(down.shape)} and up {tuple(up.shape)} do not form a "
                           "low-rank pair")
@@ -419,10 +408,12 @@ def lora_from_state_dict(state: Mapping[str, Tensor], models: Mapping[str, nn.Mo
     ``models`` (``{"unet": …, "text_encoder": …}``). Raises :class:`LcmkitError` naming the first bad key."""
     if not state:
         raise LcmkitError(f"{source} contains no tensors")
+    refuse_other_adapters(state, source)  # a LoHa/LoKr/... file is refused whole, never half-applied
     indexes = {c: ModuleIndex(c, m) for c, m in models.items()}
     config = parse_lora_metadata(metadata or {})
     parts: dict[str, dict[str, tuple[KeyRef, Tensor]]] = {}
     for key, tensor in state.items():
+        check_finite(tensor, key, source)
         ref = parse_key(key)
         target = resolve(ref, indexes)
         slot = parts.setdefault(target, {})
@@ -438,16 +429,31 @@ def lora_from_state_dict(state: Mapping[str, Tensor], models: Mapping[str, nn.Mo
             ref = next(iter(slot.values()))[0]
             raise LcmkitError(f"{source}: LoRA key {ref.key!r} has no matching {missing[0]} weight for {target}")
         (down_ref, down), (_, up) = slot["down"], slot["up"]
+        if "mid" in slot:
+            down = fold_mid(slot["mid"][0].key, slot["mid"][1], down)
         component, path = split_name(target)
         down, up = fit_to_module(down_ref.key, down, up, models[component].get_submodule(path))
         if "alpha" in slot:
-            alpha = float(slot["alpha"][1].float().reshape(-1)[0])
+            alpha = alpha_value(slot["alpha"][1], f"{source}: alpha tensor {slot['alpha'][0].key!r}")
         else:
-            alpha = alpha_from_config(config, down_ref)
+            try:
+                alpha = alpha_from_config(config, down_ref)
+            except LcmkitError as e:
+                raise LcmkitError(f"{source}: {e}") from None
             if alpha is None:
                 alpha = float(down.shape[0])  # no alpha anywhere: alpha = rank, scale 1
         weights[target] = LoraLayer(down.contiguous(), up.contiguous(), float32_value(alpha))
     return weights
+
+
+def fold_mid(key: str, mid: Tensor, down: Tensor) -> Tensor:
+    """LoCon's CP core folded into ``down``: a 1x1 ``down`` (r, in) followed by the kh×kw ``mid`` (r, r, kh, kw)
+    is one kh×kw conv with kernel Σ_j mid[:, j] · down[j] (r, in, kh, kw), the same map exactly."""
+    square = mid.ndim == 4 and down.shape[0] == mid.shape[0] == mid.shape[1]
+    if not square or (down.ndim == 4 and tuple(down.shape[2:]) != (1, 1)):
+        raise LcmkitError(f"LoRA key {key!r}: lora_mid {tuple(mid.shape)} does not fit lora_down "
+                          f"{tuple(down.shape)} (LoCon's core is (rank, rank, kh, kw) after a 1x1 down)")
+    return torch.einsum("ojhw,ji->oihw", mid.float(), down.float().flatten(1)).to(down.dtype)
 
 
 def load_lora(path: str | os.PathLike, unet: nn.Module, text_encoders=None) -> LoraWeights:
@@ -495,7 +501,8 @@ def _by_component(weights: LoraWeights) -> dict[str, dict[str, LoraLayer]]:
     return out
 
 
-def to_state_dict(weights: LoraWeights, fmt: str = "diffusers") -> tuple[dict[str, Tensor], dict[str, str]]:
+def to_state_dict(weights: LoraWeights, fmt: str = "diffusers",
+                  kohya_bases: Mapping[str, str] | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, safetensors header) of ``weights`` in ``fmt``; every format carries every alpha.
 
     - ``diffusers``: ``<component>.<path>.lora_A.weight`` / ``lora_B.weight``; alphas in the header config that
@@ -505,6 +512,8 @@ def to_state_dict(weights: LoraWeights, fmt: str = "diffusers") -> tuple[dict[st
       for text encoders, so nothing is ambiguous), alphas in a PEFT config in the header.
     - ``kohya``: ``lora_unet_<path_with_underscores>.lora_down.weight`` / ``lora_up.weight`` / ``.alpha``
       (float32 scalar); text encoders ``lora_te_`` (``lora_te1_``/``lora_te2_`` when a second one is present).
+      ``kohya_bases`` (canonical name → key base) names layers otherwise, e.g. by their SGM block names
+      (:func:`lcmkit.lora_export.kohya_bases`).
     """
     if fmt not in FORMATS:
         raise LcmkitError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -518,7 +527,8 @@ def to_state_dict(weights: LoraWeights, fmt: str = "diffusers") -> tuple[dict[st
                      "unet": "unet"}
         for name, layer in weights.items():
             component, path = split_name(name)
-            base = f"lora_{te_prefix[component]}_{public_path(component, path).replace('.', '_')}"
+            default = f"lora_{te_prefix[component]}_{public_path(component, path).replace('.', '_')}"
+            base = (kohya_bases or {}).get(name, default)
             tensors[base + ".lora_down.weight"] = layer.down
             tensors[base + ".lora_up.weight"] = layer.up
             tensors[base + ".alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
@@ -545,7 +555,8 @@ def to_state_dict(weights: LoraWeights, fmt: str = "diffusers") -> tuple[dict[st
     return tensors, header
 
 
-def save_lora(weights: LoraWeights, path: str | os.PathLike, fmt: str = "diffusers") -> Path:
+def save_lora(weights: LoraWeights, path: str | os.PathLike, fmt: str = "diffusers",
+              kohya_bases: Mapping[str, str] | None = None) -> Path:
     """Write ``weights`` to a ``.safetensors`` file in ``fmt`` (``diffusers`` | ``peft`` | ``kohya``), alphas
     included; see :func:`to_state_dict` for the layouts. Returns the path."""
     from safetensors.torch import save_file
@@ -553,7 +564,7 @@ def save_lora(weights: LoraWeights, path: str | os.PathLike, fmt: str = "diffuse
     path = Path(path)
     if path.suffix != ".safetensors":
         raise LcmkitError(f"LoRA files are written as .safetensors, got {path.name}")
-    tensors, header = to_state_dict(weights, fmt)
+    tensors, header = to_state_dict(weights, fmt, kohya_bases)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=header)
     return path

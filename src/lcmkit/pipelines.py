@@ -352,17 +352,21 @@ def save_grid(images: Sequence, path: str | os.PathLike, cols: int | None = None
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_lora(spec: str | os.PathLike | tuple) -> tuple[Path, float]:
-    """``FILE[:WEIGHT]`` (or a (file, weight) pair) → (Path, weight); weight defaults to 1.0."""
+    """``FILE[:WEIGHT]`` (or a (file, weight) pair) → (Path, weight); weight defaults to 1.0 and must be finite with
+    |weight| ≤ :data:`lcmkit.lora_checks.MAX_LORA_WEIGHT` (NaN, inf or 1e30 would turn every image black)."""
+    from .lora_checks import check_lora_weight
+
     if isinstance(spec, tuple):
         file, weight = spec
-        return Path(file), float(weight)
+        return Path(file), check_lora_weight(weight, f"the weight of LoRA {file}")
     spec = str(spec)
     file, sep, weight = spec.rpartition(":")
     if sep:
         try:
-            return Path(file), float(weight)
+            value = float(weight)
         except ValueError:
-            pass  # a colon inside the path, no weight
+            return Path(spec), 1.0  # a colon inside the path, no weight
+        return Path(file), check_lora_weight(value, f"the weight of LoRA {file} ({spec!r})")
     return Path(spec), 1.0
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LcmkitError
+from .lora_checks import alpha_value, check_finite, check_lora_weight
 from .lora_formats import (
     LoraLayer,
     LoraWeights,
@@ -63,8 +64,12 @@ def task_vector_sum(loras: Sequence[tuple[LoraWeights, float]]) -> dict[str, Ten
 
 
 def check_weights_fit(weights: LoraWeights, models: Mapping[str, nn.Module]) -> None:
-    """Raise :class:`LcmkitError` naming the first layer of ``weights`` that is not in ``models`` or does not fit."""
+    """Raise :class:`LcmkitError` naming the first layer of ``weights`` that is not in ``models``, does not fit, or
+    holds a non-finite number."""
     for name, layer in weights.items():
+        check_finite(layer.down, f"{name} down", "LoRA")
+        check_finite(layer.up, f"{name} up", "LoRA")
+        alpha_value(layer.alpha, f"LoRA layer {name}: alpha")
         component, path = split_name(name)
         if component not in models:
             raise LcmkitError(f"LoRA layer {name} is for {component}, which this model does not have")
@@ -75,17 +80,39 @@ def check_weights_fit(weights: LoraWeights, models: Mapping[str, nn.Module]) -> 
         fit_to_module(name, layer.down, layer.up, module)
 
 
+def check_loras(loras: Sequence[tuple[LoraWeights, float]], models: Mapping[str, nn.Module]) -> None:
+    """Every (weights, λ) pair: λ finite and in range, every layer finite, fitting ``models``, and with an update
+    λ·(α/r)·up@down that cannot overflow float32 (each entry is at most r·max|up|·max|down| times the scale)."""
+    limit = float(torch.finfo(torch.float32).max)
+    for i, (weights, lam) in enumerate(loras):
+        check_lora_weight(lam, f"the weight λ of LoRA {i + 1}")
+        check_weights_fit(weights, models)
+        for name, layer in weights.items():
+            bound = abs(lam * layer.scale) * layer.rank * float(layer.up.abs().max()) * float(layer.down.abs().max())
+            if bound > limit:
+                raise LcmkitError(f"LoRA layer {name}: its update reaches {bound:.3g}, past float32's range (factors "
+                                  f"of size {float(layer.up.abs().max()):.3g} and {float(layer.down.abs().max()):.3g}"
+                                  f"); the file is damaged")
+
+
 def merge_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]], *,
                 inplace: bool = False) -> dict[str, nn.Module]:
     """θ' = θ_pre + Σ λ_i τ_i (report eq. 3) for ``models`` = ``{"unet": …, "text_encoder": …}``.
 
     Returns ``{component: model}``: a merged deep copy for every component a LoRA with λ ≠ 0 touches and the
     original object for the others (``inplace=True`` merges into the originals instead, saving a copy's
-    memory). The sum is formed in float32 and cast back to each weight's dtype once.
+    memory). The sum is formed in float32 and cast back to each weight's dtype once. A merged weight that is not
+    finite in its dtype (an fp16 overflow) raises naming the layer before any weight is changed.
     """
-    for weights, _ in loras:
-        check_weights_fit(weights, models)
+    check_loras(loras, models)
     deltas = task_vector_sum(loras)
+    for name, delta in deltas.items():  # check every merged weight first: never a half-merged model
+        component, path = split_name(name)
+        weight = models[component].get_submodule(path).weight
+        merged = (weight.float() + delta.to(weight.device)).to(weight.dtype)
+        if not bool(torch.isfinite(merged).all()):
+            raise LcmkitError(f"merging the LoRAs makes {name}.weight non-finite in {weight.dtype} (the sum "
+                              "overflows); lower the LoRA weights λ")
     touched = {split_name(name)[0] for name in deltas}
     out = {c: (m if inplace or c not in touched else copy.deepcopy(m)) for c, m in models.items()}
     with torch.no_grad():
@@ -160,8 +187,7 @@ class AppliedLoras:
 def attach_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]]) -> AppliedLoras:
     """Apply Σ λ_i τ_i on the fly (forward hooks) to ``models`` = ``{"unet": …, "text_encoder": …}``; same
     outputs as :func:`merge_loras` up to float32 rounding. LoRAs with λ = 0 attach nothing."""
-    for weights, _ in loras:
-        check_weights_fit(weights, models)
+    check_loras(loras, models)
     branches: dict[str, _Branch] = {}
     for weights, lam in loras:
         if lam == 0:

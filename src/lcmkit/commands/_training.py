@@ -95,6 +95,16 @@ def run_recipe(config_cls, recipe, args) -> int:
     return 0
 
 
+def add_lora_save_args(p: argparse.ArgumentParser) -> None:
+    """How the trained LoRA is written (``lcmkit.train.config.LoraSaveOptions``): which files, in what precision."""
+    p.add_argument("--lora-format", metavar="FORMATS",
+                   help="comma list of kohya, diffusers, peft: one LoRA file each (default kohya,diffusers: the "
+                        "diffusers-keyed file at the usual path for diffusers' load_lora_weights, and "
+                        "<name>_kohya.safetensors beside it, which ComfyUI, Forge, AUTOMATIC1111 and sd-scripts "
+                        "apply whole)")
+    p.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), help="LoRA weights' dtype (default fp32)")
+
+
 def add_distance_args(p: argparse.ArgumentParser) -> None:
     """The consistency distance d (``lcmkit.losses.consistency_distance``): its kind and the pseudo-Huber c."""
     p.add_argument("--loss", choices=("l2", "huber"), help="distance (default huber)")

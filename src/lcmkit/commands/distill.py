@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from ._training import add_consistency_args, add_training_args, run_recipe
+from ._training import (
+    add_consistency_args,
+    add_lora_save_args,
+    add_training_args,
+    run_recipe,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--solver", choices=("ddim", "dpm-solver", "dpm-solver++"), help="teacher ODE solver (default ddim)")
     a("--top-fraction", type=float, help="extra share of pairs at the grid's top point, where 1-step sampling "
       "starts (not in the paper; default 0 = uniform)")
+    add_lora_save_args(p)
     add_consistency_args(p)
     add_training_args(p)
     p.set_defaults(run=run)

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import argparse
 
-from ._training import add_consistency_args, add_training_args, run_recipe
+from ._training import (
+    add_consistency_args,
+    add_lora_save_args,
+    add_training_args,
+    run_recipe,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,10 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     a = p.add_argument
     a("--model", help="full LCM pipeline folder (UNet with a guidance embedding), or the base model of --lora")
     a("--lora", help="LCM-LoRA .safetensors (diffusers, PEFT or kohya) to fine-tune on --model; the result is "
-                     "written in the same format")
+                     "written as --lora-format says")
     a("--out", help="output folder (refused if it has results, unless --resume or --overwrite)")
     a("--ema", type=float, help="target EMA rate mu, full LCM (default 0.95; 0 = copy of the online weights)")
     a("--omega", type=float, help="fixed paper guidance omega for the w-embedding (= guidance_scale - 1)")
+    add_lora_save_args(p)
     add_consistency_args(p)
     add_training_args(p)
     p.set_defaults(run=run)

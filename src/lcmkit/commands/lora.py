@@ -4,8 +4,8 @@
   θ' = θ_pre + Σ λ_i τ_i (LCM-LoRA report eq. 3) merged into a standalone diffusers pipeline folder of the same
   class as BASE (safetensors), e.g. a style LoRA at 0.8 plus LCM-LoRA at 1.0: :func:`lcmkit.task_arithmetic.combine`.
 - ``lcmkit lora train --model DIR --data PATH --out FILE.safetensors [options]``: a style LoRA (ordinary diffusion
-  fine-tuning of the base model's UNet through a LoRA), written in the LCM-LoRA file format. Owner:
-  train/style_lora.py.
+  fine-tuning of the base model's UNet through a LoRA), written as ``--lora-format`` says (default: diffusers' keys
+  at FILE, kohya's beside it). Owner: train/style_lora.py.
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ def run_combine(args) -> int:
 
 # --- train (owner: the LoRA training recipe) ------------------------------------------------------------------
 def _register_train(lora_sub) -> None:
-    from ._training import add_training_args
+    from ._training import add_lora_save_args, add_training_args
 
     p = lora_sub.add_parser(
-        "train", help="train a style LoRA on a base model (diffusion loss), in the LCM-LoRA file format",
+        "train", help="train a style LoRA on a base model (diffusion loss)",
         description="Ordinary diffusion fine-tuning of a base model through a LoRA (noise-prediction loss matching "
                     "the model's prediction_type, uniform t, optional caption dropout). The file can be combined "
                     "with an LCM-LoRA: lcmkit generate BASE --lora style.safetensors:0.8 --lora lcm.safetensors. "
@@ -66,6 +66,7 @@ def _register_train(lora_sub) -> None:
     a("--caption-dropout", type=float, help="probability of training a sample unconditionally (default 0)")
     a("--validation-steps", type=int, help="DDIM steps of the validation grid (default 25)")
     a("--validation-guidance", type=float, help="guidance_scale of the validation grid (default 7.5)")
+    add_lora_save_args(p)
     add_training_args(p)
     p.set_defaults(run=run_train)
 

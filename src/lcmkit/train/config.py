@@ -273,3 +273,18 @@ class ConsistencyOptions(TrainingOptions):
             raise LcmkitError(f"huber_c must be > 0 (0.001 is the reference), got {self.huber_c}")
         if not self.validation_steps or any(s < 1 for s in self.validation_steps):
             raise LcmkitError(f"validation_steps must be positive step counts, got {self.validation_steps}")
+
+
+@dataclass
+class LoraSaveOptions:
+    """How a recipe writes the LoRA it trains (``distill --mode lora``, ``lora train``, ``finetune --lora``):
+    :func:`lcmkit.lora_export.write_lora_files`."""
+
+    lora_format: str = "kohya,diffusers"  # comma list of kohya, diffusers, peft: one file each
+    save_dtype: str = "fp32"              # the LoRA factors' dtype: fp32, fp16 or bf16
+
+    def check_lora_save(self) -> None:
+        from ..lora_export import check_save_dtype, parse_formats
+
+        parse_formats(self.lora_format)
+        check_save_dtype(self.save_dtype)

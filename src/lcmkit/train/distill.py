@@ -20,7 +20,10 @@ the target θ⁻ is an EMA (``ema`` = μ; 0 = a copy of θ every step). Output: 
 **LoRA mode** (LCM-LoRA): LoRA (rank/alpha 64/64, B = 0) on :data:`lcmkit.lora.LCM_LORA_TARGETS`; one UNet in
 memory: the teacher is that UNet with adapters disabled, the target is the online model without gradients
 (no EMA, as the LCM-LoRA scripts), or with ``lora_ema`` = μ > 0 the same UNet called with an EMA copy of the
-adapter weights (:class:`EmaLoraTarget`). Guidance is baked in (no w-embedding). Output: ``pytorch_lora_weights.safetensors``.
+adapter weights (:class:`EmaLoraTarget`). Guidance is baked in (no w-embedding). Output (``lora_format``, default
+``kohya,diffusers``; :func:`lcmkit.lora_export.write_lora_files`): ``pytorch_lora_weights.safetensors`` (diffusers'
+keys, for ``load_lora_weights(folder)``) and ``pytorch_lora_weights_kohya.safetensors`` (kohya keys, which
+ComfyUI, Forge, AUTOMATIC1111 and sd-scripts apply whole), factors in ``save_dtype``.
 
 **Mixed precision**: the frozen teacher (LoRA: the base weights), VAE and text encoders are cast to the weight
 dtype (fp16/bf16) and run *outside* autocast; only the student/target forwards run under autocast, trainable
@@ -50,7 +53,7 @@ from ..losses import lcd_loss
 from ..math.schedule import alphas_cumprod_from_config
 from ..math.timesteps import lcm_timesteps
 from ..solvers import SOLVERS, randn, sample_lcm
-from .config import ConsistencyOptions
+from .config import ConsistencyOptions, LoraSaveOptions
 from .data import default_validation_prompts, make_data
 from .encode import Encoder, encode_text
 from .loop import Run
@@ -71,7 +74,7 @@ RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class DistillConfig(ConsistencyOptions):
+class DistillConfig(ConsistencyOptions, LoraSaveOptions):
     """Everything ``lcmkit distill`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
 
     teacher: str = ""                 # diffusers pipeline folder: SD 1.x/2.x (eps or v) or SDXL
@@ -86,6 +89,7 @@ class DistillConfig(ConsistencyOptions):
     def __post_init__(self):
         self.check_training(model_key="teacher")
         self.check_consistency()
+        self.check_lora_save()
         if self.mode not in MODES:
             raise LcmkitError(f"mode must be full or lora, got {self.mode!r}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
@@ -393,17 +397,22 @@ def save_full_pipeline(models: Models, cfg: DistillConfig, folder: Path, num_poi
             getattr(pipe, name).to(models.device)
 
 
-def save_lora_output(models: Models, folder: Path) -> None:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def save_lora_output(models: Models, cfg: DistillConfig, folder: Path) -> None:
+    """The adapter (θ⁻ under an EMA target, as full mode exports θ⁻) as ``folder/pytorch_lora_weights.safetensors``
+    and the other ``cfg.lora_format`` files beside it; the folder readable by other users."""
+    from ..lora import LORA_WEIGHT_NAME, adapter_weights
+    from ..lora_export import make_readable, save_options, write_lora_files
 
-    from ..lora import save_lora_diffusers
+    def write() -> None:
+        write_lora_files(adapter_weights(models.student), folder / LORA_WEIGHT_NAME, unet=models.student,
+                         **save_options(cfg))
 
-    cls = StableDiffusionXLPipeline if models.arch == "sdxl" else StableDiffusionPipeline
-    if isinstance(models.target, EmaLoraTarget):  # the result is θ⁻, as in full mode
+    if isinstance(models.target, EmaLoraTarget):  # written inside: the EMA weights are in the UNet only there
         with models.target.applied(dict(models.trainable_named())):
-            save_lora_diffusers(models.student, folder, pipeline_class=cls)
+            write()
     else:
-        save_lora_diffusers(models.student, folder, pipeline_class=cls)
+        write()
+    make_readable(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,7 +479,7 @@ def distill(cfg: DistillConfig) -> Path:
         if cfg.mode == "full":
             save_full_pipeline(models, cfg, folder, num_points)
         else:
-            save_lora_output(models, folder)
+            save_lora_output(models, cfg, folder)
         run.write_config(folder)
 
     run.finish(result, lambda: atomic_folder(result, write_result), **source.report())

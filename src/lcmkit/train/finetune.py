@@ -20,9 +20,10 @@ range, as Algorithm 1). Output ``out/pipeline/``: the input pipeline (same class
 
 **LoRA mode** (``--model`` is the base pipeline, ``--lora`` an LCM-LoRA file of any format lcmkit reads): the
 file's layers become a trainable peft adapter on the UNet (rank and alpha per layer, as in the file); the target is
-the online model without gradients (no EMA, as LCM-LoRA); guidance is baked in (no ω). Output
-``out/lora/<the input file's name>`` in the input file's format (diffusers, PEFT or kohya; a mixed file is written as
-diffusers), readable by ``lcmkit generate BASE --lora FILE`` and diffusers' ``load_lora_weights``.
+the online model without gradients (no EMA, as LCM-LoRA); guidance is baked in (no ω). Output (``lora_format``,
+default ``kohya,diffusers``; :func:`lcmkit.lora_export.write_lora_files`): ``out/lora/<the input file's name>`` with
+diffusers' keys (read by ``load_lora_weights``) and ``<its stem>_kohya.safetensors`` beside it (kohya keys, which
+ComfyUI, Forge, AUTOMATIC1111 and sd-scripts apply whole), factors in ``save_dtype``, whatever format the input was.
 
 Mixed precision, checkpoints, resume, logs and validation grids work as in :mod:`lcmkit.train.distill`, and the data
 pipeline is distillation's (:class:`~lcmkit.train.data.DataStream`, :class:`~lcmkit.train.encode.Encoder`).
@@ -43,7 +44,7 @@ from ..atomic import atomic_folder
 from ..denoisers import TextConditioning, architecture, has_w_embedding, unet_denoiser
 from ..errors import LcmkitError
 from ..losses import lcf_loss
-from .config import ConsistencyOptions
+from .config import ConsistencyOptions, LoraSaveOptions
 from .data import default_validation_prompts, make_data
 from .distill import Models, draw, omega_range, validation_images
 from .loop import Run
@@ -59,7 +60,7 @@ RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class FinetuneConfig(ConsistencyOptions):
+class FinetuneConfig(ConsistencyOptions, LoraSaveOptions):
     """Everything ``lcmkit finetune`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
 
     model: str = ""                   # full LCM pipeline folder, or the base pipeline of --lora
@@ -69,6 +70,7 @@ class FinetuneConfig(ConsistencyOptions):
     def __post_init__(self):
         self.check_training(model_key="model")
         self.check_consistency()
+        self.check_lora_save()
         if self.lora is not None:
             from ..lora_formats import check_safetensors_file
 
@@ -168,12 +170,15 @@ def save_full_pipeline(models: Models, model_dir: str, folder: Path, num_points:
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
-def save_lora_like(unet, source_file: str | Path, folder: Path) -> Path:
-    """``unet``'s adapter as ``folder/<source file name>`` in the source file's format (alphas kept)."""
+def save_lora_like(unet, source_file: str | Path, folder: Path, cfg: FinetuneConfig) -> dict[str, Path]:
+    """``unet``'s adapter as ``folder/<source file name>`` and the other ``cfg.lora_format`` files beside it (alphas
+    kept), the folder readable by other users; returns ``{format: path}``."""
     from ..lora import adapter_weights
-    from ..lora_formats import save_lora
+    from ..lora_export import make_readable, save_options, write_lora_files
 
-    return save_lora(adapter_weights(unet), folder / Path(source_file).name, lora_file_format(source_file))
+    written = write_lora_files(adapter_weights(unet), folder / Path(source_file).name, unet=unet, **save_options(cfg))
+    make_readable(folder)
+    return written
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,7 +209,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     omegas = omega_range(cfg, models.arch)
     run.record_config({"mode": cfg.mode, "architecture": models.arch, "resolution": resolution,
                        "num_grid_points": num_points, "omega_range": list(omegas) if cfg.mode == "full" else None,
-                       "lora_format": lora_file_format(cfg.lora) if cfg.lora else None})
+                       "input_lora_format": lora_file_format(cfg.lora) if cfg.lora else None})
     source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, run.rank, run.world_size,
                                         cfg.progress and run.main)
     run.optimise(models.trainable(), {"mode": cfg.mode}, models.load_weights, stream)
@@ -233,7 +238,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         if cfg.mode == "full":
             save_full_pipeline(models, cfg.model, folder, num_points)
         else:
-            save_lora_like(models.student, cfg.lora, folder)
+            save_lora_like(models.student, cfg.lora, folder, cfg)
         run.write_config(folder)
 
     run.finish(result, lambda: atomic_folder(result_dir, write_result), mode=cfg.mode, **source.report())

@@ -15,8 +15,10 @@ The recipe, per optimizer step (one micro-batch per ``grad_accum``; each process
 
 LoRA on ``lora_targets`` (a preset of :data:`lcmkit.lora.LORA_TARGET_PRESETS`, default ``lcm-lora``, or a comma
 list of module-name suffixes), rank/alpha ``lora_rank``/``lora_alpha``, B = 0 at the start (the adapted UNet equals
-the base). Output: ``--out FILE.safetensors`` in the LCM-LoRA file format (diffusers keys ``unet.<module>.lora_A/B``,
-rank and alpha in the header), read by ``lcmkit generate BASE --lora FILE`` and diffusers' ``load_lora_weights``.
+the base). Output (``lora_format``, default ``kohya,diffusers``; :func:`lcmkit.lora_export.write_lora_files`):
+``--out FILE.safetensors`` with diffusers' keys (``unet.<module>.lora_A/B``, rank and alpha in the header, read by
+``load_lora_weights``) and ``FILE_kohya.safetensors`` beside it (kohya keys and alphas, which ComfyUI, Forge,
+AUTOMATIC1111 and sd-scripts apply whole), factors in ``save_dtype``; ``lcmkit generate BASE --lora`` reads both.
 
 Run folder (``run_dir``, default ``<FILE without .safetensors>.run/`` beside it): ``config.yaml``,
 ``checkpoints/step-N/``, ``logs/``, ``validation/step-N.png`` (rows: the base model, then with the LoRA, DDIM with
@@ -35,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..atomic import atomic_write
 from ..denoisers import (
     TextConditioning,
     architecture,
@@ -46,7 +47,7 @@ from ..denoisers import (
 from ..errors import LcmkitError
 from ..math.param import from_x0_eps
 from ..math.schedule import alpha_sigma, alphas_cumprod_from_config, append_dims
-from .config import TrainingOptions
+from .config import LoraSaveOptions, TrainingOptions
 from .data import default_validation_prompts, make_data
 from .finetune import freeze_frozen_parts
 from .loop import Run
@@ -61,7 +62,7 @@ RESULT_NAMES = ("summary.json", "validation")
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class StyleLoraConfig(TrainingOptions):
+class StyleLoraConfig(TrainingOptions, LoraSaveOptions):
     """Everything ``lcmkit lora train`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
 
     model: str = ""                   # base diffusers pipeline folder: SD 1.x/2.x (eps or v) or SDXL
@@ -78,6 +79,7 @@ class StyleLoraConfig(TrainingOptions):
         self.check_training(model_key="model")
         if Path(self.out).suffix != ".safetensors":
             raise LcmkitError(f"--out names the LoRA file and must end in .safetensors, got {self.out}")
+        self.check_lora_save()
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             raise LcmkitError(f"lora_rank must be >= 1 and lora_alpha > 0 (got {self.lora_rank}, {self.lora_alpha})")
         target_modules(self.lora_targets)
@@ -236,12 +238,13 @@ def validation_images(models: StyleModels, prompts: list[str], cfg: StyleLoraCon
     return rows
 
 
-def save_style_lora(unet, path: Path) -> Path:
-    """The adapter as a LoRA file in diffusers' format (``unet.<module>.lora_A/B.weight``, alphas in the header)."""
+def save_style_lora(unet, path: Path, cfg: StyleLoraConfig) -> dict[str, Path]:
+    """The adapter as ``path`` and the other ``cfg.lora_format`` files beside it (each written atomically: never
+    half a file where a good one was); returns ``{format: path}``."""
     from ..lora import adapter_weights
-    from ..lora_formats import save_lora
+    from ..lora_export import save_options, write_lora_files
 
-    return save_lora(adapter_weights(unet), path, "diffusers")
+    return write_lora_files(adapter_weights(unet), path, unet=unet, **save_options(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,10 +265,13 @@ def _setup(cfg: StyleLoraConfig, device: torch.device):
 
 def train_style_lora(cfg: StyleLoraConfig) -> Path:
     """Train a style LoRA on ``cfg.data``; returns the LoRA file (``cfg.out``)."""
+    from ..lora_export import output_paths
+
     out = Path(cfg.out)
-    if out.exists() and not (cfg.overwrite or cfg.resume) and int(os.environ.get("RANK", "0")) == 0:
-        raise LcmkitError(f"{out} exists; pass --overwrite to replace it, --resume to continue its run, or "
-                          "choose another --out")
+    for path in output_paths(out, cfg.lora_format).values():
+        if path.exists() and not (cfg.overwrite or cfg.resume) and int(os.environ.get("RANK", "0")) == 0:
+            raise LcmkitError(f"{path} exists; pass --overwrite to replace it, --resume to continue its run, or "
+                              "choose another --out")
     run = Run.start(cfg, cfg.run_folder, RESULT_NAMES, "lcmkit lora train")
     device = run.device
     pipe, models, resolution = _setup(cfg, device)
@@ -290,8 +296,7 @@ def train_style_lora(cfg: StyleLoraConfig) -> Path:
     run.train(micro_loss, desc="lora train", checkpoint_weights=lambda: {"lora": dict(models.trainable_named())},
               position=stream, checkpoint_extra={"lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha)},
               validate=lambda: validation_images(models, prompts, cfg, resolution))
-    # the file is written beside --out, then moved over it: never half a file where a good one was
-    run.finish(out, lambda: atomic_write(out, lambda tmp: save_style_lora(models.unet, tmp)), **source.report())
+    run.finish(out, lambda: save_style_lora(models.unet, out, cfg), **source.report())
     return out
 
 
