@@ -45,6 +45,12 @@ from .options import (  # noqa: F401
     check_size,
 )
 from .solvers import SAMPLERS, randn
+from .weight_files import (  # noqa: F401  (the checks of the weight files diffusers may open live there)
+    CONVERT_HINT,
+    PICKLE_SUFFIXES,
+    _safetensors_problem,
+    check_pipeline_weights,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -120,50 +126,6 @@ def load_pipeline(model: str | os.PathLike, *, device: str | torch.device = "aut
     pipe.to(resolve_device(device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-#: Weight files that are pickles (``torch.save`` / ``pickle``): never loaded, whatever torch's defaults are.
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
-CONVERT_HINT = ("convert it to safetensors in a trusted environment (e.g. load it with diffusers there and "
-                "save_pretrained(..., safe_serialization=True))")
-
-
-def _safetensors_problem(file: Path) -> str | None:
-    """Why ``file`` (named .safetensors) is not a safetensors file, from its first bytes; None if it looks right.
-
-    A safetensors file starts with a little-endian u64 header length N and a JSON object (``{``) of N bytes.
-    Pickles start with ``0x80`` (protocol >= 2), ``torch.save`` zips with ``PK``.
-    """
-    import struct
-
-    with open(file, "rb") as f:
-        head = f.read(9)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        return "it holds a pickle / torch.save checkpoint despite its name"
-    if len(head) < 9 or struct.unpack("<Q", head[:8])[0] + 8 > file.stat().st_size or head[8:9] != b"{":
-        return "it is not a valid safetensors file (truncated or corrupt)"
-    return None
-
-
-def check_pipeline_weights(folder: Path, name: str) -> None:
-    """Refuse a pipeline folder whose weights are pickles, before diffusers touches anything; never unpickles.
-
-    Per component folder: pickled weights (``.bin``, ``.ckpt``, ...) with no ``.safetensors`` beside them are
-    refused by name; every ``.safetensors`` file is checked by its first bytes (a pickle renamed .safetensors).
-    """
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = [p for p in sub.iterdir() if p.is_file()]
-        safe = [p for p in files if p.suffix.lower() == ".safetensors"]
-        pickles = [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
-        if pickles and not safe:
-            raise LcmkitError(f"{name}: {sub.name}/{pickles[0].name} is a pickle checkpoint and the folder has no "
-                              "safetensors weights; lcmkit loads only safetensors because unpickling can run "
-                              f"arbitrary code: {CONVERT_HINT}")
-        for file in safe:
-            problem = _safetensors_problem(file)
-            if problem:
-                raise LcmkitError(f"{name}: {sub.name}/{file.name} is refused: {problem}; lcmkit loads only "
-                                  f"safetensors because unpickling can run arbitrary code: {CONVERT_HINT}")
 
 
 @contextmanager

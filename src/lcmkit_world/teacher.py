@@ -26,6 +26,7 @@ by ``scaling_factor`` wherever they meet the UNet.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,9 +40,11 @@ from lcmkit.errors import LcmkitError
 from lcmkit.train.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_dirs,
+    damaged,
     load_checkpoint,
     save_checkpoint,
 )
+from lcmkit.train.folder import acquire_lock, check_output_path
 from lcmkit.train.optim import ema_update_, lr_factor
 from lcmkit_world import world
 from lcmkit_world.teacher_config import TextConfig, TrainConfig, UNetConfig, VaeConfig  # noqa: F401
@@ -212,11 +215,15 @@ class Components:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
+        from lcmkit.weight_files import check_pipeline_weights
+
         root = Path(cfg.init_from)
+        check_pipeline_weights(root, f"--init-from {root}")  # safetensors only, however a weight file is reached
         tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
-        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32)
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32,
+                                                     use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, use_safetensors=True)
         return cls(tokenizer, vae, text_encoder, unet, Ema(text_encoder, cfg.ema_decay), Ema(unet, cfg.ema_decay))
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -272,6 +279,7 @@ class Trainer:
         if checkpoint_dirs(self.out) and not resume:
             raise LcmkitError(f"{self.out} already holds a training run; pass --resume to continue it "
                               "or choose another --out")
+        _check_cache_inside(self.out, self.cache)
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)  # initial weights
         self.parts = Components.build(cfg)
@@ -295,11 +303,14 @@ class Trainer:
             self.log(f"no checkpoint under {self.out / CHECKPOINT_DIR}; starting from scratch")
             return
         weights, state = load_checkpoint(found[-1])
-        self.parts.load_weights(weights)
-        self.vae_opt.load_state_dict(state["vae_opt"])
-        self.unet_opt.load_state_dict(state["unet_opt"])
-        self.generator.set_state(state["generator"])
-        self.state = RunState(**state["run"])
+        try:
+            self.parts.load_weights(weights)
+            self.vae_opt.load_state_dict(state["vae_opt"])
+            self.unet_opt.load_state_dict(state["unet_opt"])
+            self.generator.set_state(state["generator"])
+            self.state = RunState(**state["run"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise damaged(found[-1], f"it does not load into this teacher: {type(e).__name__}: {e}") from e
         self._resumed = state
         self.log(f"resumed {found[-1]} (phase {self.state.phase}, step {self.state.step})")
 
@@ -504,6 +515,24 @@ class Trainer:
         return self.out / "pipeline"
 
 
+def _check_cache_inside(out: Path, cache: Path) -> None:
+    """A resumed run reads its caches (rendered images, latents): never through a link leading out of ``out``."""
+    root = out.resolve()
+    for p in [cache, *(sorted(cache.iterdir()) if cache.is_dir() else [])]:
+        if os.path.lexists(p) and not p.resolve().is_relative_to(root):
+            raise LcmkitError(f"{p} links to {p.resolve()}, outside the run folder {out}; lcmkit follows no link out "
+                              "of a run folder: remove the link")
+
+
 def train_teacher(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or resume) the world teacher under ``cfg.out``; returns the saved pipeline folder."""
-    return Trainer(cfg, resume=resume, progress=progress).run()
+    """Train (or resume) the world teacher under ``cfg.out``; returns the saved pipeline folder. The folder is locked
+    for the run (:func:`lcmkit.train.folder.acquire_lock`): a second run into it is refused at once."""
+    out = check_output_path(cfg.out, "output folder")
+    if out.exists() and not out.is_dir():
+        raise LcmkitError(f"output {out} exists and is not a folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(out, "lcmkit world train-teacher")
+    try:
+        return Trainer(cfg, resume=resume, progress=progress).run()
+    finally:
+        lock.release()

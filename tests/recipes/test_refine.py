@@ -269,9 +269,12 @@ def test_resume_is_exact_and_reuses_the_pairs(tiny_lcm_dir, tmp_path):
     sa, sb = _summary(tmp_path / "straight"), _summary(tmp_path / "split")
     assert sa["losses"][2:] == sb["losses"] and sa["anchor_losses"][2:] == sb["anchor_losses"]
 
-    # a resume with other pair settings is refused, not silently mixed
-    with pytest.raises(Exception, match="pairs file .* was made with omega"):
+    # a resume with other pair settings is refused, not silently mixed: as a changed recipe, and by the pairs file
+    # itself when the change is allowed (--allow-changed-recipe)
+    with pytest.raises(Exception, match="changed recipe: omega 6.5 -> 2.0"):
         refine(refine_cfg(tiny_lcm_dir, tmp_path / "split", resume=True, omega=2.0, **kw))
+    with pytest.raises(Exception, match="pairs file .* was made with omega"):
+        refine(refine_cfg(tiny_lcm_dir, tmp_path / "split", resume=True, omega=2.0, allow_changed_recipe=True, **kw))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -66,7 +66,11 @@ def add_training_args(p: argparse.ArgumentParser, defaults: dict | None = None) 
     a("--log-every", type=int, help="steps between log lines (default 10)")
     a("--max-nonfinite", type=int, help="stop after this many non-finite steps in a row (default 5)")
     a("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
-    a("--overwrite", action="store_true", default=None, help="delete the results already there")
+    a("--overwrite", action="store_true", default=None,
+      help="replace the results already there (kept until the new run has written its first checkpoint)")
+    a("--allow-changed-recipe", action="store_true", default=None,
+      help="with --resume: continue although the recipe (teacher, data, lr, seed, ...) differs from the "
+           "checkpoint's (refused by default; recorded in logs/resumes.jsonl)")
     a("--device", choices=("auto", "cpu"), help="(default auto)")
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     a("--lr", type=float, help="AdamW learning rate (default 1e-4)")
@@ -88,8 +92,12 @@ def run_recipe(config_cls, recipe, args) -> int:
     """Build ``config_cls`` (defaults ← ``--config`` YAML ← flags), run ``recipe`` on it and print what it returns
     (the result's path) once: on rank 0 only, also under torchrun / accelerate launch."""
     from lcmkit.train.config import build_config
+    from lcmkit.train.folder import abandon_all
 
-    result = recipe(build_config(config_cls, args.config, overrides(args)))
+    try:
+        result = recipe(build_config(config_cls, args.config, overrides(args)))
+    finally:  # a failed run: what its --overwrite moved aside comes back, its lock goes
+        abandon_all()
     if int(os.environ.get("RANK", "0")) == 0:
         print(result)
     return 0

@@ -10,6 +10,7 @@ first thing ``generate`` does).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from lcmkit.options import DTYPE_NAMES, SAMPLER_NAMES
@@ -66,6 +67,13 @@ def validate(args) -> None:
         raise LcmkitError(f"output folder {out.parent} does not exist; create it first")
     if isinstance(args.num_images, int) and args.num_images >= 1:
         paths, grid = output_paths(out, args.num_images)
+        for p in (p for p in [*paths, grid] if p is not None):
+            if p.is_symlink() and not p.exists():
+                raise LcmkitError(f"{p} is a link to {os.readlink(p)}, which does not exist; lcmkit does not "
+                                  "create a link's target: choose another --out")
+            if p.exists() and not p.is_file():
+                raise LcmkitError(f"{p} exists and is not a file (a folder?); --overwrite replaces only PNG files: "
+                                  "choose another --out")
         existing = [p for p in [*paths, grid] if p is not None and p.exists()]
         if existing and not args.overwrite:
             raise LcmkitError(f"{existing[0]} already exists; pass --overwrite to replace it")

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,9 @@ def _flatten(raw: dict, cls, source: str) -> dict[str, Any]:
     for key, value in raw.items():
         key = str(key).replace("-", "_")
         key = RENAMED.get(key, key)
-        if key in sections and isinstance(value, dict):
+        if key in sections:
+            if not isinstance(value, dict):
+                raise LcmkitError(f"{source}: {key} must be a section (a mapping of its options), got {_show(value)}")
             flat.update(_flatten(value, sections[key], f"{source} section {key!r}"))
             continue
         if key not in keys:
@@ -69,19 +72,157 @@ def _flatten(raw: dict, cls, source: str) -> dict[str, Any]:
     return flat
 
 
+#: a config file larger than this, or nested deeper, is refused unread (a config is a few dozen lines)
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 16
+#: YAML 1.2 floats PyYAML (YAML 1.1) reads as strings: an exponent without a dot or without a sign (1e-4, 1.0e5)
+_FLOAT_12 = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"
+
+
+class _Refused(Exception):
+    """Raised inside the YAML loader; becomes one line naming the file."""
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, numbers read as people write them (``lr: 1e-4`` is a float), and refusing what no
+    config needs: anchors and aliases (a few hundred bytes of ``&a [*a, *a, ...]`` expand to gigabytes), nesting
+    deeper than :data:`MAX_CONFIG_DEPTH`, and a key given twice (the first one would be silently dropped)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise _Refused(f"it uses a YAML anchor or alias (line {event.start_mark.line + 1}), which lcmkit does "
+                               "not read; write the values out")
+            self.depth += 1
+            if self.depth > MAX_CONFIG_DEPTH:
+                raise _Refused(f"it is nested deeper than {MAX_CONFIG_DEPTH} levels")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def compose_mapping_node(self, anchor):
+            node = super().compose_mapping_node(anchor)
+            seen = set()
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in seen:
+                        raise _Refused(f"it sets {key.value!r} twice (line {key.start_mark.line + 1})")
+                    seen.add(key.value)
+            return node
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT_12), list("-+0123456789."))
+    return Loader
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
+    """A config file as a dict: UTF-8, at most :data:`MAX_CONFIG_BYTES`, read by :func:`_yaml_loader`; anything
+    else is one line naming the file."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise LcmkitError(f"config file {path} not found")
+        raise LcmkitError(f"config file {path} not found" if not path.exists() else
+                          f"config file {path} is not a regular file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise LcmkitError(f"config file {path} is {size} bytes; lcmkit reads configs of at most "
+                          f"{MAX_CONFIG_BYTES >> 20} MiB")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        text = path.read_bytes()[:MAX_CONFIG_BYTES].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LcmkitError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); save it as UTF-8") from e
+    try:
+        data = yaml.load(text, Loader=_yaml_loader())
+    except _Refused as e:
+        raise LcmkitError(f"config file {path} is refused: {e}") from e
+    except (yaml.YAMLError, RecursionError) as e:
         raise LcmkitError(f"config file {path} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise LcmkitError(f"config file {path} must hold a mapping of option: value, got {type(data).__name__}")
     return data
+
+
+def _show(value, limit: int = 60) -> str:
+    """A value in an error message: ``default`` for None, repr cut to ``limit`` characters."""
+    if value is None:
+        return "default"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _field_types(cls) -> dict[str, Any]:
+    """Every settable key of ``cls`` (as :func:`config_keys`) → its type annotation."""
+    hints, sections = typing.get_type_hints(cls), _sections(cls)
+    found = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in sections}
+    for sub in sections.values():
+        found.update(_field_types(sub))
+    return found
+
+
+def _quoted_number(value) -> str:
+    """A hint for a number written in quotes (``lr: "1e-4"``), which YAML reads as a string."""
+    try:
+        float(value) if isinstance(value, str) else None
+    except ValueError:
+        return ""
+    return " (a number in quotes is text to YAML: drop the quotes)" if isinstance(value, str) else ""
+
+
+def _typed(key: str, value, hint, source: str):
+    """``value`` checked against the annotation ``hint`` of field ``key`` (ints from integral floats, floats from
+    ints; never a bool for a number, a string for a number, inf/NaN for an int), or one line naming the field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        hint = kinds[0] if len(kinds) == 1 else None
+        if hint is None:
+            return value
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def bad(what: str):
+        got = "an empty value" if value is None else _show(value)
+        return LcmkitError(f"{source}: {key} must be {what}, got {got}{_quoted_number(value)}")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise bad("a whole number")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
+        return float(value)
+    if hint is str:
+        if isinstance(value, os.PathLike):  # a library caller's Path
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise bad("text" + (" (quote it: YAML reads yes/no/on/off as true/false)" if isinstance(value, bool)
+                                else ""))
+        return value
+    if origin in (list, tuple) and args:
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list (one entry per line, each '- value'), not a single value")
+        return [_typed(f"{key}[{i}]", v, args[0], source) for i, v in enumerate(value)]
+    return value
 
 
 def build_config(cls, yaml_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None):
@@ -91,8 +232,11 @@ def build_config(cls, yaml_path: str | os.PathLike | None = None, overrides: dic
     """
     raw = load_yaml(yaml_path) if yaml_path else {}
     raw.pop(RESOLVED_KEY, None)  # what save_config wrote for the record: derived values, not settings
-    flat = _flatten(raw, cls, str(yaml_path)) if yaml_path else {}
-    flat.update(_flatten({k: v for k, v in (overrides or {}).items() if v is not None}, cls, "the command line"))
+    hints = _field_types(cls)
+    source = f"config file {yaml_path}"
+    flat = {k: _typed(k, v, hints[k], source) for k, v in _flatten(raw, cls, source).items()} if yaml_path else {}
+    cli = _flatten({k: v for k, v in (overrides or {}).items() if v is not None}, cls, "the command line")
+    flat.update({k: _typed(k, v, hints[k], "the command line") for k, v in cli.items()})
     keys, sections = config_keys(cls), _sections(cls)
     top = {k: v for k, v in flat.items() if keys[k] is None}
     defaults = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.name in sections}
@@ -131,6 +275,75 @@ def save_config(cfg, folder: str | os.PathLike, extra: dict | None = None) -> Pa
     if extra:
         data[RESOLVED_KEY] = extra
     return write_text(Path(folder) / CONFIG_FILE, yaml.safe_dump(data, sort_keys=False))
+
+
+#: settings a --resume may change: where, how often and how far, not what each step computes (``max_steps`` too:
+#: continuing a run for longer is what a resume is for; a cosine schedule then spans the new length)
+RESUME_FREE = frozenset({
+    "out", "run_dir", "resume", "overwrite", "allow_changed_recipe", "stop_at", "max_steps", "device", "progress",
+    "checkpoint_every", "keep_checkpoints", "validate_every", "validation_prompts", "validation_seed",
+    "validation_steps", "validation_omega", "validation_guidance", "log_every", "max_nonfinite", "cache_latents",
+    "cache_text", "gradient_checkpointing", "lora_format", "save_dtype"})
+#: settings the checkpoint's tensors are laid out by: no resume can change them, even with --allow-changed-recipe
+RESUME_FIXED = ("mode", "lora_rank", "lora_alpha", "lora_ema", "lora_targets")
+
+
+def _flat_values(data: dict, cls) -> dict[str, Any]:
+    """A saved or current config as {key: value}, sections flattened, unknown keys kept (no errors: for comparing)."""
+    sections, flat = _sections(cls), {}
+    for key, value in data.items():
+        key = RENAMED.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        if key in sections and isinstance(value, dict):
+            flat.update(_flat_values(value, sections[key]))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _same(a, b) -> bool:
+    """Equal settings: equal values, equal lists, or two spellings of one existing path."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and (os.path.exists(a) or os.path.exists(b)):
+        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+    return False
+
+
+def resume_changes(cfg, resolved: dict, checkpoint: str | os.PathLike) -> dict[str, tuple[Any, Any]]:
+    """The recipe fields of ``cfg`` that differ from those the ``checkpoint`` was made with (its config.yaml):
+    {field: (checkpoint's value, this run's)}. Refused (:class:`LcmkitError` naming every changed field) unless
+    ``cfg.allow_changed_recipe``; a :data:`RESUME_FIXED` field is refused always. A field left to its default on one
+    side and given on the other is the same when the values the runs derived from it (``resolved``) agree.
+    A checkpoint without a config.yaml (older lcmkit) has nothing to compare: {}."""
+    saved_file = Path(checkpoint) / CONFIG_FILE
+    if not saved_file.is_file():
+        return {}
+    try:
+        saved = load_yaml(saved_file)
+    except LcmkitError as e:
+        raise LcmkitError(f"checkpoint {checkpoint} is damaged ({e}); delete it to resume from the one before") from e
+    saved_resolved = saved.pop(RESOLVED_KEY, None)
+    saved_resolved = saved_resolved if isinstance(saved_resolved, dict) else {}
+    old, new = _flat_values(saved, type(cfg)), _flat_values(config_to_dict(cfg), type(cfg))
+    changes = {}
+    for key, value in new.items():
+        if key in RESUME_FREE or key not in old or _same(old[key], value):
+            continue
+        if key in resolved and key in saved_resolved and _same(resolved[key], saved_resolved[key]):
+            continue  # e.g. resolution: the model's native size by default then, given explicitly now
+        changes[key] = (old[key], value)
+    listed = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items())
+    fixed = [k for k in RESUME_FIXED if k in changes]
+    if fixed:
+        raise LcmkitError(f"checkpoint {checkpoint} cannot be resumed with another {', '.join(fixed)} ({listed}): its "
+                          "tensors are laid out by it; resume with the checkpoint's settings or start a new --out")
+    if changes and not cfg.allow_changed_recipe:
+        raise LcmkitError(f"--resume with a changed recipe: {listed} (checkpoint {checkpoint} was made with the first "
+                          "values); resume with the same settings, or pass --allow-changed-recipe to continue with "
+                          "the new ones (recorded in logs/resumes.jsonl)")
+    return changes
 
 
 @dataclass
@@ -195,6 +408,7 @@ class TrainingOptions:
     max_nonfinite: int = 5            # stop after this many non-finite steps in a row (0 = never)
     resume: bool = False
     overwrite: bool = False
+    allow_changed_recipe: bool = False  # --resume may continue with another recipe (recorded in logs/resumes.jsonl)
     device: str = "auto"              # auto (accelerate's choice) or cpu
     progress: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -56,6 +56,7 @@ class QualityOptions(WorldScoring):
     parts: list[str] = field(default_factory=lambda: list(PARTS))
     methods: list[str] = field(default_factory=lambda: list(METHODS))  # table rows measured by this run
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 25, 50])
+    teacher_solvers: list[str] = field(default_factory=lambda: list(TEACHER_SOLVERS))  # the table's teacher rows
     lcm_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     guidance: float = 7.5
     lora_guidance: float = 1.0
@@ -154,7 +155,7 @@ def table_rows(options: QualityOptions, teacher: str, lcm: str | None, lora: str
                              [options.reference_guidance], options, sheets_root)
     if "teacher" in options.methods:
         log("[quality] teacher rows …")
-        rows += _table_score(pipe, "teacher", options.solvers if options.is_smoke else TEACHER_SOLVERS,
+        rows += _table_score(pipe, "teacher", options.solvers if options.is_smoke else options.teacher_solvers,
                              options.teacher_steps, [options.guidance], options, sheets_root)
     if "control" in options.methods:
         # no distillation: the teacher's own x̂0, sampled with the LCM sampler, no CFG. What distillation must beat
@@ -366,6 +367,10 @@ def claims(table: list[dict], skip: list[dict], guidance: list[dict]) -> list[di
 def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, log=print) -> dict:
     from lcmkit.pipelines import resolve_device
 
+    unknown = [s for s in options.teacher_solvers if s not in TEACHER_SOLVERS]
+    if unknown or not options.teacher_solvers or not options.teacher_steps or min(options.teacher_steps) < 1:
+        raise LcmkitError(f"--teacher-solvers takes any of {', '.join(TEACHER_SOLVERS)} and --teacher-steps "
+                          "positive step counts")
     bad = [p for p in options.parts if p not in PARTS]
     if bad:
         raise LcmkitError(f"unknown part {bad[0]!r}; use any of {', '.join(PARTS)}")

@@ -124,6 +124,10 @@ def _register_quality(bench) -> None:
     p.add_argument("--reference-guidance", type=float, default=None,
                    help="the teacher's best guidance: adds the reference row (DPM-Solver++ 25) the quality bars are "
                         "taken against")
+    p.add_argument("--teacher-steps", type=comma_list(int), default=[1, 2, 4, 8, 25, 50],
+                   help="step counts of the teacher rows (default 1,2,4,8,25,50)")
+    p.add_argument("--teacher-solvers", type=comma_list(str), default=["ddim", "dpm-solver", "dpm-solver++"],
+                   help="solvers of the teacher rows (default ddim,dpm-solver,dpm-solver++)")
     p.add_argument("--eval-seeds", type=comma_list(int), default=[0],
                    help="evaluation seeds of the table, pooled (default 0; the bars ask for 0,1,2)")
     p.add_argument("--no-sheets", dest="sheets", action="store_false",
@@ -248,6 +252,7 @@ def run_quality(args) -> int:
                              solvers=args.solvers, omegas=args.omegas, distill_batch_size=args.distill_batch_size,
                              guidance=args.guidance, lora_guidance=args.lora_guidance,
                              reference_guidance=args.reference_guidance, seeds=args.eval_seeds, sheets=args.sheets,
+                             teacher_steps=args.teacher_steps, teacher_solvers=args.teacher_solvers,
                              **_world_scoring_kwargs(args))
     if args.smoke:
         options = options.smoke()
