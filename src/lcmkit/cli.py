@@ -5,7 +5,8 @@ only, cheap to import) and ``run(args) -> int`` (imports torch and does the work
 Packages that extend lcmkit (its proving ground, ``lcmkit_world``) add theirs through the ``lcmkit.commands``
 entry points: a ``register(subparsers)`` each, listed after lcmkit's own commands.
 Every :class:`~lcmkit.errors.LcmkitError` becomes one line on stderr and exit code 2: no tracebacks for
-bad input.
+bad input. Ctrl-C, wherever it lands (start-up imports included), is one line and exit code 130. stderr carries
+lcmkit's own progress bars only: the dependencies' loading and saving bars are turned off.
 """
 
 from __future__ import annotations
@@ -77,10 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C during start-up (imports, parsing) or anywhere _main does not catch it
+        command = next((a for a in (sys.argv[1:] if argv is None else argv) if not str(a).startswith("-")), None)
+        print(f"lcmkit {command}: interrupted" if command else "lcmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     if not os.environ.get("LCMKIT_DEBUG"):
         # library warnings (torchvision fallbacks, dtype notes) would turn a one-line error into several lines
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # transformers' and huggingface_hub's bars ("Writing model shards", "Loading weights", "Fetching N files")
+    # read this when they are imported; diffusers' are turned off around loading (pipelines._quiet_loading)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .denoisers import TextConditioning, architecture, has_w_embedding, unet_denoiser
 from .errors import LcmkitError
+from .inputs import load_image
 from .math.schedule import alpha_sigma, alphas_cumprod_from_config
 from .math.timesteps import lcm_timesteps
 from .options import (  # noqa: F401
@@ -130,17 +131,27 @@ def load_pipeline(model: str | os.PathLike, *, device: str | torch.device = "aut
 
 @contextmanager
 def _quiet_loading():
-    """No diffusers/transformers loading bars on stderr (the CLI's stderr is for one-line errors); restored after."""
+    """No diffusers/transformers loading bars, log lines or warnings on stderr while loading (the CLI's stderr is
+    for one-line errors: a failed load must not print diffusers' "An error occurred while trying to fetch ..."
+    before lcmkit's line, which says the same); all restored after. ``LCMKIT_DEBUG=1`` keeps the logs."""
+    import warnings
+
     from diffusers.utils import logging as d_logging
     from transformers.utils import logging as t_logging
 
-    states = [(m, m.is_progress_bar_enabled()) for m in (d_logging, t_logging)]
-    for m, _ in states:
+    states = [(m, m.is_progress_bar_enabled(), m.get_verbosity()) for m in (d_logging, t_logging)]
+    for m, _, _ in states:
         m.disable_progress_bar()
+        if not os.environ.get("LCMKIT_DEBUG"):
+            m.set_verbosity(m.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            if not os.environ.get("LCMKIT_DEBUG"):
+                warnings.simplefilter("ignore")
+            yield
     finally:
-        for m, enabled in states:
+        for m, enabled, verbosity in states:
+            m.set_verbosity(verbosity)
             if enabled:
                 m.enable_progress_bar()
 
@@ -404,25 +415,12 @@ def sample_teacher(scheduler, denoiser, x: Tensor, timesteps: list[int], callbac
 # generate
 # ---------------------------------------------------------------------------------------------------------------
 
-def _load_init_image(init_image):
-    from PIL import Image
-
-    if init_image is None or isinstance(init_image, Image.Image):
-        return init_image
-    path = Path(init_image)
-    if not path.is_file():
-        raise LcmkitError(f"init image {path} not found")
-    try:
-        return Image.open(path).convert("RGB")
-    except Exception as e:
-        raise LcmkitError(f"init image {path} could not be read: {e}") from e
-
-
 def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str | None = None, steps: int = 4,
              guidance: float = 1.0, seed: int = 0, num_images: int = 1, height: int | None = None,
              width: int | None = None, sampler: str = "lcm", eta: float = 0.3, loras: Iterable = (),
              init_image=None, strength: float = 1.0, device: str | torch.device = "auto",
-             dtype: str | torch.dtype | None = None, progress: bool = True, output_type: str = "pil"):
+             dtype: str | torch.dtype | None = None, progress: bool = True, output_type: str = "pil",
+             batch_size: int | None = None):
     """Generate ``num_images`` images for ``prompt``: a list of PIL images, or with ``output_type="np"`` a float
     array (B, H, W, 3) in [0, 1] before 8-bit rounding (diffusers' ``output_type="np"``).
 
@@ -441,11 +439,30 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
         init_image / strength: img2img; see the module docstring for the two strength conventions.
         height, width: pixels, multiples of the VAE scale factor; default the UNet's native size.
         dtype: ``float32`` / ``float16`` / ``bfloat16``; None keeps the pipeline's (float32 when loading).
+        batch_size: images per forward (default all); fewer where the memory estimate (:func:`lcmkit.options.image_bytes`)
+            says they do not fit. Image i is the same whatever the batch (its own generator).
     """
+    parts = list(generate_batches(**locals()))  # the arguments, as they were passed
+    if output_type == "np":
+        import numpy as np
+
+        return np.concatenate(parts)
+    return [image for part in parts for image in part]
+
+
+def generate_batches(pipe_or_path, prompt, *, negative_prompt=None, steps=4, guidance=1.0, seed=0, num_images=1,
+                     height=None, width=None, sampler="lcm", eta=0.3, loras=(), init_image=None, strength=1.0,
+                     device="auto", dtype=None, progress=True, output_type="pil", batch_size=None):
+    """:func:`generate`'s images batch by batch, as they are made (the same arguments): each item is a list of PIL
+    images (or an array), images ``k·B … k·B + B − 1`` of the ``k``-th batch. A caller that saves each batch
+    before asking for the next holds one batch in memory, however many images are asked for."""
     from tqdm.auto import tqdm
 
-    check_generate_args(steps=steps, guidance=guidance, num_images=num_images, sampler=sampler, eta=eta,
-                        strength=strength, init_image=init_image, height=height, width=width)
+    from .options import batch_that_fits, out_of_memory_is_one_line
+
+    check_generate_args(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                        num_images=num_images, sampler=sampler, eta=eta, strength=strength, init_image=init_image,
+                        height=height, width=width, seed=seed, batch_size=batch_size)
     if output_type not in ("pil", "np"):
         raise LcmkitError(f"output_type must be 'pil' or 'np', got {output_type!r}")
     if isinstance(pipe_or_path, (str, os.PathLike)):
@@ -468,13 +485,14 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
             raise LcmkitError(f"got {len(prompts)} prompts and num_images={num_images}; with a list of prompts "
                               f"each prompt makes one image")
         num_images = len(prompts)
+        check_generate_args(num_images=num_images, seed=seed)
     else:
         prompts = None
     factor = vae_scale_factor(pipe)
-    height = height or pipe.unet.config.sample_size * factor
-    width = width or pipe.unet.config.sample_size * factor
+    height = height if height is not None else pipe.unet.config.sample_size * factor
+    width = width if width is not None else pipe.unet.config.sample_size * factor
     check_size(height, width, factor)
-    init_image = _load_init_image(init_image)
+    init_image = load_image(init_image, "init image")  # a regular file of at most 64 MiB, or a PIL image
 
     full_lcm = has_w_embedding(pipe.unet)
     use_cfg = not full_lcm and guidance > 1.0
@@ -485,9 +503,10 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
     if negative_prompt is not None and not use_cfg:
         raise LcmkitError(f"a negative prompt needs classifier-free guidance, which runs only with guidance > 1 "
                           f"(got {guidance}); raise guidance or drop the negative prompt")
+    # the memory a batch needs, before anything is allocated for it: refused when not even one image fits
+    batch = batch_that_fits(pipe, batch_size or num_images, height, width, factor, use_cfg, device)
 
     alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler.config).to(device)
-    generators = [torch.Generator(device).manual_seed(seed + i) for i in range(num_images)]
     if sampler in SAMPLERS:
         original = int(pipe.scheduler.config.get("original_inference_steps", 50))
         timesteps = lcm_timesteps(steps, len(alphas_cumprod), original, strength)
@@ -496,42 +515,47 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
         scheduler = teacher_scheduler(pipe, sampler)
         timesteps = teacher_timesteps(scheduler, steps, strength)
 
-    with applied_loras(pipe, loras), torch.inference_mode():
-        if prompts is None:
-            cond1 = encode_prompt(pipe, [prompt], height, width)
-            cond = _repeat(cond1, num_images)
-        else:
-            cond = encode_prompt(pipe, prompts, height, width)
-            cond1 = TextConditioning(*(None if v is None else v[:1] for v in
-                                       (cond.encoder_hidden_states, cond.text_embeds, cond.time_ids)))
-        uncond = None
-        if use_cfg:
-            uncond = _repeat(encode_unconditional(pipe, negative_prompt, 1, height, width, cond1), num_images)
-        denoiser = unet_denoiser(
-            pipe.unet, alphas_cumprod, cond, prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
-            uncond=uncond, omega=guidance - 1.0 if use_cfg else None,
-            w_omega=guidance - 1.0 if full_lcm else None)
-
-        latent_dtype = cond.encoder_hidden_states.dtype
-        if init_image is None:
-            x = initial_latents(pipe, generators, height, width, latent_dtype, device)
-            if scheduler is not None:
-                x = x * scheduler.init_noise_sigma
-        else:
-            z0 = encode_image(pipe, init_image, generators, height, width).to(latent_dtype)
-            x = noise_to(z0, timesteps[0], alphas_cumprod, generators)
-
-        bar = tqdm(total=len(timesteps), desc=f"{sampler} {len(timesteps)} steps", disable=not progress,
-                   leave=False)
-        step_done = lambda i: bar.update(1)  # noqa: E731
+    with applied_loras(pipe, loras):
+        with torch.inference_mode():
+            cond1 = encode_prompt(pipe, [prompt] if prompts is None else prompts[:1], height, width)
+            uncond1 = encode_unconditional(pipe, negative_prompt, 1, height, width, cond1) if use_cfg else None
+        bar = tqdm(total=len(timesteps) * math.ceil(num_images / batch), desc=f"{sampler} {len(timesteps)} steps",
+                   disable=not progress, leave=False)
         try:
-            if scheduler is None:
-                extra = {"gamma": eta} if sampler == "tcd" else {}
-                z0_hat = SAMPLERS[sampler](denoiser, x, timesteps, alphas_cumprod, generators,
-                                           callback=step_done, **extra)
-            else:
-                z0_hat = sample_teacher(scheduler, denoiser, x, timesteps, callback=step_done)
+            for start in range(0, num_images, batch):
+                n = min(batch, num_images - start)
+                with out_of_memory_is_one_line(n, height, width, device), torch.inference_mode():
+                    images = _generate_batch(pipe, prompt if prompts is None else prompts[start:start + n],
+                                             cond1, uncond1, [seed + start + i for i in range(n)], height, width,
+                                             sampler, steps, strength, eta, guidance, full_lcm, alphas_cumprod,
+                                             timesteps, scheduler, init_image, device, lambda i: bar.update(1))
+                yield images.permute(0, 2, 3, 1).numpy() if output_type == "np" else to_pil(images)
         finally:
             bar.close()
-        images = decode_latents(pipe, z0_hat)
-    return images.permute(0, 2, 3, 1).numpy() if output_type == "np" else to_pil(images)
+
+
+def _generate_batch(pipe, prompt, cond1, uncond1, seeds, height, width, sampler, steps, strength, eta, guidance,
+                    full_lcm, alphas_cumprod, timesteps, scheduler, init_image, device, step_done) -> Tensor:
+    """One batch of :func:`generate_batches`: images (B, 3, H, W) in [0, 1] for ``seeds`` (one generator each)."""
+    n = len(seeds)
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    cond = _repeat(cond1, n) if isinstance(prompt, str) else encode_prompt(pipe, prompt, height, width)
+    denoiser = unet_denoiser(
+        pipe.unet, alphas_cumprod, cond, prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        uncond=None if uncond1 is None else _repeat(uncond1, n), omega=guidance - 1.0 if uncond1 is not None else None,
+        w_omega=guidance - 1.0 if full_lcm else None)
+    latent_dtype = cond.encoder_hidden_states.dtype
+    if init_image is None:
+        x = initial_latents(pipe, generators, height, width, latent_dtype, device)
+        if scheduler is not None:
+            x = x * scheduler.init_noise_sigma
+    else:
+        z0 = encode_image(pipe, init_image, generators, height, width).to(latent_dtype)
+        x = noise_to(z0, timesteps[0], alphas_cumprod, generators)
+    if scheduler is None:
+        extra = {"gamma": eta} if sampler == "tcd" else {}
+        z0_hat = SAMPLERS[sampler](denoiser, x, timesteps, alphas_cumprod, generators, callback=step_done, **extra)
+    else:
+        teacher_timesteps(scheduler, steps, strength)  # a multistep scheduler keeps history: start each batch afresh
+        z0_hat = sample_teacher(scheduler, denoiser, x, timesteps, callback=step_done)
+    return decode_latents(pipe, z0_hat)

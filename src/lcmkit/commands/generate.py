@@ -26,12 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=4, help="sampling steps (default 4)")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="diffusers guidance_scale g (paper ω = g − 1); full LCM: w-embedding, otherwise CFG when g > 1")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i, 0 … 2**64 − 1 (default 0)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--out", required=True, help="output PNG file (with several images: FILE-i.png + FILE-grid.png)")
     p.add_argument("--overwrite", action="store_true", help="replace output PNGs that already exist")
-    p.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--num-images", type=int, default=1,
+                   help=f"number of images (default 1); a grid is written for up to {MAX_GRID_IMAGES}")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images per forward (default 8; fewer when they would not fit in memory); image i is the same "
+                        "whatever the batch size")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default="lcm",
                    help="lcm / tcd (few-step), or the teacher baselines ddim / dpm-solver / dpm-solver++")
     p.add_argument("--eta", type=float, default=0.3, help="TCD gamma in [0, 1] (default 0.3)")
@@ -45,12 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+#: Most images put in FILE-grid.png (a grid of thousands would be a picture of hundreds of megapixels).
+MAX_GRID_IMAGES = 64
+
+
 def output_paths(out: Path, num_images: int) -> tuple[list[Path], Path | None]:
-    """(image paths, grid path or None): FILE.png alone, or FILE-0.png … and FILE-grid.png."""
+    """(image paths, grid path or None): FILE.png alone, or FILE-0.png … and FILE-grid.png (up to
+    :data:`MAX_GRID_IMAGES` images)."""
     if num_images == 1:
         return [out], None
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num_images)], \
-        out.with_name(f"{out.stem}-grid{out.suffix}")
+        out.with_name(f"{out.stem}-grid{out.suffix}") if num_images <= MAX_GRID_IMAGES else None
 
 
 def validate(args) -> None:
@@ -86,19 +95,25 @@ def validate(args) -> None:
 def run(args) -> int:
     validate(args)
     from lcmkit.atomic import atomic_write
-    from lcmkit.pipelines import generate, save_grid
+    from lcmkit.pipelines import generate_batches, save_grid
 
-    images = generate(
+    batches = generate_batches(
         args.model, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=args.seed, num_images=args.num_images, height=args.height, width=args.width, sampler=args.sampler,
         eta=args.eta, loras=args.lora, init_image=args.init_image,
         strength=1.0 if args.strength is None else args.strength, device=args.device, dtype=args.dtype,
+        batch_size=args.batch_size,
     )
-    paths, grid = output_paths(Path(args.out), len(images))
-    for image, path in zip(images, paths):
-        atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-        print(path)
+    paths, grid = output_paths(Path(args.out), args.num_images)
+    done, kept = 0, []  # each batch is saved before the next is made: memory holds one batch (and the grid's images)
+    for batch in batches:
+        for image in batch:
+            atomic_write(paths[done], lambda tmp: image.save(tmp, format="PNG"))
+            print(paths[done], flush=True)
+            done += 1
+            if grid is not None:
+                kept.append(image)
     if grid is not None:
-        atomic_write(grid, lambda tmp: save_grid(images, tmp))
-        print(f"{grid} (grid of {len(images)})")
+        atomic_write(grid, lambda tmp: save_grid(kept, tmp))
+        print(f"{grid} (grid of {len(kept)})")
     return 0

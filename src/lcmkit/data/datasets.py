@@ -12,9 +12,12 @@ Two on-disk formats, read without extra dependencies:
   resume, as for an imagefolder.
 
 Bad data never crashes a run. Unreadable or truncated images, images smaller than ``min_size``, missing or
-empty captions, unusable metadata lines, and empty or truncated shards are skipped and counted by reason in
-``dataset.skipped`` (a ``Counter``). Non-RGB images (L, LA, P, RGBA, CMYK, ...) are converted to RGB (alpha
-composited over white) and counted in ``dataset.converted``. Once the bad fraction of the samples seen so far
+empty captions, captions that are not text (invalid UTF-8, a JSON ``"\\ud800"``), unusable metadata lines, and
+empty or truncated shards are skipped and counted by reason in ``dataset.skipped`` (a ``Counter``). Only regular
+files are read (a FIFO, a device or a socket named like an image or a shard is skipped, never opened for a
+blocking read), each under a size cap (:mod:`lcmkit.inputs`: 64 MiB an image, 64 GiB a shard, 64 KiB a
+caption). Non-RGB images (L, LA, P, RGBA, CMYK, ...) are converted to RGB (alpha composited over white) and
+counted in ``dataset.converted``. Once the bad fraction of the samples seen so far
 exceeds ``max_bad_fraction`` (checked after ``min_checked`` samples, and at the end of every pass), an
 :class:`~lcmkit.errors.LcmkitError` stops the run with the counts.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import os
 import re
 import tarfile
 import warnings
@@ -40,6 +44,16 @@ import torch
 from PIL import Image
 
 from lcmkit.errors import LcmkitError
+from lcmkit.inputs import (
+    MAX_CAPTION_BYTES,
+    MAX_IMAGE_BYTES,
+    MAX_METADATA_LINE_BYTES,
+    MAX_SHARD_BYTES,
+    NotReadable,
+    open_regular,
+    read_regular,
+    text_problem,
+)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")  # preference order when a key has several
 CAPTION_EXTENSIONS = ("txt", "caption", "text")
@@ -47,9 +61,9 @@ METADATA_FILE = "metadata.jsonl"
 
 #: Reasons a sample is skipped (counted per sample; these make up the bad fraction).
 SAMPLE_REASONS = ("corrupt_image", "missing_image", "too_small", "missing_caption", "empty_caption",
-                  "bad_caption", "bad_metadata", "path_outside_dataset")
+                  "bad_caption", "bad_metadata", "path_outside_dataset", "not_a_file", "too_large")
 #: Reasons a whole shard contributes nothing or less than it should (counted per shard).
-SHARD_REASONS = ("empty_shard", "corrupt_shard", "truncated_shard")
+SHARD_REASONS = ("empty_shard", "corrupt_shard", "truncated_shard", "not_a_file_shard", "oversized_shard")
 
 
 class BadSample(Exception):
@@ -142,7 +156,7 @@ def resolve_shards(spec) -> list[Path]:
                 if not found:
                     raise LcmkitError(f"no files match {item!r}")
                 out += found
-            elif p.is_file():
+            elif p.exists():  # a FIFO or device named as a shard is counted by index_shard, never read
                 out.append(p)
             else:
                 raise LcmkitError(f"shard {p} does not exist" + (f" (from pattern {s!r})" if item != s else ""))
@@ -254,17 +268,16 @@ class Record:
     problem: str | None = None
 
     def read_image_bytes(self) -> bytes:
+        """The image's bytes: a regular file of at most ``MAX_IMAGE_BYTES`` (or that many bytes of a shard)."""
         if self.path is None:
             raise BadSample("missing_image", self.key)
         try:
-            with open(self.path, "rb") as f:
-                if self.offset is None:
-                    return f.read()
-                f.seek(self.offset)
-                data = f.read(self.size)
+            data = read_regular(self.path, MAX_IMAGE_BYTES, self.offset, self.size)
+        except NotReadable as e:
+            raise BadSample({"missing": "missing_image"}.get(e.reason, e.reason), str(e)) from e
         except OSError as e:
             raise BadSample("missing_image", f"{self.path}: {e}") from e
-        if len(data) != self.size:
+        if self.offset is not None and len(data) != self.size:
             raise BadSample("corrupt_image", f"{self.key}: shard ends inside the image")
         return data
 
@@ -273,32 +286,56 @@ def index_imagefolder(root, caption_key: str = "text") -> list[Record]:
     """Records of an imagefolder, in ``metadata.jsonl`` order (defects are recorded, not raised)."""
     root = Path(root)
     meta = root / METADATA_FILE
-    if not meta.is_file():
+    if not meta.exists():
         raise LcmkitError(f"{root} has no {METADATA_FILE} (imagefolder format: one JSON object per line with "
                           f"'file_name' and '{caption_key}')")
+    try:
+        f = open_regular(meta)
+    except NotReadable as e:
+        raise LcmkitError(f"{e}; {METADATA_FILE} must be a regular file") from e
     records = []
-    with open(meta, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with f:
+        for lineno, raw in _lines(f, MAX_METADATA_LINE_BYTES):
             key = f"{meta.name}:{lineno}"
             try:
-                row = json.loads(line)
+                if raw is None:  # a line longer than the cap
+                    raise ValueError
+                # surrogateescape: bytes that are not UTF-8 survive as lone surrogates (a file name may hold them,
+                # POSIX names are bytes; a caption may not: text_problem below)
+                row = json.loads(raw.decode("utf-8", errors="surrogateescape"))
                 name = row["file_name"]
                 if not isinstance(row, dict) or not isinstance(name, str) or not name:
                     raise ValueError
-            except (ValueError, KeyError, TypeError):
+                path = root / name
+                inside = not Path(name).is_absolute() and path.resolve().is_relative_to(root.resolve())
+            except (ValueError, KeyError, TypeError, RuntimeError, OSError):  # also a NUL, a "\ud800", a link loop
                 records.append(Record(key, None, None, problem="bad_metadata"))
                 continue
-            path = root / name
-            if Path(name).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+            if not inside:
                 # a file_name that leaves the dataset folder (../x, /etc/passwd) is never read
                 records.append(Record(name, None, None, problem="path_outside_dataset"))
                 continue
             text = row.get(caption_key)
-            records.append(Record(name, path, text if isinstance(text, str) else None,
-                                  problem=None if text is None or isinstance(text, str) else "bad_caption"))
+            bad = text is not None and (not isinstance(text, str) or text_problem(text) is not None)
+            records.append(Record(name, path, None if bad else text, problem="bad_caption" if bad else None))
     return records
+
+
+def _lines(f, cap: int):
+    """``(line number, bytes)`` of each non-blank line of binary file ``f``; bytes is None for a line longer than
+    ``cap`` (read past in chunks, never held whole)."""
+    lineno = 0
+    while True:
+        line = f.readline(cap + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > cap and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(cap + 1)
+            yield lineno, None
+        elif line.strip():
+            yield lineno, line
 
 
 def _split_key(name: str) -> tuple[str, str] | None:
@@ -313,16 +350,26 @@ def _split_key(name: str) -> tuple[str, str] | None:
 def index_shard(path: Path, problems: Counter) -> list[Record]:
     """Records of one tar shard, in the order keys first appear. Shard defects go into ``problems``."""
     path = Path(path)
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
+    try:
+        f = open_regular(path, MAX_SHARD_BYTES)
+    except NotReadable as e:  # a FIFO, a device, a socket, a folder named .tar; or no shard at 64 GiB
+        problems[{"too_large": "oversized_shard"}.get(e.reason, "not_a_file_shard")] += 1
+        return []
+    with f:
+        file_size = os.fstat(f.fileno()).st_size
         magic = f.read(3)
-    if magic[:2] == b"\x1f\x8b" or magic == b"BZh" or magic[:3] == b"\xfd7z":
-        raise LcmkitError(f"{path} is a compressed tar; lcmkit reads uncompressed shards (random access): "
-                          "decompress it first (e.g. gunzip)")
+        f.seek(0)
+        if magic[:2] == b"\x1f\x8b" or magic == b"BZh" or magic[:3] == b"\xfd7z":
+            raise LcmkitError(f"{path} is a compressed tar; lcmkit reads uncompressed shards (random access): "
+                              "decompress it first (e.g. gunzip)")
+        return _index_tar(path, f, file_size, problems)
+
+
+def _index_tar(path: Path, f, file_size: int, problems: Counter) -> list[Record]:
     samples: dict[str, dict] = {}
     truncated = False
     try:
-        with tarfile.open(path, "r:") as tf:
+        with tarfile.open(fileobj=f, mode="r:") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
@@ -337,12 +384,15 @@ def index_shard(path: Path, problems: Counter) -> list[Record]:
                 if ext in IMAGE_EXTENSIONS:
                     rank = IMAGE_EXTENSIONS.index(ext)
                     if rank < entry.get("image_rank", len(IMAGE_EXTENSIONS)):
-                        entry.update(image=(m.offset_data, m.size), image_rank=rank)
-                elif ext in CAPTION_EXTENSIONS and "caption" not in entry:
-                    raw = tf.extractfile(m).read()
+                        entry.update(image=(m.offset_data, m.size), image_rank=rank,
+                                     image_problem="too_large" if m.size > MAX_IMAGE_BYTES else None)
+                elif ext in CAPTION_EXTENSIONS and "caption" not in entry and "caption_problem" not in entry:
+                    if m.size > MAX_CAPTION_BYTES:  # never read: no caption is that long
+                        entry["caption_problem"] = "bad_caption"
+                        continue
                     try:
-                        entry["caption"] = raw.decode("utf-8")
-                    except UnicodeDecodeError:
+                        entry["caption"] = tf.extractfile(m).read().decode("utf-8")
+                    except UnicodeDecodeError:  # strict: invalid bytes and encoded surrogates both fail here
                         entry["caption_problem"] = "bad_caption"
             # a complete archive ends with zero blocks; a file cut at a member boundary just stops
             truncated |= file_size - tf.offset < tarfile.BLOCKSIZE
@@ -358,7 +408,7 @@ def index_shard(path: Path, problems: Counter) -> list[Record]:
     records = []
     for key, e in samples.items():
         offset, size = e.get("image", (None, None))
-        problem = e.get("caption_problem")
+        problem = e.get("image_problem") or e.get("caption_problem")
         if offset is None and problem is None and "caption" not in e:
             continue  # a key with neither image nor caption (e.g. only .json/.cls): not a sample
         records.append(Record(key, path if offset is not None else None, e.get("caption"), offset, size, problem))
@@ -511,12 +561,12 @@ def load_dataset(path, transform: ImageTransform | None = None, caption_key: str
     s = str(path)
     p = Path(s)
     if p.is_dir():
-        if (p / METADATA_FILE).is_file():
+        if (p / METADATA_FILE).exists():  # index_imagefolder refuses one that is not a regular file
             return ImageTextDataset(index_imagefolder(p, caption_key), transform, name=str(p), **kwargs)
         if any(p.glob("*.tar")):
             return _webdataset(p, transform, **kwargs)
         raise LcmkitError(f"{p} has neither {METADATA_FILE} (imagefolder) nor .tar shards (webdataset)")
-    if p.is_file() or "{" in s or glob.has_magic(s):
+    if p.exists() or "{" in s or glob.has_magic(s):  # a file, or something that is not one (counted, not read)
         return _webdataset(s, transform, **kwargs)
     raise LcmkitError(f"dataset {s} does not exist")
 

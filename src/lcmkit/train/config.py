@@ -20,7 +20,7 @@ from typing import Any
 
 from ..atomic import write_text
 from ..errors import LcmkitError
-from .data import check_data_spec
+from .data import check_data_spec, check_prompts
 from .runtime import MIXED_PRECISION
 
 CONFIG_FILE = "config.yaml"
@@ -430,6 +430,7 @@ class TrainingOptions:
         if not (model / "model_index.json").is_file():
             raise LcmkitError(f"{model_key} {model} is not a diffusers pipeline folder (no model_index.json)")
         check_data_spec(self.data)
+        check_prompts(self.validation_prompts)
         if self.resolution is not None and self.resolution < 8:
             raise LcmkitError(f"resolution must be >= 8 pixels, got {self.resolution}")
         if self.crop not in ("center", "random"):

@@ -59,6 +59,15 @@ def check_data_spec(data: str) -> None:
         raise LcmkitError(f"data {data} not found; pass an imagefolder or .tar shards{generated}")
 
 
+def check_prompts(prompts, name: str = "validation prompt") -> None:
+    """Each of ``prompts`` must be valid text (undecodable command-line bytes are refused in one line, before any
+    model is loaded, not at the first validation grid)."""
+    from ..inputs import check_text
+
+    for i, prompt in enumerate(prompts or ()):
+        check_text(f"{name} {i + 1}", prompt)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data: images (or cached latents) + captions, sharded over processes, resumable by (epoch, position)
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,6 +241,7 @@ def make_data(cfg, pipe, arch: str, device: torch.device, resolution: int, rank:
 def default_validation_prompts(cfg, source: DataSource, resolution: int, stream: DataStream) -> list[str]:
     """``cfg.validation_prompts``, else the first (≤ 4, distinct) captions of the data: the same on every run."""
     if cfg.validation_prompts:
+        check_prompts(cfg.validation_prompts)
         return list(cfg.validation_prompts)
     probe = DataStream(source, cfg, resolution, 0, 1, stream.latent_cache)
     return list(dict.fromkeys(s.caption for s in probe.next_batch(min(4, len(source)))))
