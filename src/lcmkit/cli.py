@@ -18,9 +18,10 @@ import os
 import sys
 
 from .errors import LcmkitError
+from .single_file import using_config
 
 #: Subcommand modules under lcmkit.commands, in the order ``lcmkit --help`` lists them.
-COMMANDS = ["generate", "distill", "finetune", "refine", "lora"]
+COMMANDS = ["generate", "distill", "finetune", "refine", "lora", "convert"]
 #: Entry-point group of extensions' subcommands (a ``register(subparsers)`` each).
 COMMAND_ENTRY_POINTS = "lcmkit.commands"
 
@@ -100,7 +101,8 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        with using_config(getattr(args, "model_config", None)):  # --model-config: a single-file model's configs
+            return int(args.run(args) or 0)
     except LcmkitError as e:
         print(f"lcmkit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code

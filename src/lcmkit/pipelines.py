@@ -109,7 +109,14 @@ def load_pipeline(model: str | os.PathLike, *, device: str | torch.device = "aut
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise LcmkitError(f"{name} is a pickle checkpoint ({path.suffix}); lcmkit loads only diffusers pipeline "
                               f"folders with safetensors weights because unpickling can run arbitrary code: {CONVERT_HINT}")
-        raise LcmkitError(f"{name} is a file, not a diffusers pipeline folder")
+        # a single-file checkpoint, safetensors only (docs/single-file.md)
+        from .single_file import load_single_file
+
+        pipe = load_single_file(path, name, dtype=resolve_dtype(dtype))
+        check_pipeline(pipe, name)
+        pipe.to(resolve_device(device))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     elif _hub_offline():
         raise LcmkitError(f"model folder {name} not found (HF_HUB_OFFLINE=1, so hub ids are not downloaded); "
                           "pass a local diffusers pipeline folder")

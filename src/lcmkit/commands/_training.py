@@ -34,6 +34,15 @@ def _bool(text: str) -> bool:
 LOOP_DEFAULTS = {"batch_size": 8, "max_steps": 1000, "warmup_steps": 100, "lr_schedule": "constant"}
 
 
+def add_model_config_arg(p: argparse.ArgumentParser) -> None:
+    """``--model-config``: where a single-file model's configs come from (``lcmkit.single_file``; the CLI applies it
+    around the whole command, so it is no config field)."""
+    p.add_argument("--model-config", metavar="DIR|NAME", default=None,
+                   help="for a single-file .safetensors model: a diffusers pipeline folder of its architecture (its "
+                        "configs and tokenizers; weights optional), or a config lcmkit ships: sd15, sd21 (768 px, "
+                        "v-prediction), sd21-base (512 px, epsilon), sdxl (default: the file's family)")
+
+
 def add_training_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
     """Data, loop, checkpoint, validation, precision and AdamW options (names as the config fields).
 
@@ -41,6 +50,7 @@ def add_training_args(p: argparse.ArgumentParser, defaults: dict | None = None) 
     d = {**LOOP_DEFAULTS, **(defaults or {})}
     a = p.add_argument
     a("--config", default=None, help="YAML file with any of the options (flags override it)")
+    add_model_config_arg(p)
     a("--data", help="imagefolder with metadata.jsonl, webdataset .tar shards (file/folder/glob/{a..b}), "
                      "or the name of a generated dataset a plug-in registers (lcmkit_world's: world, world:outlined, "
                      "world:open)")
@@ -85,7 +95,8 @@ def add_training_args(p: argparse.ArgumentParser, defaults: dict | None = None) 
 
 def overrides(args) -> dict:
     """The parsed flags as config overrides (None = not given)."""
-    return {k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "lora_command")}
+    return {k: v for k, v in vars(args).items()
+            if k not in ("command", "run", "config", "lora_command", "model_config")}
 
 
 def run_recipe(config_cls, recipe, args) -> int:

@@ -17,9 +17,13 @@ from lcmkit.options import DTYPE_NAMES, SAMPLER_NAMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ._training import add_model_config_arg
+
     p = sub.add_parser("generate", help="generate images with an LCM, LCM-LoRA or base model",
                        description="Generate images from a local diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM).")
-    p.add_argument("model", metavar="MODEL", help="diffusers pipeline folder")
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline folder, or a .safetensors single-file "
+                                                  "checkpoint (SD 1.x/2.x, SDXL; see --model-config)")
+    add_model_config_arg(p)
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default=None,
                    help="negative prompt; needs real CFG (guidance > 1, not a full LCM)")

@@ -27,7 +27,11 @@ def _register_combine(lora_sub) -> None:
         description="θ' = θ_pre + Σ λ_i·τ_i: merge LoRA files (kohya, PEFT or diffusers format, safetensors only) "
                     "into BASE's UNet (and text encoders where a LoRA touches them) and save a diffusers "
                     "pipeline folder of the same class.")
-    p.add_argument("base", metavar="BASE", help="diffusers pipeline folder to merge into")
+    from ._training import add_model_config_arg
+
+    p.add_argument("base", metavar="BASE", help="diffusers pipeline folder (or .safetensors single-file "
+                                                "checkpoint) to merge into")
+    add_model_config_arg(p)
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:λ]",
                    help="a .safetensors LoRA and its weight λ (default 1.0); repeat for several")
     p.add_argument("--out", required=True, help="output pipeline folder (must be empty unless --overwrite)")

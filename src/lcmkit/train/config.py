@@ -423,12 +423,9 @@ class TrainingOptions:
         for name in (model_key, "data", "out"):
             if not getattr(self, name):
                 raise LcmkitError(f"--{name} is required")
-        model = Path(getattr(self, model_key)).expanduser()
-        if not model.is_dir():
-            raise LcmkitError(f"{model_key} folder {model} not found; pass a diffusers pipeline folder (saved with "
-                              "save_pretrained)")
-        if not (model / "model_index.json").is_file():
-            raise LcmkitError(f"{model_key} {model} is not a diffusers pipeline folder (no model_index.json)")
+        from ..single_file import check_model_path
+
+        check_model_path(getattr(self, model_key), model_key)  # a pipeline folder or a single-file checkpoint
         check_data_spec(self.data)
         check_prompts(self.validation_prompts)
         if self.resolution is not None and self.resolution < 8:

@@ -363,6 +363,10 @@ def _fp32_component(pipe, name: str, teacher_dir: str):
     module = getattr(pipe, name, None)
     if not isinstance(module, torch.nn.Module) or module.dtype == torch.float32:
         return module.to("cpu") if isinstance(module, torch.nn.Module) else module
+    if Path(teacher_dir).expanduser().is_file():  # a single-file teacher (lcmkit.single_file)
+        from ..single_file import reload_pipeline
+
+        return getattr(reload_pipeline(teacher_dir), name).eval()
     return type(module).from_pretrained(teacher_dir, subfolder=name).eval()
 
 

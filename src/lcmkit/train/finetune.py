@@ -158,15 +158,14 @@ def step_loss(models: Models, cfg: FinetuneConfig, z0: Tensor, cond: TextConditi
 def save_full_pipeline(models: Models, model_dir: str, folder: Path, num_points: int) -> None:
     """The input pipeline (same class, its own float32 VAE / text encoders from disk) with θ⁻ as its UNet and an
     ``LCMScheduler`` on the fine-tuning grid (``original_inference_steps`` = T // k)."""
-    from diffusers import DiffusionPipeline, LCMScheduler
+    from diffusers import LCMScheduler
 
-    from ..pipelines import _quiet_loading
+    from ..single_file import reload_pipeline
 
     scheduler = LCMScheduler.from_config(models.pipe.scheduler.config, original_inference_steps=num_points,
                                          prediction_type=models.prediction_type)
     unet = copy.deepcopy(models.target).to("cpu", torch.float32)
-    with _quiet_loading():
-        pipe = DiffusionPipeline.from_pretrained(model_dir, unet=unet, scheduler=scheduler, use_safetensors=True)
+    pipe = reload_pipeline(model_dir, unet=unet, scheduler=scheduler)  # a folder or a single-file checkpoint
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 

@@ -104,7 +104,11 @@ class RefineConfig(TrainingOptions):
         self.check_training(model_key="model")
         if self.teacher is not None:
             teacher = Path(self.teacher).expanduser()
-            if not (teacher / "model_index.json").is_file():
+            if teacher.is_file():  # a single-file checkpoint (lcmkit.single_file)
+                from ..single_file import check_file
+
+                check_file(teacher, str(self.teacher))
+            elif not (teacher / "model_index.json").is_file():
                 raise LcmkitError(f"teacher {teacher} is not a diffusers pipeline folder (no model_index.json); "
                                   "pass the base model the LCM was distilled from, or drop --teacher")
         if not (math.isfinite(self.omega) and self.omega >= 0):
@@ -457,13 +461,10 @@ def refine_loss(models: RefineModels, cfg: RefineConfig, x_T: Tensor, z0: Tensor
 
 def save_pipeline(models: RefineModels, model_dir: str, folder: Path) -> None:
     """The input pipeline (same class, its own float32 components from disk, its scheduler unchanged) with θ."""
-    from diffusers import DiffusionPipeline
-
-    from ..pipelines import _quiet_loading
+    from ..single_file import reload_pipeline
 
     unet = copy.deepcopy(models.student).to("cpu", torch.float32).eval()
-    with _quiet_loading():
-        pipe = DiffusionPipeline.from_pretrained(model_dir, unet=unet, use_safetensors=True)
+    pipe = reload_pipeline(model_dir, unet=unet)  # a folder or a single-file checkpoint
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 

@@ -8,6 +8,8 @@ random SD 1.5 UNet is as slow as the real one.
   layers, width 768), 4-channel VAE 128/256/512/512; 512² images, 64² latents.
 - ``sdxl``: UNet 320/640/1280 with 1/2/10 transformer layers, cross-attention 2048 = CLIP ViT-L (768) +
   OpenCLIP bigG (1280, 32 layers), text-time added conditioning; the same VAE shape; 1024² images, 128² latents.
+- ``ssd1b``: SSD-1B, SDXL's UNet with 2/4 transformer layers in the down blocks, [4, 4, 10] / [2, 1, 1] in the up
+  blocks and no middle-block attention (source beside :data:`SSD1B`); SDXL's VAE and text encoders.
 - ``tiny``: the same code path on a model that runs in milliseconds (for ``--smoke`` and the tests).
 
 The tokenizer is a byte-level CLIP tokenizer (every character a token, ids < 520): real CLIP BPE merges cannot be
@@ -72,6 +74,18 @@ SDXL = Architecture(
     text_encoders=(CLIP_L, OPENCLIP_BIGG),
 )
 
+#: SSD-1B (Segmind's distilled SDXL): SDXL's UNet with fewer transformer layers, facts from ComfyUI's
+#: ``comfy/model_detection.py`` (``SSD_1B``: ``transformer_depth`` [0, 0, 2, 2, 4, 4], ``transformer_depth_output``
+#: [0, 0, 0, 1, 1, 2, 10, 4, 4] in level order, popped from the end for the up blocks, ``transformer_depth_middle`` −1:
+#: a middle block of one ResBlock). In diffusers terms: 2 and 4 layers in the down blocks, up blocks [4, 4, 10] and
+#: [2, 1, 1], ``mid_block_type="UNetMidBlock2D"`` (one resnet, no attention).
+SSD1B = Architecture(
+    name="ssd1b", resolution=1024, sdxl=True,
+    unet=dict(SDXL.unet, transformer_layers_per_block=(1, 2, 4),
+              reverse_transformer_layers_per_block=((4, 4, 10), (2, 1, 1), (1, 1, 1)), mid_block_type="UNetMidBlock2D"),
+    vae=SDXL.vae, text_encoders=SDXL.text_encoders,
+)
+
 _TINY_TEXT = dict(vocab_size=520, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=32, hidden_act="gelu", projection_dim=32)
 TINY = Architecture(
@@ -86,7 +100,7 @@ TINY = Architecture(
     text_encoders=(_TINY_TEXT,), max_tokens=32,
 )
 
-ARCHITECTURES = {a.name: a for a in (SD15, SDXL, TINY)}
+ARCHITECTURES = {a.name: a for a in (SD15, SDXL, SSD1B, TINY)}
 
 
 def byte_tokenizer(max_length: int):

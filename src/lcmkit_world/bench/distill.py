@@ -1,5 +1,5 @@
 """``lcmkit bench distill``: seconds per distillation step split by phase, peak memory, UNet forwards per step, and
-the LCM-LoRA trainable parameter counts on SD 1.5 and SDXL.
+the LCM-LoRA trainable parameter counts on SD 1.5, SSD-1B and SDXL.
 
 One configuration = (model, mode full|lora, solver). Each runs in a fresh subprocess (``python -m
 lcmkit_world.bench.distill SPEC``), so its peak memory is its own: on CPU the kernel's peak RSS (``VmHWM`` in
@@ -38,8 +38,8 @@ from lcmkit_world.bench import configs, machine
 
 PHASES = ("teacher", "target", "student", "backward", "optimizer")
 #: LCM-LoRA sizes: what the LCM-LoRA report prints, and what our preset gives (docs/reference.md, LCM-LoRA targets).
-LORA_PARAMS_REPORT = {"sd15": 67.5e6, "sdxl": 197e6}
-LORA_PARAMS_REFERENCE = {"sd15": 67.3e6, "sdxl": 196.8e6}
+LORA_PARAMS_REPORT = {"sd15": 67.5e6, "ssd1b": 105e6, "sdxl": 197e6}
+LORA_PARAMS_REFERENCE = {"sd15": 67.3e6, "ssd1b": 104.9e6, "sdxl": 196.8e6}
 DEFAULTS = {"world": {"batch_size": 16, "steps": 3}, "sd15": {"batch_size": 1, "steps": 2},
             "tiny": {"batch_size": 2, "steps": 2}}
 MODEL_NAMES = tuple(DEFAULTS)
@@ -279,7 +279,7 @@ def run_configuration(spec: dict, isolated: bool) -> dict:
 
 def lora_parameter_counts(rank: int = 64) -> dict:
     out = {}
-    for name in ("sd15", "sdxl"):
+    for name in LORA_PARAMS_REPORT:  # SD 1.5, SSD-1B, SDXL
         counted = configs.lora_trainable_parameters(configs.ARCHITECTURES[name], rank, float(rank))
         counted["report"] = LORA_PARAMS_REPORT[name]
         counted["reference"] = LORA_PARAMS_REFERENCE[name]
