@@ -2,9 +2,10 @@
 
 Distils an LCM-LoRA (or a full LCM) from the world teacher shipped in the package (by default on open prompts,
 which leave the image uncertain, with the teacher that knows them), then compares, on the same prompts and
-initial noise: the teacher with DPM-Solver++ at 25 steps and with DDIM at 4 steps (both CFG, guidance 7.5), the
-undistilled teacher with the LCM sampler at 1 step and no CFG (the control), and the distilled model at 1, 2 and
-4 steps. Writes ``grid.png`` (rows: prompts; columns:
+initial noise: the teacher with DPM-Solver++ at 25 steps and with DDIM at 4 steps (both CFG at the teacher's
+best guidance, :data:`TEACHER_GUIDANCE`), the undistilled teacher with the LCM sampler at 1 step and no CFG (the
+control), and the distilled model at 1, 2 and 4 steps. The student is distilled at that same guidance
+(ω = guidance − 1). Writes ``grid.png`` (rows: prompts; columns:
 methods), ``report.md`` (prompt accuracy, world-FID and seconds per image per column) and ``report.json``.
 """
 
@@ -23,7 +24,10 @@ from lcmkit_world import world
 from lcmkit_world.evaluate import metrics
 from lcmkit_world.evaluate.run import Setting, eval_prompts, sample_world
 
-GUIDANCE = 7.5  # diffusers convention; ω = 6.5
+#: the shipped teachers' best guidance (diffusers convention, ω = g − 1) under the strict judge, per prompt set: where
+#: DPM-Solver++ 25 draws the most images right in form and attributes (benchmarks/results/judge/sweep-*); higher
+#: guidance distorts this world's shapes
+TEACHER_GUIDANCE = {"open": 1.5, "exact": 1.0}
 CONTROL = "control: teacher, LCM 1"  # the undistilled teacher, LCM sampler, 1 step, no CFG
 
 
@@ -56,13 +60,14 @@ class DemoConfig:
             raise LcmkitError(f"--ema must be in [0, 1) (0 = online target), got {self.ema}")
 
 
-def columns(mode: str) -> list[tuple[str, str, Setting]]:
+def columns(mode: str, prompts: str = "open") -> list[tuple[str, str, Setting]]:
     """(label, which model, setting) per grid column / report row."""
     student = "LCM-LoRA" if mode == "lora" else "LCM"
+    guidance = TEACHER_GUIDANCE[prompts]
     # LCM-LoRA bakes guidance in (no CFG pass: guidance 1); a full LCM takes ω through its w-embedding
-    g_student = 1.0 if mode == "lora" else GUIDANCE
-    return [("teacher DPM-Solver++ 25", "teacher", Setting("dpm-solver++", 25, GUIDANCE)),
-            ("teacher DDIM 4", "teacher", Setting("ddim", 4, GUIDANCE)),
+    g_student = 1.0 if mode == "lora" else guidance
+    return [("teacher DPM-Solver++ 25", "teacher", Setting("dpm-solver++", 25, guidance)),
+            ("teacher DDIM 4", "teacher", Setting("ddim", 4, guidance)),
             # the control: the undistilled teacher sampled like the student (its own x̂0, no CFG)
             (CONTROL, "teacher", Setting("lcm", 1, 1.0)),
             *[(f"{student} {n}", "student", Setting("lcm", n, g_student)) for n in (1, 2, 4)]]
@@ -110,7 +115,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     resumed = cfg.resume or (out / "distill").exists()
     dcfg = DistillConfig(teacher=str(teacher_dir), data="world:open" if cfg.prompts == "open" else "world",
                          out=str(out / "distill"), mode=cfg.mode,
-                         omega=GUIDANCE - 1.0, solver="ddim", skip=20, loss="huber", batch_size=cfg.batch_size,
+                         omega=TEACHER_GUIDANCE[cfg.prompts] - 1.0, solver="ddim", skip=20, loss="huber", batch_size=cfg.batch_size,
                          **({"lora_ema": cfg.ema} if cfg.mode == "lora" else {"ema": cfg.ema}),
                          max_steps=cfg.max_steps, seed=cfg.seed, checkpoint_every=max(cfg.max_steps // 4, 1),
                          validate_every=0, resume=resumed,
@@ -128,7 +133,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
         student, loras = load_pipeline(result_dir, device="cpu"), []
     specs, named, captions = eval_prompts(cfg.num, cfg.seed, prompts=cfg.prompts)
     rows, grid_columns, grid_verdicts = [], [], []
-    for label, which, setting in columns(cfg.mode):
+    for label, which, setting in columns(cfg.mode, cfg.prompts):
         pipe = teacher if which == "teacher" else student
         with applied_loras(pipe, loras if which == "student" else []):
             images, sec = sample_world(pipe, captions, setting, cfg.seed, progress=progress)
@@ -154,6 +159,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
 
 def report_markdown(report: dict) -> str:
     cfg = report["config"]
+    guidance = TEACHER_GUIDANCE[cfg.get("prompts", "open")]
     lines = ["# lcmkit demo: distilling the built-in world teacher", "",
              f"Mode: {cfg['mode']}; {cfg['max_steps']} distillation steps at batch {cfg['batch_size']} (lr "
              f"{cfg['lr']:g}, {cfg.get('lr_schedule', 'constant')} schedule, target EMA μ {cfg.get('ema', 0):g}) "
@@ -168,8 +174,8 @@ def report_markdown(report: dict) -> str:
     kind = ("open prompts (the shape and some of size, colour, position, background named; accuracy counts the "
             "named ones)" if cfg.get("prompts") == "open" else "prompts spread across the world's 540 captions")
     lines += ["", f"{report['rows'][0]['n']} generations per column over {kind}, "
-              f"the same prompts and initial noise in every column; guidance {GUIDANCE} "
-              f"(ω = {GUIDANCE - 1}). World-FID against 2,000 real images; real-vs-real floor "
+              f"the same prompts and initial noise in every column; teacher guidance {guidance:g} "
+              f"(ω = {guidance - 1:g}), the student distilled at it. World-FID against 2,000 real images; real-vs-real floor "
               f"{report['fid_floor']:.2f}. `{CONTROL}`: the undistilled teacher sampled like the student (its own "
               "x̂0 from noise, 1 step, no CFG): what distillation has to beat. Strict accuracy: every named "
               "attribute right (the classifier) and one well-formed shape of the prompted kind (the geometric fit); "

@@ -3,7 +3,7 @@
 import json
 
 from lcmkit.cli import main
-from lcmkit_world.demo import DemoConfig, columns, run_demo
+from lcmkit_world.demo import TEACHER_GUIDANCE, DemoConfig, columns, run_demo
 
 
 def test_columns():
@@ -13,7 +13,8 @@ def test_columns():
     control = columns("lora")[2]
     assert control[1] == "teacher" and (control[2].sampler, control[2].steps, control[2].guidance) == ("lcm", 1, 1.0)
     assert all(s.guidance == 1.0 for _, which, s in columns("lora") if which == "student")  # guidance baked in
-    assert all(s.guidance == 7.5 for label, _, s in columns("full") if not label.startswith("control"))  # ω = 6.5
+    for prompts, g in TEACHER_GUIDANCE.items():  # teacher and full LCM at the teacher's best guidance
+        assert all(s.guidance == g for label, _, s in columns("full", prompts) if not label.startswith("control"))
 
 
 def test_demo_end_to_end_on_tiny_teacher(tiny_sd_dir, tmp_path, capsys):
