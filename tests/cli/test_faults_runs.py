@@ -243,7 +243,7 @@ def test_overwrite_killed_before_its_first_checkpoint_gives_the_old_results_back
     code, stdout, err = run_cli(_distill(tiny_sd_dir, out, "--max-steps", "2"), capsys)  # no flag: refused
     ok = one_line_error(code, err) and "already has results" in err and "put back" in stdout \
         and tree(out) == before
-    record("kill_resume", "SIGKILL of an --overwrite run before its first checkpoint: old results come back", ok)
+    record("run_folder", "SIGKILL of an --overwrite run before its first checkpoint: old results come back", ok)
     assert ok, (err, stdout, set(before) ^ set(tree(out)))
 
 
@@ -313,7 +313,7 @@ def test_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken_o
             code, _, err = run_cli(_distill(tiny_sd_dir, out, "--max-steps", "3", *second), capsys)
             ok = one_line_error(code, err) and "in use by another run" in err and f"pid {first.pid}" in err \
                 and socket.gethostname() in err and time.monotonic() - t0 < 20 and tree(out / "checkpoints") == state
-            record("kill_resume", f"second run ({' '.join(second) or 'plain'}) into a folder in use: refused at once, "
+            record("run_folder", f"second run ({' '.join(second) or 'plain'}) into a folder in use: refused at once, "
                                   "naming pid and host", ok)
             assert ok, (second, err)
     finally:
@@ -322,7 +322,7 @@ def test_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken_o
     assert (out / ".lcmkit-lock").exists()  # the killed run's lock file is left behind ...
     code, _, err = run_cli(_distill(tiny_sd_dir, out, "--max-steps", "3", "--resume"), capsys)
     ok = code == 0 and checkpoint_dirs(out)[-1].name == "step-0000003" and not (out / ".lcmkit-lock").exists()
-    record("kill_resume", "stale lock of a SIGKILLed run: taken over by the next --resume", ok)
+    record("run_folder", "stale lock of a SIGKILLed run: taken over by the next --resume", ok)
     assert ok, err
 
 
@@ -342,14 +342,14 @@ def test_without_flock_a_live_pid_holds_the_folder_and_a_dead_one_does_not(monke
         (out / ".lcmkit-lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
         code, _, err = run_cli(_distill(tiny_sd_dir, out, "--max-steps", "1"), capsys)
         ok = one_line_error(code, err) and f"pid {sleeper.pid}" in err
-        record("kill_resume", "no flock: a lock whose pid is alive on this host refuses the run", ok)
+        record("run_folder", "no flock: a lock whose pid is alive on this host refuses the run", ok)
         assert ok, err
     finally:
         sleeper.kill()
         sleeper.wait()
     code, _, err = run_cli(_distill(tiny_sd_dir, out, "--max-steps", "1"), capsys)
     ok = code == 0 and (out / "lora").is_dir()
-    record("kill_resume", "no flock: a lock whose pid is dead is taken over", ok)
+    record("run_folder", "no flock: a lock whose pid is dead is taken over", ok)
     assert ok, err
 
 
@@ -431,7 +431,7 @@ def test_damaged_checkpoint_says_delete_it(how, short_run, tiny_sd_dir, tmp_path
     code, _, err = run_cli(args, capsys)
     ok = one_line_error(code, err) and str(latest) in err and "delete it to resume from the one before" in err \
         and tree(out) == before
-    record("kill_resume", f"damaged checkpoint ({how}): 'delete it' message, nothing written", ok)
+    record("run_folder", f"damaged checkpoint ({how}): 'delete it' message, nothing written", ok)
     assert ok, err
     if how == "a LoRA tensor of a shape that broadcasts":  # and doing what it says works
         shutil.rmtree(latest)

@@ -50,11 +50,11 @@ def test_unet_evaluations_teacher_cfg_and_lcm():
         assert counted == {"unet_calls": n, "unet_evaluations": n}
 
 
-@pytest.mark.parametrize("name, expected", [("sd15", 67.3e6), ("sdxl", 196.8e6)])
+@pytest.mark.parametrize("name, expected", [("sd15", 67.3e6), ("ssd1b", 104.9e6), ("sdxl", 196.8e6)])
 def test_lcm_lora_parameter_counts(name, expected):
     counted = configs.lora_trainable_parameters(configs.ARCHITECTURES[name])
     assert abs(counted["trainable_params"] - expected) <= 0.3e6
-    assert counted["unet_params"] == pytest.approx({"sd15": 859.5e6, "sdxl": 2567.5e6}[name], rel=1e-3)
+    assert counted["unet_params"] == pytest.approx({"sd15": 859.5e6, "ssd1b": 1331.3e6, "sdxl": 2567.5e6}[name], rel=1e-3)
 
 
 def test_check_forwards_refuses_a_second_computation():
@@ -121,7 +121,7 @@ def test_bench_distill_smoke(tmp_path):
         assert c["unet_forwards_per_step"] == {"teacher": 1 if c["solver"] == "ddim" else 2, "target": 1,
                                                "student": 1}
     lora = data["lora_trainable_params"]
-    assert lora["sd15"]["matches_reference"] and lora["sdxl"]["matches_reference"]
+    assert list(lora) == ["sd15", "ssd1b", "sdxl"] and all(v["matches_reference"] for v in lora.values())
     assert (tmp_path / "distill.md").exists() and (tmp_path / "distill.png").exists()
 
 
