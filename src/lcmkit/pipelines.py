@@ -357,9 +357,10 @@ def check_lora_file(path: str | os.PathLike) -> Path:
     return check_safetensors_file(path)
 
 
-def applied_loras(pipe, loras: Iterable):
-    """LoRAs (``FILE[:WEIGHT]`` specs or (file, weight) pairs) applied on the fly for the duration of a ``with``
-    block, the pipeline restored exactly afterwards.
+def applied_loras(pipe, loras: Iterable, fuse: bool = True):
+    """LoRAs (``FILE[:WEIGHT]`` specs or (file, weight) pairs) applied for the duration of a ``with`` block, the
+    pipeline restored bit for bit afterwards: merged into the weights (θ_pre + Σ λ_i·(α_i/r_i)·up_i@down_i, the
+    touched weights saved and copied back; no cost per step), or with ``fuse=False`` on the fly (forward hooks).
 
     Each file is converted key by key (kohya, PEFT, diffusers and mixed files; :mod:`lcmkit.lora_formats`): a key
     that matches no layer is an error naming it, never a silently dropped layer (diffusers decides the format
@@ -367,7 +368,7 @@ def applied_loras(pipe, loras: Iterable):
     """
     from .task_arithmetic import apply_loras
 
-    return apply_loras(pipe, [parse_lora(s) for s in loras])
+    return apply_loras(pipe, [parse_lora(s) for s in loras], fuse=fuse)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,7 +428,7 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
              width: int | None = None, sampler: str = "lcm", eta: float = 0.3, loras: Iterable = (),
              init_image=None, strength: float = 1.0, device: str | torch.device = "auto",
              dtype: str | torch.dtype | None = None, progress: bool = True, output_type: str = "pil",
-             batch_size: int | None = None):
+             batch_size: int | None = None, fuse_loras: bool = True):
     """Generate ``num_images`` images for ``prompt``: a list of PIL images, or with ``output_type="np"`` a float
     array (B, H, W, 3) in [0, 1] before 8-bit rounding (diffusers' ``output_type="np"``).
 
@@ -442,7 +443,8 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
         seed: image i uses ``torch.Generator(device).manual_seed(seed + i)``.
         sampler: ``lcm`` (Algorithm 3), ``tcd`` (γ = ``eta``), or the teacher baselines ``ddim``, ``dpm-solver``,
             ``dpm-solver++`` (diffusers' schedulers, order 2 for DPM-Solver).
-        loras: ``FILE[:WEIGHT]`` strings or (file, weight) pairs, applied only for this call.
+        loras: ``FILE[:WEIGHT]`` strings or (file, weight) pairs, applied only for this call: merged into the
+            weights and restored bit for bit afterwards, or with ``fuse_loras=False`` added by forward hooks.
         init_image / strength: img2img; see the module docstring for the two strength conventions.
         height, width: pixels, multiples of the VAE scale factor; default the UNet's native size.
         dtype: ``float32`` / ``float16`` / ``bfloat16``; None keeps the pipeline's (float32 when loading).
@@ -459,7 +461,7 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
 
 def generate_batches(pipe_or_path, prompt, *, negative_prompt=None, steps=4, guidance=1.0, seed=0, num_images=1,
                      height=None, width=None, sampler="lcm", eta=0.3, loras=(), init_image=None, strength=1.0,
-                     device="auto", dtype=None, progress=True, output_type="pil", batch_size=None):
+                     device="auto", dtype=None, progress=True, output_type="pil", batch_size=None, fuse_loras=True):
     """:func:`generate`'s images batch by batch, as they are made (the same arguments): each item is a list of PIL
     images (or an array), images ``k·B … k·B + B − 1`` of the ``k``-th batch. A caller that saves each batch
     before asking for the next holds one batch in memory, however many images are asked for."""
@@ -510,9 +512,6 @@ def generate_batches(pipe_or_path, prompt, *, negative_prompt=None, steps=4, gui
     if negative_prompt is not None and not use_cfg:
         raise LcmkitError(f"a negative prompt needs classifier-free guidance, which runs only with guidance > 1 "
                           f"(got {guidance}); raise guidance or drop the negative prompt")
-    # the memory a batch needs, before anything is allocated for it: refused when not even one image fits
-    batch = batch_that_fits(pipe, batch_size or num_images, height, width, factor, use_cfg, device)
-
     alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler.config).to(device)
     if sampler in SAMPLERS:
         original = int(pipe.scheduler.config.get("original_inference_steps", 50))
@@ -522,7 +521,9 @@ def generate_batches(pipe_or_path, prompt, *, negative_prompt=None, steps=4, gui
         scheduler = teacher_scheduler(pipe, sampler)
         timesteps = teacher_timesteps(scheduler, steps, strength)
 
-    with applied_loras(pipe, loras):
+    with applied_loras(pipe, loras, fuse=fuse_loras):
+        # the memory a batch needs (after fused LoRAs saved their weights): refused when not even one image fits
+        batch = batch_that_fits(pipe, batch_size or num_images, height, width, factor, use_cfg, device)
         with torch.inference_mode():
             cond1 = encode_prompt(pipe, [prompt] if prompts is None else prompts[:1], height, width)
             uncond1 = encode_unconditional(pipe, negative_prompt, 1, height, width, cond1) if use_cfg else None

@@ -1,11 +1,11 @@
-"""Task arithmetic with LoRAs (LCM-LoRA report, eqs. 2–3): merged into weights, or applied on the fly.
+"""Task arithmetic with LoRAs (LCM-LoRA report, eqs. 2–3): merged into weights, fused for a while, or on the fly.
 
 Each LoRA i is a task vector over the layers it touches (docs/reference.md, Task arithmetic):
 
     τ_i = (alpha_i / r_i) · up_i @ down_i            (conv: both factors flattened to 2-D, reshaped back)
     θ'  = θ_pre + Σ_i λ_i · τ_i                       (e.g. λ_style = 0.8, λ_LCM = 1.0; no training)
 
-Two ways to get θ', which give the same outputs up to float32 rounding (tested):
+Three ways to get θ', which give the same outputs up to float32 rounding (tested):
 
 - :func:`merge_loras` writes θ' into (copies of) the models: Σ λ_i τ_i is summed in float32, added to the
   float32 base weight, and cast back to the weight's dtype. Layers whose λ is 0 are not touched at all, so
@@ -14,6 +14,11 @@ Two ways to get θ', which give the same outputs up to float32 rounding (tested)
   to each layer's output with a forward hook (linear: two matmuls; conv: the down conv has the base layer's
   kernel, stride, padding and dilation, the up conv is 1x1). Removing the hooks restores the model exactly.
   Hooks work on any Linear/Conv2d whatever the file format was, and need neither PEFT nor diffusers' loaders.
+- :func:`fuse_loras` / ``apply_loras(…, fuse=True)`` write θ' into the models' own weights in place (as
+  :func:`merge_loras`, layer by layer) after saving a copy of each weight it changes; ``remove()`` (or leaving the
+  ``with`` block, also on an exception) copies the saved tensors back, so the model is restored bit for bit.
+  Sampling then costs what the base model costs (no extra matmuls per step); the touched weights are held twice
+  meanwhile. This is how :func:`lcmkit.pipelines.generate` applies ``loras`` unless ``fuse_loras=False``.
 
 A LoRA is given as ``(weights, λ)`` with ``weights`` a :data:`~lcmkit.lora_formats.LoraWeights` (read with
 :func:`~lcmkit.lora_formats.load_lora`), or as ``(path, λ)`` / ``"FILE[:λ]"`` where a file is expected.
@@ -44,23 +49,43 @@ from .lora_formats import (
 )
 
 
-def lora_delta(layer: LoraLayer) -> Tensor:
-    """τ = (alpha / r) · up @ down in float32, shaped like the base weight: (out, in) or (out, in, kh, kw)."""
-    down, up = layer.down.float(), layer.up.float()
+def lora_delta(layer: LoraLayer, device: torch.device | str | None = None) -> Tensor:
+    """τ = (alpha / r) · up @ down in float32 (on ``device``, default the factors'), shaped like the base weight:
+    (out, in) or (out, in, kh, kw)."""
+    down, up = layer.down.to(device, torch.float32), layer.up.to(device, torch.float32)
     delta = up.flatten(1) @ down.flatten(1)          # (out, r) @ (r, in·kh·kw)
     return (layer.scale * delta).reshape(up.shape[0], *down.shape[1:])
 
 
+def touched_layers(loras: Sequence[tuple[LoraWeights, float]]) -> list[str]:
+    """The layers some LoRA with λ ≠ 0 changes, in the order the LoRAs list them."""
+    return list(dict.fromkeys(name for weights, lam in loras if lam != 0 for name in weights))
+
+
+def layer_task_vector(loras: Sequence[tuple[LoraWeights, float]], name: str,
+                      device: torch.device | str | None = None) -> Tensor:
+    """Σ_i λ_i · τ_i for one layer ``name`` (one of :func:`touched_layers`), float32, summed in the LoRAs' order."""
+    total = None
+    for weights, lam in loras:
+        if lam != 0 and name in weights:
+            term = lam * lora_delta(weights[name], device)
+            total = term if total is None else total + term
+    return total
+
+
 def task_vector_sum(loras: Sequence[tuple[LoraWeights, float]]) -> dict[str, Tensor]:
     """Σ_i λ_i · τ_i per layer, float32; LoRAs with λ = 0 contribute nothing (not even a zero tensor)."""
-    total: dict[str, Tensor] = {}
-    for weights, lam in loras:
-        if lam == 0:
-            continue
-        for name, layer in weights.items():
-            term = lam * lora_delta(layer)
-            total[name] = total[name] + term if name in total else term
-    return total
+    return {name: layer_task_vector(loras, name) for name in touched_layers(loras)}
+
+
+def merged_weight(name: str, weight: Tensor, delta: Tensor) -> Tensor:
+    """θ_pre + Σ λ_i τ_i for one layer: ``delta`` (float32) added to the float32 weight, cast back to the weight's
+    dtype once. Raises :class:`LcmkitError` naming the layer when the result is not finite in that dtype."""
+    merged = (weight.detach().float() + delta.to(weight.device)).to(weight.dtype)
+    if not bool(torch.isfinite(merged).all()):
+        raise LcmkitError(f"merging the LoRAs makes {name}.weight non-finite in {weight.dtype} (the sum "
+                          "overflows); lower the LoRA weights λ")
+    return merged
 
 
 def check_weights_fit(weights: LoraWeights, models: Mapping[str, nn.Module]) -> None:
@@ -108,19 +133,14 @@ def merge_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeigh
     deltas = task_vector_sum(loras)
     for name, delta in deltas.items():  # check every merged weight first: never a half-merged model
         component, path = split_name(name)
-        weight = models[component].get_submodule(path).weight
-        merged = (weight.float() + delta.to(weight.device)).to(weight.dtype)
-        if not bool(torch.isfinite(merged).all()):
-            raise LcmkitError(f"merging the LoRAs makes {name}.weight non-finite in {weight.dtype} (the sum "
-                              "overflows); lower the LoRA weights λ")
+        merged_weight(name, models[component].get_submodule(path).weight, delta)
     touched = {split_name(name)[0] for name in deltas}
     out = {c: (m if inplace or c not in touched else copy.deepcopy(m)) for c, m in models.items()}
     with torch.no_grad():
         for name, delta in deltas.items():
             component, path = split_name(name)
             weight = out[component].get_submodule(path).weight
-            merged = weight.float() + delta.to(weight.device)
-            weight.copy_(merged.to(weight.dtype))
+            weight.copy_(merged_weight(name, weight, delta))
     return out
 
 
@@ -203,6 +223,53 @@ def attach_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeig
     return AppliedLoras(handles, list(branches))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Fused for a while: merged in place, the saved weights copied back
+# ---------------------------------------------------------------------------------------------------------------
+
+class FusedLoras(AppliedLoras):
+    """LoRAs merged into a model's own weights; ``remove()`` (or leaving the ``with`` block) copies the saved
+    original of every changed weight back, bit for bit. ``layers`` counts changed layers, ``names`` lists them."""
+
+    def __init__(self, names: list[str]):
+        super().__init__([], names)
+        self._saved: dict[int, tuple[Tensor, Tensor]] = {}  # id(weight) -> (weight, its original values)
+
+    def _fuse(self, models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]]) -> None:
+        with torch.no_grad():
+            for name in self.names:
+                component, path = split_name(name)
+                weight = unwrap(models[component].get_submodule(path)).weight
+                merged = merged_weight(name, weight, layer_task_vector(loras, name, weight.device))
+                self._saved.setdefault(id(weight), (weight, weight.detach().clone()))
+                weight.copy_(merged)
+
+    def remove(self) -> None:
+        with torch.no_grad():
+            for weight, original in self._saved.values():
+                weight.copy_(original)
+        self._saved = {}
+
+
+def fuse_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]]) -> FusedLoras:
+    """θ' = θ_pre + Σ λ_i (α_i/r_i) up_i @ down_i written in place into ``models`` = ``{"unet": …, …}`` until
+    ``remove()`` / the end of the ``with`` block, which copies the saved originals back (never subtracts).
+
+    Every LoRA is checked (:func:`check_loras`) before any weight changes. Then layer by layer: Σ λ_i τ_i in
+    float32 on the weight's device, added to the float32 weight and cast to its dtype (:func:`merged_weight`), a
+    copy of the weight saved, the weight overwritten. A layer that overflows its dtype raises after restoring the
+    layers already changed. Only weights some LoRA with λ ≠ 0 touches are changed or copied.
+    """
+    check_loras(loras, models)
+    fused = FusedLoras(touched_layers(loras))
+    try:
+        fused._fuse(models, loras)
+    except BaseException:
+        fused.remove()
+        raise
+    return fused
+
+
 def load_lora_specs(models: Mapping[str, nn.Module], specs: Iterable) -> list[tuple[LoraWeights, float]]:
     """Read every ``(file, λ)`` / ``"FILE[:λ]"`` against ``models``; all files are checked before any is used."""
     from .pipelines import parse_lora  # the CLI's FILE[:WEIGHT] syntax, one definition
@@ -211,15 +278,17 @@ def load_lora_specs(models: Mapping[str, nn.Module], specs: Iterable) -> list[tu
     return [(load_lora(path, models["unet"], text_encoders), lam) for path, lam in map(parse_lora, specs)]
 
 
-def apply_loras(pipe, loras: Iterable) -> AppliedLoras:
-    """Apply LoRA files to a pipeline on the fly: ``loras`` = ``[(path, λ), …]`` or ``"FILE[:λ]"`` strings.
+def apply_loras(pipe, loras: Iterable, *, fuse: bool = False) -> AppliedLoras:
+    """Apply LoRA files to a pipeline: ``loras`` = ``[(path, λ), …]`` or ``"FILE[:λ]"`` strings; on the fly with
+    forward hooks (:func:`attach_loras`), or with ``fuse=True`` merged into the weights in place (:func:`fuse_loras`).
 
     Every file is read key by key (any format, see :mod:`lcmkit.lora_formats`) and checked against the
-    pipeline's UNet and text encoders before anything is attached. Use as a context manager
+    pipeline's UNet and text encoders before anything is attached or merged. Use as a context manager
     (``with apply_loras(pipe, loras): …``) or call ``.remove()``; the pipeline is then exactly as before.
     """
     models = pipeline_models(pipe)
-    return attach_loras(models, load_lora_specs(models, loras))
+    weights = load_lora_specs(models, loras)
+    return fuse_loras(models, weights) if fuse else attach_loras(models, weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------

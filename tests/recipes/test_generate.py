@@ -2,8 +2,9 @@
 
 Reference equivalence: same seed → same image as diffusers (LCM text2img and img2img, SD + LCMScheduler with
 CFG and a negative prompt, TCD, DDIM and DPM-Solver(++) teachers, SDXL). Invariants: image i of a batch equals the
-single image at seed S + i; a LoRA at weight 0 is the base model and is removed afterwards. CLI: bad input
-exits non-zero with one line on stderr.
+single image at seed S + i; a LoRA at weight 0 is the base model and is removed afterwards; LoRAs fused into the
+weights (the default) give the hooks' images and are undone bit for bit. CLI: bad input exits non-zero with one line
+on stderr; ``--no-fuse-loras`` picks the hooks.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from PIL import Image
 
 from lcmkit.cli import main
 from lcmkit.errors import LcmkitError
-from lcmkit.pipelines import generate, load_pipeline, parse_lora
+from lcmkit.lora_formats import pipeline_models, save_lora
+from lcmkit.pipelines import generate, generate_batches, load_pipeline, parse_lora
 
 torch.set_num_threads(1)
 
@@ -159,6 +161,42 @@ def test_lora_changes_output_weight_zero_is_base_and_is_removed(tiny_sd_pipe, tm
     assert _maxdiff(_gen(tiny_sd_pipe), base) <= 1e-6  # adapters were deleted afterwards
 
 
+def _params(pipe) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": p.detach().clone() for c, m in pipeline_models(pipe).items() for k, p in m.named_parameters()}
+
+
+def _changed(pipe, before) -> list[str]:
+    return [k for k, p in _params(pipe).items() if not torch.equal(p, before[k])]
+
+
+def _hooks(pipe) -> int:
+    return sum(len(m._forward_hooks) for model in pipeline_models(pipe).values() for m in model.modules())
+
+
+def test_fused_loras_give_the_hooks_images_and_are_undone_bit_for_bit(tiny_sd_pipe, tmp_path):
+    from test_lora_formats import random_lora
+
+    models = pipeline_models(tiny_sd_pipe)
+    style = save_lora(random_lora(models, seed=10), tmp_path / "style.safetensors", "kohya")  # UNet + text encoder
+    lcm = save_lora(random_lora(models, seed=11, text=False), tmp_path / "lcm.safetensors", "peft")
+    loras = [f"{style}:0.8", (lcm, 1.0)]
+    before = _params(tiny_sd_pipe)
+    base = _gen(tiny_sd_pipe)
+    fused = _gen(tiny_sd_pipe, loras=loras)
+    assert _changed(tiny_sd_pipe, before) == []
+    hooked = _gen(tiny_sd_pipe, loras=loras, fuse_loras=False)
+    assert _maxdiff(fused, base) > 1e-2
+    assert _maxdiff(fused, hooked) <= 1e-5  # float32 rounding only
+    for fuse in (True, False):  # while sampling: merged weights and no hooks, or hooks and the base weights
+        batches = generate_batches(tiny_sd_pipe, PROMPT, steps=1, height=64, width=64, num_images=2, batch_size=1,
+                                   progress=False, output_type="np", loras=loras, fuse_loras=fuse)
+        next(batches)
+        assert (bool(_changed(tiny_sd_pipe, before)), _hooks(tiny_sd_pipe) > 0) == (fuse, not fuse)
+        batches.close()  # a caller that stops early: weights restored, hooks removed
+        assert _changed(tiny_sd_pipe, before) == [] and _hooks(tiny_sd_pipe) == 0
+    assert _maxdiff(_gen(tiny_sd_pipe), base) == 0
+
+
 def test_parse_lora():
     assert parse_lora("x/y.safetensors") == (parse_lora("x/y.safetensors:1")[0], 1.0)
     assert parse_lora("x/y.safetensors:0.8")[1] == 0.8
@@ -198,6 +236,26 @@ def test_cli_writes_images_and_grid(tiny_lcm_dir, tmp_path, capsys):
     assert rc == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
     rc, _, err = _cli(capsys, tiny_lcm_dir, *again, "--overwrite")
     assert rc == 0, err
+
+
+def test_cli_fuses_loras_unless_no_fuse_loras(tiny_sd_dir, tmp_path, capsys, monkeypatch):
+    import lcmkit.task_arithmetic as ta
+
+    calls = []
+    for name in ("fuse_loras", "attach_loras"):
+        monkeypatch.setattr(ta, name, lambda *a, _f=getattr(ta, name), _n=name: calls.append(_n) or _f(*a))
+    lora = tiny.tiny_lora_file(tiny.tiny_sd().unet, tmp_path / "l.safetensors", seed=1)
+    images = {}
+    for flags in ([], ["--lora", f"{lora}:0.8"], ["--lora", f"{lora}:0.8", "--no-fuse-loras"]):
+        calls.clear()
+        out = tmp_path / f"{len(flags)}.png"
+        rc, _, err = _cli(capsys, tiny_sd_dir, "--prompt", PROMPT, "--steps", 2, "--height", 64, "--width", 64,
+                          "--out", out, *flags)
+        assert rc == 0, err
+        assert calls == (["attach_loras"] if "--no-fuse-loras" in flags else ["fuse_loras"])
+        images[len(flags)] = np.asarray(Image.open(out), dtype=np.float64)
+    assert np.abs(images[2] - images[0]).max() >= 8  # the LoRA shows in the PNG
+    assert np.abs(images[2] - images[3]).max() <= 1  # fused or hooked: the same image up to 8-bit rounding
 
 
 def _bad_cases(lcm_dir, tmp):

@@ -1,5 +1,6 @@
-"""Task arithmetic θ' = θ_pre + Σ λ_i τ_i (LCM-LoRA report eqs. 2–3): merged == on the fly, λ = 0 is the base
-bit for bit, and ``lcmkit lora combine`` end to end on a tiny SD pipeline."""
+"""Task arithmetic θ' = θ_pre + Σ λ_i τ_i (LCM-LoRA report eqs. 2–3): merged == fused == on the fly, λ = 0 is the
+base bit for bit, fused LoRAs restore every weight bit for bit (also after an exception), and ``lcmkit lora
+combine`` end to end on a tiny SD pipeline."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from test_lora_formats import random_lora
 
 from lcmkit.cli import main
 from lcmkit.lora_formats import pipeline_models, save_lora
-from lcmkit.task_arithmetic import apply_loras, attach_loras, lora_delta, merge_loras
+from lcmkit.errors import LcmkitError
+from lcmkit.lora_formats import LoraLayer
+from lcmkit.task_arithmetic import apply_loras, attach_loras, fuse_loras, lora_delta, merge_loras
 
 IDS = torch.arange(2, 2 + 12)[None]  # 12 tokens of the tiny byte-level tokenizer
 
@@ -91,6 +94,81 @@ def test_apply_loras_on_a_pipeline(sd, two_loras, tmp_path):
     assert torch.equal(unet_out(sd.unet, sd.text_encoder), base)
 
 
+def snapshot(models) -> dict[str, torch.Tensor]:
+    """A copy of every parameter of ``models``, keyed ``component.parameter``."""
+    return {f"{c}.{k}": p.detach().clone() for c, m in models.items() for k, p in m.named_parameters()}
+
+
+def changed(models, before) -> list[str]:
+    after = snapshot(models)
+    assert after.keys() == before.keys()
+    return sorted(k for k in before if not torch.equal(before[k], after[k]))
+
+
+def hooked(models) -> int:
+    return sum(len(m._forward_hooks) for model in models.values() for m in model.modules())
+
+
+def test_fused_equals_merged_and_on_the_fly_and_restores_bit_for_bit(sd, two_loras):
+    models = pipeline_models(sd)
+    loras = [(two_loras[0], 0.8), (two_loras[1], 1.0)]
+    touched = set(two_loras[0]) | set(two_loras[1])
+    before = snapshot(models)
+    base = unet_out(sd.unet, sd.text_encoder)
+    merged = merge_loras(models, loras)
+    with attach_loras(models, loras):
+        fly = unet_out(sd.unet, sd.text_encoder)
+    with fuse_loras(models, loras) as fused:
+        assert fused.layers == len(touched) and hooked(models) == 0
+        assert changed(models, before) == sorted(f"{name}.weight" for name in touched)  # only the LoRAs' layers
+        for component, model in merged.items():  # the same float32 sum, cast once: merge_loras' weights exactly
+            now = model.state_dict()
+            assert all(torch.equal(now[k], v) for k, v in models[component].state_dict().items()), component
+        out_fused = unet_out(sd.unet, sd.text_encoder)
+    assert rel_diff(out_fused, base) > 0.1     # the LoRAs matter
+    assert rel_diff(out_fused, fly) <= 1e-5    # float32 rounding only
+    assert changed(models, before) == []       # every unet / text-encoder parameter bit for bit
+    assert torch.equal(unet_out(sd.unet, sd.text_encoder), base)
+
+
+def test_fused_restores_after_an_exception_in_the_block(sd, two_loras):
+    models = pipeline_models(sd)
+    before = snapshot(models)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        with fuse_loras(models, [(two_loras[0], 0.8), (two_loras[1], 1.0)]):
+            assert changed(models, before)
+            raise RuntimeError("sampling failed")
+    assert changed(models, before) == []
+    with fuse_loras(models, [(two_loras[0], 0.0)]) as fused:  # λ = 0: nothing touched, nothing copied
+        assert fused.layers == 0 and changed(models, before) == []
+
+
+def test_a_fuse_that_overflows_half_way_restores_the_layers_already_fused(sd, two_loras, monkeypatch):
+    """fp16: the last layer's merged weight overflows after the others were written; all are put back."""
+    import copy
+
+    from lcmkit.task_arithmetic import FusedLoras
+
+    models = {"unet": copy.deepcopy(sd.unet).half()}
+    weights = dict(two_loras[1])
+    last = list(weights)[-1]
+    weights[last] = LoraLayer(weights[last].down, weights[last].up * 1e6, weights[last].alpha)
+    before = snapshot(models)
+    with fuse_loras(models, [(two_loras[1], 1.0)]):  # the same LoRA without the overflow fuses
+        assert len(changed(models, before)) == len(weights)
+    at_restore, restore = [], FusedLoras.remove
+
+    def spy(self):
+        at_restore.append(len(changed(models, before)))
+        restore(self)
+
+    monkeypatch.setattr(FusedLoras, "remove", spy)
+    with pytest.raises(LcmkitError, match=f"{last}.weight non-finite"):
+        fuse_loras(models, [(weights, 1.0)])
+    assert at_restore == [len(weights) - 1]  # every layer but the last was written, then all were put back
+    assert changed(models, before) == []
+
+
 # --- lcmkit lora combine -----------------------------------------------------------------------------------
 
 def test_combine_cli_end_to_end(tiny_sd_dir, tmp_path, capsys):
@@ -153,10 +231,11 @@ def test_combine_refuses_a_pickle_without_opening_it(tiny_sd_dir, tmp_path, caps
     assert not marker.exists() and not (tmp_path / "o").exists()
 
 
-def test_on_the_fly_lora_on_top_of_a_peft_adapter(tiny_sd_pipe, tmp_path):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_on_the_fly_lora_on_top_of_a_peft_adapter(tiny_sd_pipe, tmp_path, fuse):
     """A UNet that diffusers/peft already wrapped (a LoRA loaded the diffusers way) still takes lcmkit's LoRAs:
-    the hook goes on the wrapped base layer. With peft's adapter disabled the result is exactly lcmkit's LoRA
-    alone; with it enabled both apply; leaving the block restores the peft-only model."""
+    the hook (or the fused weight) goes on the wrapped base layer. With peft's adapter disabled the result is exactly
+    lcmkit's LoRA alone; with it enabled both apply; leaving the block restores the peft-only model."""
     import torch
     from peft import LoraConfig
 
@@ -167,12 +246,12 @@ def test_on_the_fly_lora_on_top_of_a_peft_adapter(tiny_sd_pipe, tmp_path):
     path = tmp_path / "l.safetensors"
     save_lora(random_lora(pipeline_models(tiny_sd_pipe), seed=3, text=False), path, "diffusers")
     with torch.no_grad():
-        with apply_loras(tiny_sd_pipe, [(path, 1.0)]):
+        with apply_loras(tiny_sd_pipe, [(path, 1.0)], fuse=fuse):
             ours_alone = unet(x, t, h).sample
         unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"],
                                     init_lora_weights=False))
         peft_only = unet(x, t, h).sample
-        with apply_loras(tiny_sd_pipe, [(path, 1.0)]):
+        with apply_loras(tiny_sd_pipe, [(path, 1.0)], fuse=fuse):
             both = unet(x, t, h).sample
             unet.disable_adapters()
             ours_under_wrapper = unet(x, t, h).sample

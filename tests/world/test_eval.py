@@ -44,6 +44,23 @@ def test_eval_cli_and_refusals(tiny_sd_dir, tmp_path, capsys):
         main(["eval", str(tiny_sd_dir), "--steps", "a,b", "--out", str(tmp_path / "g")])
 
 
+def test_eval_cli_fuses_loras_unless_no_fuse_loras(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    import lcmkit_world.evaluate.run as run
+    from lcmkit.errors import LcmkitError
+
+    seen = []
+
+    def fake_evaluate(*a, fuse_loras, **k):
+        seen.append(fuse_loras)
+        raise LcmkitError("stopped before sampling")
+
+    monkeypatch.setattr(run, "evaluate", fake_evaluate)
+    args = ["eval", str(tiny_sd_dir), "--steps", "1", "--out", str(tmp_path / "e")]
+    assert main(args) == 2 and main(args + ["--no-fuse-loras"]) == 2
+    assert seen == [True, False]
+    assert "stopped before sampling" in capsys.readouterr().err
+
+
 def test_open_prompts_leave_attributes_out_and_count_only_the_named(tiny_sd_dir, tmp_path, capsys):
     from lcmkit.errors import LcmkitError
     from lcmkit_world import world

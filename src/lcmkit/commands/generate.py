@@ -44,7 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="lcm / tcd (few-step), or the teacher baselines ddim / dpm-solver / dpm-solver++")
     p.add_argument("--eta", type=float, default=0.3, help="TCD gamma in [0, 1] (default 0.3)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="a .safetensors LoRA applied on the fly, weight default 1.0; repeat for several")
+                   help="a .safetensors LoRA, weight default 1.0; repeat for several (summed: task arithmetic); merged "
+                        "into the weights for the run and restored bit for bit afterwards")
+    p.add_argument("--no-fuse-loras", dest="fuse_loras", action="store_false",
+                   help="apply --lora with forward hooks instead of merging them into the weights (extra matmuls "
+                        "every step; the same images up to float rounding, and no copy of the changed weights)")
     p.add_argument("--init-image", default=None, help="image-to-image: the starting image")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img strength in (0, 1] (default 1.0); lcm/tcd shrink the 50-point grid to 50·strength")
@@ -104,7 +108,7 @@ def run(args) -> int:
     batches = generate_batches(
         args.model, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=args.seed, num_images=args.num_images, height=args.height, width=args.width, sampler=args.sampler,
-        eta=args.eta, loras=args.lora, init_image=args.init_image,
+        eta=args.eta, loras=args.lora, fuse_loras=args.fuse_loras, init_image=args.init_image,
         strength=1.0 if args.strength is None else args.strength, device=args.device, dtype=args.dtype,
         batch_size=args.batch_size,
     )

@@ -7,7 +7,8 @@ Methods per model (``lcmkit.pipelines.generate`` unless named ``diffusers-…``)
 - ``teacher``: DPM-Solver++ (2M) 25 steps with CFG at guidance 7.5 → 25 batched [uncond; cond] calls = 50 UNet
   evaluations; the ceiling of any LCM speed-up is 50 / N;
 - ``lcm-N``: the full LCM (w-embedding, one forward per step) at guidance 7.5 → N evaluations;
-- ``lcm-lora-N``: the teacher with the LCM-LoRA applied on the fly at guidance 1 (baked in) → N evaluations;
+- ``lcm-lora-N``: the teacher with the LCM-LoRA merged into its weights for the run, at guidance 1 (baked in) → N
+  evaluations;
 - ``diffusers-lcm-N``: ``LatentConsistencyModelPipeline`` on the same full LCM;
 - ``diffusers-lcm-lora-N``: ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) with ``LCMScheduler``
   and the same LoRA file through ``load_lora_weights``.
@@ -172,7 +173,8 @@ def lora_phase(subject: Subject, options: SpeedOptions, device, warmup: bool) ->
 
     Both attach the LoRA once, outside the timed call, as a library user generating many images would:
     diffusers with ``load_lora_weights`` (unloaded after each of its runs, so its PEFT wrappers never sit in the
-    shared UNet during lcmkit's runs), lcmkit with ``applied_loras`` (per-key conversion, forward hooks).
+    shared UNet during lcmkit's runs), lcmkit with ``applied_loras`` (per-key conversion, merged into the UNet's
+    weights for its runs and restored bit for bit after each).
     """
     n, r = options.compare_steps, subject.resolution
     pipe = diffusers_lora_pipeline(subject.teacher)

@@ -15,7 +15,8 @@ against real *outlined* images):
 - ``style-lora-control``: the teacher + style LoRA alone at ``steps`` LCM steps, no CFG: what the combinations
   must beat for the LCM-LoRA to be what makes the few steps work;
 - ``lcm-lora``: the teacher + LCM-LoRA alone at ``steps`` (guidance baked in);
-- ``combined λ1``: θ_pre + λ1·τ_style + λ2·τ_LCM (LCM-LoRA report, eq. 3), applied on the fly, for each λ1.
+- ``combined λ1``: θ_pre + λ1·τ_style + λ2·τ_LCM (LCM-LoRA report, eq. 3), merged into the weights while sampling
+  (restored afterwards), for each λ1.
 
 :func:`bars` judges the rows against two relative thresholds: LCF needs style rate ≥ :data:`STYLE_RATE_BAR` × real
 and accuracy ≥ :data:`ACCURACY_BAR` × the LCM's; the best combination needs the same style rate with accuracy ≥

@@ -20,7 +20,11 @@ def register(sub) -> None:
     p.add_argument("--guidance", type=comma_list(float), default=[7.5],
                    help="guidance scale(s), diffusers convention (ω = g − 1); default 7.5")
     p.add_argument("--num", type=int, default=1000, help="generations per setting (default 1000)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="LoRA(s) applied on the fly")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="LoRA(s), merged into the weights for the run and restored bit for bit afterwards")
+    p.add_argument("--no-fuse-loras", dest="fuse_loras", action="store_false",
+                   help="apply --lora with forward hooks instead of merging them into the weights (extra matmuls "
+                        "every step; the same images up to float rounding)")
     p.add_argument("--eta", type=float, default=0.3, help="TCD gamma")
     p.add_argument("--style", choices=["filled", "outlined"], default="filled",
                    help="style the prompts ask for and world-FID compares with")
@@ -53,7 +57,7 @@ def run(args) -> int:
         raise LcmkitError(f"{out} already holds results (eval.json); pass --overwrite to replace them")
     result = evaluate(args.model, settings_grid(args.sampler, args.steps, args.guidance, args.eta), num=args.num,
                       seed=args.seed, loras=args.lora, style=args.style, n_real=args.n_real, teacher=args.teacher,
-                      batch_size=args.batch_size, out_dir=out, prompts=args.prompts)
+                      batch_size=args.batch_size, out_dir=out, prompts=args.prompts, fuse_loras=args.fuse_loras)
     print(markdown_table(result), end="")
     print(f"wrote {out / 'eval.md'}, {out / 'eval.json'} and {out / 'grid.png'}")
     return 0

@@ -82,14 +82,17 @@ def sample_world(pipe, prompts: list[str], setting: Setting, seed: int = 0, batc
 
 def evaluate(model, settings: list[Setting], *, num: int = 1000, seed: int = 0, loras=(), style: str = "filled",
              n_real: int = metrics.N_REAL, teacher=None, batch_size: int = 100, grid_prompts: int = 8,
-             out_dir: str | Path | None = None, progress: bool = True, prompts: str = "exact") -> dict:
+             out_dir: str | Path | None = None, progress: bool = True, prompts: str = "exact",
+             fuse_loras: bool = True) -> dict:
     """Score ``model`` (a pipeline or folder) under each setting; write ``eval.json``, ``eval.md`` and
     ``grid.png`` (rows: settings; columns: the first ``grid_prompts`` prompts) to ``out_dir`` if given.
 
     ``style`` is the style the prompts ask for and the real set world-FID compares with ("outlined" for a
     model fine-tuned on the outlined set). ``teacher``: a pipeline or folder whose 50-step DPM-Solver++
     solution is the reference of the trajectory error. ``prompts``: ``exact`` captions or ``open`` ones
-    (:func:`eval_prompts`); prompt accuracy counts the attributes a prompt names.
+    (:func:`eval_prompts`); prompt accuracy counts the attributes a prompt names. ``loras`` are merged into the
+    weights for the run and restored afterwards (:func:`lcmkit.pipelines.applied_loras`), or added by forward
+    hooks with ``fuse_loras=False``.
     """
     if num < 2:
         raise LcmkitError(f"--num must be at least 2 (world-FID needs a covariance), got {num}")
@@ -97,7 +100,7 @@ def evaluate(model, settings: list[Setting], *, num: int = 1000, seed: int = 0, 
     specs, named, captions = eval_prompts(num, seed, style, prompts)
     rows, grid_rows, sheets = [], [], []
     references = {}
-    with applied_loras(pipe, loras):
+    with applied_loras(pipe, loras, fuse=fuse_loras):
         for setting in settings:
             images, sec = sample_world(pipe, captions, setting, seed, batch_size, progress)
             judged = metrics.judgements(images, specs, named=named)
