@@ -7,6 +7,8 @@ builds with the same seed are identical.
 - :func:`tiny_sd`      ``StableDiffusionPipeline``, epsilon or v prediction, DDIM-style scheduler config.
 - :func:`tiny_lcm`     ``LatentConsistencyModelPipeline``: UNet with ``time_cond_proj_dim=256`` (w-embedding)
                        and an ``LCMScheduler``.
+- :func:`tiny_sd2`     ``StableDiffusionPipeline`` in SD 2.x's shape: a 1024-wide text encoder (OpenCLIP ViT-H's
+                       width, how lcmkit tells SD 2.x from 1.x), linear attention projections, v prediction.
 - :func:`tiny_sdxl`    ``StableDiffusionXLPipeline``: two text encoders, pooled embeds + time ids.
 - :func:`tiny_lora_file` a diffusers-format LoRA ``.safetensors`` for a tiny UNet, with non-zero B.
 - :func:`torchrun_lcmkit` an ``lcmkit`` command in two processes under ``torchrun`` (gloo on CPU).
@@ -94,6 +96,22 @@ def tiny_sd(folder: str | Path | None = None, prediction_type: str = "epsilon", 
         unet=tiny_unet(seed), vae=tiny_vae(seed + 1), text_encoder=tiny_text_encoder(seed + 2),
         tokenizer=tiny_tokenizer(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
+    )
+    return _save(pipe, folder)
+
+
+def tiny_sd2(folder: str | Path | None = None, prediction_type: str = "v_prediction", seed: int = 0):
+    """A tiny SD 2.x-shaped ``StableDiffusionPipeline``: text encoder of width 1024 (SD 2.x's OpenCLIP ViT-H; two
+    layers), UNet cross-attention 1024 with linear ``proj_in``/``proj_out`` (``use_linear_projection``, as SD 2.x),
+    DDIM config with ``prediction_type`` (SD 2.1 768: v; 2.1-base: epsilon)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(
+        unet=tiny_unet(seed, cross_attention_dim=1024, use_linear_projection=True), vae=tiny_vae(seed + 1),
+        text_encoder=tiny_text_encoder(seed + 2, hidden_size=1024), tokenizer=tiny_tokenizer(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     return _save(pipe, folder)
 

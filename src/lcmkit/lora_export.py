@@ -27,6 +27,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .atomic import make_readable  # noqa: F401  (here before lcmkit.atomic had it; kept for callers)
 from .errors import LcmkitError
 from .lora_formats import FORMATS, LoraLayer, LoraWeights, save_lora, split_name
 
@@ -83,21 +84,12 @@ def kohya_bases(weights: LoraWeights, unet: nn.Module | None) -> dict[str, str]:
     return bases
 
 
-def make_readable(path: str | os.PathLike) -> None:
-    """Give ``path`` the mode a new file (0666) or folder (0777) gets under the process umask: safetensors and
-    ``tempfile.mkdtemp`` create them private (0600/0700), and another user's ComfyUI could not read them."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    path = Path(path)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
 def write_lora_files(weights: LoraWeights, path: str | os.PathLike, formats=DEFAULT_LORA_FORMATS,
                      unet: nn.Module | None = None, save_dtype: str = "fp32") -> dict[str, Path]:
     """Write ``weights`` once per format (see :func:`output_paths`), factors in ``save_dtype``, each file atomically
     and readable by other users. ``unet``: the model the LoRA is for (SDXL gets SGM-named kohya keys). Returns
     ``{format: path}``."""
-    from .atomic import atomic_write
+    from .atomic import atomic_write  # which also gives each file the umask's mode (0644 under 022)
 
     dtype = check_save_dtype(save_dtype)
     cast = {n: LoraLayer(layer.down.detach().to("cpu", dtype).contiguous(),
@@ -107,7 +99,6 @@ def write_lora_files(weights: LoraWeights, path: str | os.PathLike, formats=DEFA
     written = {}
     for fmt, target in output_paths(path, formats).items():
         atomic_write(target, lambda tmp, fmt=fmt: save_lora(cast, tmp, fmt, bases if fmt == "kohya" else None))
-        make_readable(target)
         written[fmt] = target
     return written
 

@@ -558,8 +558,11 @@ def to_state_dict(weights: LoraWeights, fmt: str = "diffusers",
 def save_lora(weights: LoraWeights, path: str | os.PathLike, fmt: str = "diffusers",
               kohya_bases: Mapping[str, str] | None = None) -> Path:
     """Write ``weights`` to a ``.safetensors`` file in ``fmt`` (``diffusers`` | ``peft`` | ``kohya``), alphas
-    included; see :func:`to_state_dict` for the layouts. Returns the path."""
+    included; see :func:`to_state_dict` for the layouts. The file gets the umask's mode (safetensors makes it 0600:
+    :func:`lcmkit.atomic.make_readable`). Returns the path."""
     from safetensors.torch import save_file
+
+    from .atomic import make_readable
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -567,4 +570,5 @@ def save_lora(weights: LoraWeights, path: str | os.PathLike, fmt: str = "diffuse
     tensors, header = to_state_dict(weights, fmt, kohya_bases)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=header)
+    make_readable(path)
     return path

@@ -231,8 +231,9 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 def write_single_file(pipe, out: str | os.PathLike, *, guidance: float | None = None, keep_w_embedding: bool = False,
                       save_dtype: str | None = None) -> Path:
-    """Write ``pipe`` as ``out`` (a ``.safetensors`` single-file checkpoint in the original layout), atomically;
-    ``save_dtype`` (fp32 / fp16 / bf16) casts floating-point weights, default: as they are."""
+    """Write ``pipe`` as ``out`` (a ``.safetensors`` single-file checkpoint in the original layout), atomically and
+    readable by other users (the umask's mode, :mod:`lcmkit.atomic`); ``save_dtype`` (fp32 / fp16 / bf16) casts
+    floating-point weights, default: as they are."""
     from safetensors.torch import save_file
 
     from .atomic import atomic_write

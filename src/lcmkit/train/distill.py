@@ -403,9 +403,9 @@ def save_full_pipeline(models: Models, cfg: DistillConfig, folder: Path, num_poi
 
 def save_lora_output(models: Models, cfg: DistillConfig, folder: Path) -> None:
     """The adapter (θ⁻ under an EMA target, as full mode exports θ⁻) as ``folder/pytorch_lora_weights.safetensors``
-    and the other ``cfg.lora_format`` files beside it; the folder readable by other users."""
+    and the other ``cfg.lora_format`` files beside it (readable by other users: ``atomic_folder``)."""
     from ..lora import LORA_WEIGHT_NAME, adapter_weights
-    from ..lora_export import make_readable, save_options, write_lora_files
+    from ..lora_export import save_options, write_lora_files
 
     def write() -> None:
         write_lora_files(adapter_weights(models.student), folder / LORA_WEIGHT_NAME, unet=models.student,
@@ -416,7 +416,6 @@ def save_lora_output(models: Models, cfg: DistillConfig, folder: Path) -> None:
             write()
     else:
         write()
-    make_readable(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------

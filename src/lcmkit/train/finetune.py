@@ -171,13 +171,11 @@ def save_full_pipeline(models: Models, model_dir: str, folder: Path, num_points:
 
 def save_lora_like(unet, source_file: str | Path, folder: Path, cfg: FinetuneConfig) -> dict[str, Path]:
     """``unet``'s adapter as ``folder/<source file name>`` and the other ``cfg.lora_format`` files beside it (alphas
-    kept), the folder readable by other users; returns ``{format: path}``."""
+    kept), readable by other users (:func:`lcmkit.atomic.atomic_folder`); returns ``{format: path}``."""
     from ..lora import adapter_weights
-    from ..lora_export import make_readable, save_options, write_lora_files
+    from ..lora_export import save_options, write_lora_files
 
-    written = write_lora_files(adapter_weights(unet), folder / Path(source_file).name, unet=unet, **save_options(cfg))
-    make_readable(folder)
-    return written
+    return write_lora_files(adapter_weights(unet), folder / Path(source_file).name, unet=unet, **save_options(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------------
