@@ -79,6 +79,9 @@ def _special_files(root: Path, stem: str) -> dict[str, str]:
         made["a character device (/dev/zero's)"] = f"{base}-dev{suffix}"
     except (OSError, AttributeError):
         pass  # not root, or mknod refused in this container
+    if Path("/dev/zero").is_char_device():  # a device reached through a link: made wherever /dev/zero exists
+        os.symlink("/dev/zero", root / f"{base}-devlink{suffix}")
+        made["a symlink to /dev/zero"] = f"{base}-devlink{suffix}"
     return made
 
 
