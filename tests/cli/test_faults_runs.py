@@ -569,3 +569,19 @@ def test_resume_follows_no_link_out_of_the_run_folder(how, tiny_sd_dir, tmp_path
         ok = one_line_error(code, err) and "outside the run folder" in err
         record("untrusted_file", f"distill --resume: {how}: refused, not followed", ok)
         assert ok, err
+
+
+def test_train_teacher_resume_never_follows_a_latest_json(tmp_path, capsys):
+    """lcmkit 0.1's teacher runs pointed at their checkpoint with checkpoints/latest.json; one that points out of
+    the run folder is refused in one line and its target is never read."""
+    out, outside = tmp_path / "teacher-run", tmp_path / "outside"
+    outside.mkdir()
+    (outside / STATE_FILE).write_bytes(b"not even a checkpoint")
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest.json").write_text(json.dumps({"path": str(outside), "step": 5}))
+    before = tree(outside)
+    code, _, err = run_cli(["world", "train-teacher", "--out", out, "--resume", "--threads", "1", "--no-progress",
+                            "--num-images", "8", "--vae-steps", "1"], capsys)
+    ok = one_line_error(code, err) and "latest.json" in err and tree(outside) == before
+    record("untrusted_file", "world train-teacher --resume: a latest.json pointing outside: refused, not followed", ok)
+    assert ok, err
