@@ -1,4 +1,5 @@
-"""``lcmkit bench speed | distill | quality | style | judge``: benchmarks written as JSON + Markdown + PNG (benchmarks/README.md).
+"""``lcmkit bench speed | distill | memory | quality | style | judge``: benchmarks written as JSON + Markdown + PNG
+(benchmarks/README.md).
 
 Each writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``--out`` (default ``benchmarks/results``),
 recording the machine and the exact command. ``--smoke`` runs the same code on tiny random models in seconds.
@@ -24,6 +25,7 @@ def register(sub) -> None:
     bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     _register_speed(bench)
     _register_distill(bench)
+    _register_memory(bench)
     _register_quality(bench)
     _register_style(bench)
     _register_judge(bench)
@@ -95,6 +97,49 @@ def _register_distill(bench) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="run configurations in this process (no fresh subprocess: peak memory is then cumulative)")
     p.set_defaults(run=run_distill, bench_parser=p)
+
+
+def _register_memory(bench) -> None:
+    from lcmkit_world.bench.memory import DEFAULT_CHECKS, MemoryOptions
+
+    d = MemoryOptions()
+    p = bench.add_parser("memory", help="GPU memory of distillation per setting (fake tensors), what fits 24/48/80 GB",
+                         description="One distillation step per architecture, mode, precision and checkpointing on "
+                                     "fake tensors, every allocation counted; per GPU with AdamW / 8-bit AdamW and "
+                                     "FSDP over N GPUs; checked against real peaks of small settings here.")
+    _common(p)
+    p.add_argument("--archs", type=comma_list(str), default=d.archs, help="sd15, ssd1b, sdxl, tiny, world")
+    p.add_argument("--modes", type=comma_list(str), default=d.modes, help="full, lora")
+    p.add_argument("--precisions", type=comma_list(str), default=d.precisions, help="fp32, bf16")
+    p.add_argument("--batch-size", type=int, default=d.batch, help=f"per GPU (default {d.batch}: diffusers' examples)")
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default: each architecture's own)")
+    p.add_argument("--world-sizes", type=comma_list(int), default=d.world_sizes, help="GPUs for FSDP (default 1,8)")
+    p.add_argument("--checks", type=comma_list(str), default=list(DEFAULT_CHECKS),
+                   help="real steps here, arch-mode-precision-bBATCH[-rRES][-ckpt] (default "
+                        f"{','.join(DEFAULT_CHECKS)}); 'none' for none")
+    p.set_defaults(run=run_memory, bench_parser=p)
+
+
+def run_memory(args) -> int:
+    from lcmkit_world.bench.memory import SMOKE_CHECKS, MemoryOptions, bench_memory
+
+    _threads(args)
+    checks = [] if args.checks == ["none"] else args.checks
+    if args.smoke:
+        options = MemoryOptions(archs=["tiny"], modes=args.modes, precisions=args.precisions, batch=2,
+                                world_sizes=args.world_sizes, checks=SMOKE_CHECKS if checks else [], threads=1)
+    else:
+        options = MemoryOptions(archs=args.archs, modes=args.modes, precisions=args.precisions, batch=args.batch_size,
+                                resolution=args.resolution, world_sizes=args.world_sizes, checks=checks,
+                                threads=args.threads)
+    result = bench_memory(options, args.out, command(args))
+    for name, entry in result["headline"].items():
+        cards = ", ".join(f"{c} GB: {entry[str(c)]['setting'] if entry[str(c)] else 'no'}" for c in result["cards_gib"])
+        print(f"{name}: {cards}")
+    for c in result["checks"]:
+        print(f"check {c['check']}: step RSS / estimate {c['ratio_step']:.2f}, total {c['ratio_total']:.2f}")
+    print(f"wrote {args.out}/memory.json, memory.md, memory.png")
+    return 0
 
 
 def _register_quality(bench) -> None:
