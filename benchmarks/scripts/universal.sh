@@ -21,5 +21,6 @@ mkdir -p runs $R
 $L bench quality --prompts open --parts table --methods lcm-lora --lora runs/universal-lora/lora --guidance 1.5 \
   --reference-guidance 1.5 --eval-seeds 0,1,2 --num 1000 --threads "$OMP_NUM_THREADS" --out runs/universal-bench
 rm -rf $R/sheet && cp -r runs/universal-bench/sheets/lcm-lora $R/sheet   # contact sheets, verdicts drawn
+cp runs/universal-bench/quality.json $R/transfer-quality.json; cp runs/universal-bench/quality.md $R/transfer-quality.md
 .venv/bin/python benchmarks/scripts/universal_table.py runs/universal-bench/quality.json \
   benchmarks/results/strict/open/quality.json $R

@@ -38,7 +38,8 @@ def main(transfer_path: str, native_path: str, out: str) -> None:
         for s in (*STEPS, 25):
             if s in rows:
                 r = rows[s]
-                table.append({"row": label, "steps": s, "accuracy": r["accuracy"], "world_fid": r["world_fid"],
+                table.append({"row": label, "steps": s, "accuracy": r["accuracy"], "attributes": r["attributes"],
+                              "well_formed": r["well_formed"], "world_fid": r["world_fid"],
                               "n": r["n"], "of_reference": r["accuracy"] / ref["accuracy"], "command": command})
     result = {"reference": {"accuracy": ref["accuracy"], "world_fid": ref["world_fid"], "n": ref["n"]},
               "machine": transfer["machine"], "rows": table}
@@ -55,10 +56,11 @@ def markdown(result: dict) -> str:
     lines = ["# LCM-LoRA as a universal acceleration module (open prompts, strict judge)", "",
              f"Reference: the fine-tuned model (world-teacher-open) at its best guidance 1.5, DPM-Solver++ 25: "
              f"strict accuracy {ref['accuracy']:.3f}, world-FID {ref['world_fid']:.2f} (n = {ref['n']}).", "",
-             "| row | steps | strict accuracy | × reference | world-FID | n |", "|---|---|---|---|---|---|"]
+             "| row | steps | strict accuracy | × reference | attributes | well formed | world-FID | n |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['row']} | {r['steps']} | {r['accuracy']:.3f} | {r['of_reference']:.3f} | "
-                     f"{r['world_fid']:.2f} | {r['n']} |")
+                     f"{r['attributes']:.3f} | {r['well_formed']:.3f} | {r['world_fid']:.2f} | {r['n']} |")
     lines += ["", "Commands:", ""]
     for command in dict.fromkeys(r["command"] for r in result["rows"]):
         lines.append(f"- `{command}`")
