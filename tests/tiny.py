@@ -182,3 +182,36 @@ def torchrun_lcmkit(args: list[str], port: int, timeout: float = 240):
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "lcmkit.cli", *args]
     return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def tiny_sd3(folder: str | Path | None = None, seed: int = 0, scheduler=None):
+    """A tiny ``StableDiffusion3Pipeline`` without T5 (``text_encoder_3=None``, as SD3 may run): an
+    ``SD3Transformer2DModel`` with SD3's 16 latent channels and patch size 2 (two joint blocks), two tiny CLIP
+    encoders with projection (pooled 32 + 32), a 16-channel VAE with SD3's scaling and shift factors, and a
+    ``FlowMatchEulerDiscreteScheduler`` with SD3's shift 3 unless ``scheduler`` is given."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=2, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=1.5305, shift_factor=0.0609,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=tiny_text_encoder(seed + 2, with_projection=True), tokenizer=tiny_tokenizer(),
+        text_encoder_2=tiny_text_encoder(seed + 3, with_projection=True), tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    return _save(pipe, folder)
