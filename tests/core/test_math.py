@@ -83,6 +83,21 @@ def test_boundary_scalings_match_lcm_scheduler():
     assert (c_skip < 7e-4).all() and (c_out > 0.9993).all()  # ≈ 0 and ≈ 1 from t = 19 on
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_boundary_scalings_and_consistency_function_in_low_precision(dtype):
+    t = torch.tensor([0, 1, 19, 259, 999])
+    ref_skip, ref_out = boundary_scalings(t)
+    c_skip, c_out = boundary_scalings(t, dtype=dtype)  # (10·999)² overflows float16: must not give 0/0 scalings
+    assert c_skip.dtype == dtype and c_out.dtype == dtype
+    tol = dict(rtol=torch.finfo(dtype).eps, atol=0)  # float32 stays computed in float32 (diffusers' values)
+    torch.testing.assert_close(c_skip, ref_skip.to(dtype), **tol)
+    torch.testing.assert_close(c_out, ref_out.to(dtype), **tol)
+    x, x0 = torch.randn(5, 4, 2, 2).to(dtype), torch.randn(5, 4, 2, 2).to(dtype)
+    out = consistency_function(x, x0, t)
+    assert torch.isfinite(out).all() and torch.equal(out[0], x[0])
+    torch.testing.assert_close(out[-1], x0[-1], rtol=0, atol=0.01)
+
+
 def test_consistency_function_is_identity_at_zero():
     x, x0 = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, dtype=torch.float64)
     assert torch.equal(consistency_function(x, x0, 0), x)  # exactly: c_skip = 1, c_out = 0

@@ -88,6 +88,19 @@ def test_lcm_last_step_adds_no_noise():
     assert torch.equal(one, sample_lcm(den, x, [999], ac, torch.Generator().manual_seed(2)))  # no noise drawn
 
 
+def test_lcm_sampler_in_half_precision_follows_float64(dtype=torch.float16):
+    # c_skip/c_out at t = 999 involve (10·t)² ≈ 1e8, past float16's range: computed in x's dtype they became
+    # inf → c_skip = c_out = 0 and every fp16 image was the decoded zero latent, whatever the model or LoRA
+    ac = alphas_cumprod_from_config({})
+    model = as_denoiser(make_model(), ac, "epsilon")
+    den = lambda x, t: model(x.to(D), t)  # noqa: E731  (as unet_denoiser: a half x, outputs promoted)
+    x = torch.randn(SHAPE, dtype=D, generator=torch.Generator().manual_seed(3))
+    ref = sample_lcm(den, x, [999, 499], ac, torch.Generator().manual_seed(0))
+    half = sample_lcm(den, x.to(dtype), [999, 499], ac, torch.Generator().manual_seed(0))
+    assert half.abs().max() > 0.5
+    torch.testing.assert_close(half.to(D), ref, rtol=0, atol=0.05)
+
+
 def test_per_sample_generators_make_images_independent():
     ac = alphas_cumprod_from_config({})
     den = as_denoiser(make_model(), ac, "epsilon")

@@ -197,6 +197,18 @@ def test_fused_loras_give_the_hooks_images_and_are_undone_bit_for_bit(tiny_sd_pi
     assert _maxdiff(_gen(tiny_sd_pipe), base) == 0
 
 
+def test_float16_lcm_images_follow_float32_and_loras_change_them(tiny_sd_pipe, tmp_path):
+    # fp16 once sampled the zero latent whatever the model (c_skip = c_out = 0 from an fp16 overflow), so a
+    # LoRA, fused or hooked, left the image exactly as it was
+    lora = tiny.tiny_lora_file(tiny_sd_pipe.unet, tmp_path / "a.safetensors", seed=1)
+    base32, lora32 = _gen(tiny_sd_pipe), _gen(tiny_sd_pipe, loras=[lora])
+    base16 = _gen(tiny_sd_pipe, dtype="float16", device="cpu")
+    fused16 = _gen(tiny_sd_pipe, dtype="float16", device="cpu", loras=[lora])
+    hooked16 = _gen(tiny_sd_pipe, dtype="float16", device="cpu", loras=[lora], fuse_loras=False)
+    assert _maxdiff(base16, base32) <= 0.01 and _maxdiff(fused16, lora32) <= 0.01
+    assert _maxdiff(fused16, base16) > 0.05 and _maxdiff(fused16, hooked16) <= 0.01
+
+
 def test_parse_lora():
     assert parse_lora("x/y.safetensors") == (parse_lora("x/y.safetensors:1")[0], 1.0)
     assert parse_lora("x/y.safetensors:0.8")[1] == 0.8

@@ -19,11 +19,14 @@ TIMESTEP_SCALING = 10.0
 def boundary_scalings(t: Tensor | int | float, sigma_data: float = SIGMA_DATA,
                       timestep_scaling: float = TIMESTEP_SCALING,
                       dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
-    """(c_skip, c_out) at discrete timestep(s) ``t``."""
-    s = torch.as_tensor(t, dtype=dtype) * timestep_scaling
+    """(c_skip, c_out) at discrete timestep(s) ``t``, returned in ``dtype``.
+
+    Computed in at least float32 and cast once: s² = (10·999)² ≈ 1e8 overflows float16, where c_skip and c_out
+    would both become 0 (an fp16 LCM would sample the zero latent whatever the model)."""
+    s = torch.as_tensor(t, dtype=torch.promote_types(dtype, torch.float32)) * timestep_scaling
     c_skip = sigma_data**2 / (s**2 + sigma_data**2)
     c_out = s / (s**2 + sigma_data**2).sqrt()
-    return c_skip, c_out
+    return c_skip.to(dtype), c_out.to(dtype)
 
 
 def consistency_function(x_t: Tensor, x0_hat: Tensor, t: Tensor | int, sigma_data: float = SIGMA_DATA,
