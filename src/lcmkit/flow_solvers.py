@@ -71,21 +71,21 @@ def _check(sigmas: Tensor) -> Tensor:
 def sample_flow_euler(denoiser: FlowDenoiser, x: Tensor, sigmas: Tensor, generator: Generators = None,
                       callback: Callable[[int], None] | None = None) -> Tensor:
     """The teacher's Euler sampler (``FlowMatchEulerDiscreteScheduler``): eq. E1 over the table. N evaluations."""
-    sigmas = _check(sigmas)
-    for i in range(len(sigmas) - 1):
-        x = euler_flow_solver(denoiser, x, sigmas[i], sigmas[i + 1])
-        if callback is not None:
-            callback(i)
-    return x
+    return _march(euler_flow_solver, denoiser, x, sigmas, callback)
 
 
 def sample_flow_heun(denoiser: FlowDenoiser, x: Tensor, sigmas: Tensor, generator: Generators = None,
                      callback: Callable[[int], None] | None = None) -> Tensor:
     """The second-order teacher sampler (``FlowMatchHeunDiscreteScheduler``): eq. E2 on every interval, Euler on
     the last one (to σ = 0). 2N − 1 evaluations."""
+    return _march(heun_flow_solver, denoiser, x, sigmas, callback)
+
+
+def _march(solver, denoiser: FlowDenoiser, x: Tensor, sigmas: Tensor, callback) -> Tensor:
+    """A deterministic sampler: the one-step ``solver`` over consecutive σ of the table."""
     sigmas = _check(sigmas)
     for i in range(len(sigmas) - 1):
-        x = heun_flow_solver(denoiser, x, sigmas[i], sigmas[i + 1])
+        x = solver(denoiser, x, sigmas[i], sigmas[i + 1])
         if callback is not None:
             callback(i)
     return x
