@@ -31,6 +31,23 @@ LCM_LORA_TARGETS: dict[str, tuple[str, ...]] = {
 }
 LCM_LORA_TARGETS["sdxl"] = LCM_LORA_TARGETS["sd"]
 
+#: LCM-LoRA target modules for the rectified-flow transformers (issue 22; peft suffixes, rank 64 by default).
+#: SD3/SD3.5 (``SD3Transformer2DModel``): every joint block's attention projections (``attn`` and SD3.5-medium's
+#: second image-only ``attn2``), their context twins (``add_*_proj``, ``to_add_out``; absent in the last block,
+#: which is context-pre-only) and both feed-forwards (image ``ff``, context ``ff_context``). FLUX.1
+#: (``FluxTransformer2DModel``): the same set on its double-stream blocks, and on its single-stream blocks the
+#: attention ``to_q/to_k/to_v`` (they have no ``to_out``), ``proj_mlp`` and ``proj_out``.
+FLOW_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "sd3": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+}
+FLOW_LORA_TARGETS["flux"] = FLOW_LORA_TARGETS["sd3"] + ("proj_mlp", "proj_out")
+#: peft ``exclude_modules`` regexes (full match on the module path): FLUX's top-level ``proj_out`` (the final
+#: patch projection) shares its name with the single-stream blocks' ``proj_out`` and is not adapted.
+FLOW_LORA_EXCLUDE: dict[str, str | None] = {"sd3": None, "flux": "proj_out"}
+#: model class name → flow preset
+FLOW_MODEL_CLASSES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -41,6 +58,26 @@ def lcm_lora_config(arch: str = "sd", rank: int = 64, alpha: float = 64.0):
     if arch not in LCM_LORA_TARGETS:
         raise ValueError(f"no LCM-LoRA preset for {arch!r}; known: {', '.join(LCM_LORA_TARGETS)}")
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(LCM_LORA_TARGETS[arch]))
+
+
+def flow_lora_preset(model) -> str:
+    """The flow preset (``"sd3"`` / ``"flux"``) for a transformer, by its class (a model, a class or a class name)."""
+    name = model if isinstance(model, str) else (model.__name__ if isinstance(model, type) else type(model).__name__)
+    if name in FLOW_LORA_TARGETS:
+        return name
+    if name not in FLOW_MODEL_CLASSES:
+        raise ValueError(f"no flow LCM-LoRA preset for {name}; known: {', '.join(FLOW_MODEL_CLASSES)}")
+    return FLOW_MODEL_CLASSES[name]
+
+
+def flow_lora_config(model, rank: int = 64, alpha: float = 64.0):
+    """peft ``LoraConfig`` for LCM-LoRA on a flow transformer (``model``: as :func:`flow_lora_preset` takes);
+    B starts at zero, so the adapted transformer equals the base one."""
+    from peft import LoraConfig
+
+    preset = flow_lora_preset(model)
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(FLOW_LORA_TARGETS[preset]),
+                      exclude_modules=FLOW_LORA_EXCLUDE[preset])
 
 
 def init_lora_A_(unet, generator: torch.Generator) -> None:
@@ -134,9 +171,10 @@ def load_into_adapters(unet, weights) -> None:
                 factor.requires_grad_(True)
 
 
-def adapter_weights(unet, adapter: str = "default") -> dict:
+def adapter_weights(unet, adapter: str = "default", component: str = "unet") -> dict:
     """``unet``'s peft adapter as :data:`lcmkit.lora_formats.LoraWeights` (``"unet.<path>" → LoraLayer``), float32
-    on CPU, alpha per layer (peft's ``lora_alpha``), ready for :func:`lcmkit.lora_formats.save_lora`."""
+    on CPU, alpha per layer (peft's ``lora_alpha``), ready for :func:`lcmkit.lora_formats.save_lora`.
+    ``component="transformer"`` names a flow transformer's layers ``transformer.<path>`` (SD3/FLUX files)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from .lora_formats import LoraLayer, float32_value
@@ -146,5 +184,5 @@ def adapter_weights(unet, adapter: str = "default") -> dict:
         if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {}):
             down = module.lora_A[adapter].weight.detach().to("cpu", torch.float32).contiguous()
             up = module.lora_B[adapter].weight.detach().to("cpu", torch.float32).contiguous()
-            weights[f"unet.{name}"] = LoraLayer(down, up, float32_value(module.lora_alpha[adapter]))
+            weights[f"{component}.{name}"] = LoraLayer(down, up, float32_value(module.lora_alpha[adapter]))
     return weights

@@ -214,3 +214,84 @@ def lora_trainable_parameters(arch: Architecture, rank: int = 64, alpha: float =
     return {"architecture": arch.name, "rank": rank, "alpha": alpha, "preset": preset,
             "target_modules": list(LCM_LORA_TARGETS[preset]), "lora_layers": len(lora_layers(unet)),
             "trainable_params": trainable, "unet_params": base}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rectified-flow transformers (issue 22): SD3.5-medium, SD3.5-large, FLUX.1-dev, random weights / meta device
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlowArchitecture:
+    """A flow transformer's published ``transformer/config.json`` (diffusers argument names) and its published
+    size in parameters, for scale."""
+
+    name: str
+    model_class: str                     # diffusers class name
+    transformer: dict
+    published_params: float
+
+
+#: ``stabilityai/stable-diffusion-3.5-medium`` transformer config: MMDiT-X, 24 blocks of 24 heads × 64 (1536),
+#: the first 13 with a second image-only attention (``attn2``), RMS QK-norm, 384² position table. "2.5B".
+SD35_MEDIUM = FlowArchitecture(
+    name="sd3.5-medium", model_class="SD3Transformer2DModel", published_params=2.5e9,
+    transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                     attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                     caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                     dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"))
+#: ``stabilityai/stable-diffusion-3.5-large``: 38 blocks of 38 heads × 64 (2432 = caption_projection_dim), RMS
+#: QK-norm, no dual attention, 192² position table. "8.1B".
+SD35_LARGE = FlowArchitecture(
+    name="sd3.5-large", model_class="SD3Transformer2DModel", published_params=8.1e9,
+    transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                     attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                     caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+                     dual_attention_layers=(), qk_norm="rms_norm"))
+#: ``black-forest-labs/FLUX.1-dev``: 19 double-stream + 38 single-stream blocks of 24 heads × 128 (3072), 2×2
+#: packed 16-channel latents (in_channels 64, patch 1), T5 4096 / CLIP pooled 768, guidance embedding,
+#: RoPE axes 16/56/56. "12B" (11.9B).
+FLUX1_DEV = FlowArchitecture(
+    name="flux.1-dev", model_class="FluxTransformer2DModel", published_params=11.9e9,
+    transformer=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                     guidance_embeds=True, axes_dims_rope=(16, 56, 56)))
+
+FLOW_ARCHITECTURES = {a.name: a for a in (SD35_MEDIUM, SD35_LARGE, FLUX1_DEV)}
+
+
+def build_transformer(arch: FlowArchitecture, device: str | torch.device = "meta", seed: int = 0):
+    """``arch``'s transformer with random weights (``device="meta"``, the default: shapes only, no memory)."""
+    import diffusers
+
+    with _seeded(seed), torch.device(device):
+        return getattr(diffusers, arch.model_class)(**arch.transformer).eval()
+
+
+def flow_lora_trainable_parameters(arch: FlowArchitecture, rank: int = 64, alpha: float = 64.0) -> dict:
+    """Trainable parameters of the flow LCM-LoRA (:func:`lcmkit.lora.flow_lora_config`) on ``arch``'s transformer,
+    built on the ``meta`` device, and the transformer's own size beside its published one: ``transformer_params``
+    (its parameters) and ``checkpoint_params`` (its state dict, what the published figure counts: SD3's persistent
+    sin-cos position table, 384²·1536 = 226.5M numbers on SD3.5-medium, is a buffer, not a parameter)."""
+    from lcmkit.lora import FLOW_LORA_TARGETS, flow_lora_config, flow_lora_preset, lora_layers
+
+    with torch.device("meta"):
+        model = build_transformer(arch)
+        base = sum(p.numel() for p in model.parameters())
+        stored = sum(t.numel() for t in model.state_dict().values())
+        model.requires_grad_(False)
+        model.add_adapter(flow_lora_config(model, rank, alpha))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    preset = flow_lora_preset(model)
+    return {"architecture": arch.name, "rank": rank, "alpha": alpha, "preset": preset,
+            "target_modules": list(FLOW_LORA_TARGETS[preset]), "lora_layers": len(lora_layers(model)),
+            "trainable_params": trainable, "transformer_params": base, "checkpoint_params": stored,
+            "published_params": arch.published_params}
+
+
+if __name__ == "__main__":  # python -m lcmkit_world.bench.configs: the flow LCM-LoRA parameter table at rank 64
+    for _arch in FLOW_ARCHITECTURES.values():
+        _c = flow_lora_trainable_parameters(_arch)
+        print(f"{_c['architecture']:13s} LoRA r{_c['rank']}: {_c['trainable_params'] / 1e6:7.1f}M in "
+              f"{_c['lora_layers']} layers; transformer {_c['transformer_params'] / 1e9:.3f}B, checkpoint "
+              f"{_c['checkpoint_params'] / 1e9:.3f}B "
+              f"(published {_c['published_params'] / 1e9:.1f}B)")
