@@ -107,7 +107,7 @@ def sample_flow_lcm(denoiser: FlowDenoiser, x: Tensor, sigmas: Tensor, generator
             callback(i)
         if i == len(sigmas) - 2:
             return x0_hat
-        noise = randn(x.shape, generator, x.device, x.dtype)
+        noise = randn(x.shape, generator, x.device, x0_hat.dtype)  # the dtype diffusers' step draws in
         x, _ = flow_lcm_step(x, v, sigma, sigmas[i + 1], noise)
 
 

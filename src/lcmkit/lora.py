@@ -31,7 +31,7 @@ LCM_LORA_TARGETS: dict[str, tuple[str, ...]] = {
 }
 LCM_LORA_TARGETS["sdxl"] = LCM_LORA_TARGETS["sd"]
 
-#: LCM-LoRA target modules for the rectified-flow transformers (issue 22; peft suffixes, rank 64 by default).
+#: LCM-LoRA target modules for the rectified-flow transformers (peft suffixes, rank 64 by default).
 #: SD3/SD3.5 (``SD3Transformer2DModel``): every joint block's attention projections (``attn`` and SD3.5-medium's
 #: second image-only ``attn2``), their context twins (``add_*_proj``, ``to_add_out``; absent in the last block,
 #: which is context-pre-only) and both feed-forwards (image ``ff``, context ``ff_context``). FLUX.1

@@ -27,7 +27,6 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .atomic import make_readable  # noqa: F401  (here before lcmkit.atomic had it; kept for callers)
 from .errors import LcmkitError
 from .lora_formats import FORMATS, LoraLayer, LoraWeights, save_lora, split_name
 

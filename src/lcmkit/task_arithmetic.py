@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -81,7 +82,7 @@ def task_vector_sum(loras: Sequence[tuple[LoraWeights, float]]) -> dict[str, Ten
 def merged_weight(name: str, weight: Tensor, delta: Tensor) -> Tensor:
     """θ_pre + Σ λ_i τ_i for one layer: ``delta`` (float32) added to the float32 weight, cast back to the weight's
     dtype once. Raises :class:`LcmkitError` naming the layer when the result is not finite in that dtype."""
-    merged = (weight.detach().float() + delta.to(weight.device)).to(weight.dtype)
+    merged = (weight.detach().float() + delta.to(weight.device).reshape(weight.shape)).to(weight.dtype)
     if not bool(torch.isfinite(merged).all()):
         raise LcmkitError(f"merging the LoRAs makes {name}.weight non-finite in {weight.dtype} (the sum "
                           "overflows); lower the LoRA weights λ")
@@ -227,9 +228,16 @@ def attach_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeig
 # Fused for a while: merged in place, the saved weights copied back
 # ---------------------------------------------------------------------------------------------------------------
 
+#: Weights some :class:`FusedLoras` holds merged right now: a second fuse of one of them could be undone in the
+#: wrong order (each restores what it saved), so :func:`apply_loras` attaches hooks instead.
+#: id(weight) -> a weak reference to it (tensors compare element-wise, so no WeakSet).
+_FUSED: dict[int, weakref.ref] = {}
+
+
 class FusedLoras(AppliedLoras):
     """LoRAs merged into a model's own weights; ``remove()`` (or leaving the ``with`` block) copies the saved
-    original of every changed weight back, bit for bit. ``layers`` counts changed layers, ``names`` lists them."""
+    original of every changed weight back, bit for bit. ``layers`` counts changed layers, ``names`` lists them.
+    The originals are kept on the CPU, so fusing does not hold the touched weights twice in GPU memory."""
 
     def __init__(self, names: list[str]):
         super().__init__([], names)
@@ -241,14 +249,26 @@ class FusedLoras(AppliedLoras):
                 component, path = split_name(name)
                 weight = unwrap(models[component].get_submodule(path)).weight
                 merged = merged_weight(name, weight, layer_task_vector(loras, name, weight.device))
-                self._saved.setdefault(id(weight), (weight, weight.detach().clone()))
+                if id(weight) not in self._saved:
+                    self._saved[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
+                    _FUSED[id(weight)] = weakref.ref(weight)
                 weight.copy_(merged)
 
     def remove(self) -> None:
         with torch.no_grad():
             for weight, original in self._saved.values():
-                weight.copy_(original)
+                weight.copy_(original.to(weight.device))
+                _FUSED.pop(id(weight), None)
         self._saved = {}
+
+
+def fused_now(models: Mapping[str, nn.Module], names: Iterable[str]) -> bool:
+    """Whether a weight of the layers ``names`` is held merged by a live :class:`FusedLoras`."""
+    def held(weight: Tensor) -> bool:
+        ref = _FUSED.get(id(weight))
+        return ref is not None and ref() is weight
+
+    return any(held(unwrap(models[c].get_submodule(p)).weight) for c, p in map(split_name, names))
 
 
 def fuse_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]]) -> FusedLoras:
@@ -280,7 +300,8 @@ def load_lora_specs(models: Mapping[str, nn.Module], specs: Iterable) -> list[tu
 
 def apply_loras(pipe, loras: Iterable, *, fuse: bool = False) -> AppliedLoras:
     """Apply LoRA files to a pipeline: ``loras`` = ``[(path, λ), …]`` or ``"FILE[:λ]"`` strings; on the fly with
-    forward hooks (:func:`attach_loras`), or with ``fuse=True`` merged into the weights in place (:func:`fuse_loras`).
+    forward hooks (:func:`attach_loras`), or with ``fuse=True`` merged into the weights in place (:func:`fuse_loras`)
+    unless another fuse still holds one of the same weights (then hooks: they stack exactly in any order).
 
     Every file is read key by key (any format, see :mod:`lcmkit.lora_formats`) and checked against the
     pipeline's UNet and text encoders before anything is attached or merged. Use as a context manager
@@ -288,7 +309,9 @@ def apply_loras(pipe, loras: Iterable, *, fuse: bool = False) -> AppliedLoras:
     """
     models = pipeline_models(pipe)
     weights = load_lora_specs(models, loras)
-    return fuse_loras(models, weights) if fuse else attach_loras(models, weights)
+    if fuse and not fused_now(models, touched_layers(weights)):
+        return fuse_loras(models, weights)
+    return attach_loras(models, weights)  # hooks stack in any order, so overlapping uses stay exact
 
 
 # ---------------------------------------------------------------------------------------------------------------

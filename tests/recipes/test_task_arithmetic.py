@@ -131,6 +131,29 @@ def test_fused_equals_merged_and_on_the_fly_and_restores_bit_for_bit(sd, two_lor
     assert torch.equal(unet_out(sd.unet, sd.text_encoder), base)
 
 
+def test_overlapping_fused_uses_restore_exactly_in_any_order(sd, two_loras, tmp_path):
+    """Two uses of one pipeline alive at once (two paused generate_batches, say), ended first-in-first-out: the
+    second must not fuse over the first (each restores what it saved), so it gets hooks and both end exact."""
+    models = pipeline_models(sd)
+    a = save_lora(two_loras[0], tmp_path / "a.safetensors", fmt="kohya")
+    b = save_lora(two_loras[1], tmp_path / "b.safetensors", fmt="kohya")
+    before = snapshot(models)
+    base = unet_out(sd.unet, sd.text_encoder)
+    both = merge_loras(models, [(two_loras[0], 1.0), (two_loras[1], 1.0)])
+    only_b = merge_loras(models, [(two_loras[1], 1.0)])  # before any hook: copies would carry them
+    first = apply_loras(sd, [(a, 1.0)], fuse=True)
+    second = apply_loras(sd, [(b, 1.0)], fuse=True)
+    assert hooked(models) == second.layers > 0  # the second fell back to hooks
+    assert rel_diff(unet_out(sd.unet, sd.text_encoder), unet_out(both["unet"], both["text_encoder"])) <= 1e-5
+    first.remove()  # out of order
+    assert rel_diff(unet_out(sd.unet, sd.text_encoder), unet_out(only_b["unet"], only_b["text_encoder"])) <= 1e-5
+    second.remove()
+    assert changed(models, before) == [] and hooked(models) == 0
+    assert torch.equal(unet_out(sd.unet, sd.text_encoder), base)
+    with apply_loras(sd, [(b, 1.0)], fuse=True):  # nothing fused any more: this one fuses
+        assert hooked(models) == 0
+
+
 def test_fused_restores_after_an_exception_in_the_block(sd, two_loras):
     models = pipeline_models(sd)
     before = snapshot(models)

@@ -175,9 +175,10 @@ def flow_training_grid(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, skip: int
                        mu: float | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
     """The skipping-step grid on the shifted table, ascending: σ_n = S(n·k/T), n = 0 … N, N = T // k.
 
-    S is eq. S1 with ``shift`` (SD3) or eq. S3 with ``mu`` (FLUX). σ_0 = 0, where the boundary condition holds;
-    σ_n for n ≥ 1 are entries of the scheduler's training table (:func:`train_sigmas`), so the teacher sees only
-    timesteps σ·T it was trained on; σ_N = 1 when k divides T. A consistency pair is (σ_{n+1}, σ_n)
+    S is eq. S1 with ``shift`` (SD3) or eq. S3 with ``mu`` (FLUX). σ_0 = 0, where the boundary condition holds.
+    With ``shift``, σ_n for n ≥ 1 are entries of the scheduler's training table (:func:`train_sigmas`), so the
+    teacher sees only timesteps σ·T it was trained on; with ``mu`` the training table stays unshifted (diffusers
+    shifts FLUX's sigmas at inference only), so the grid's points are not its entries. σ_N = 1 when k divides T. A consistency pair is (σ_{n+1}, σ_n)
     (:func:`flow_consistency_pair`): k table steps apart, as t_{n+k}, t_n in the DDPM grid.
     """
     if skip < 1 or skip > num_train_timesteps:

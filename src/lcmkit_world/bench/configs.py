@@ -217,7 +217,7 @@ def lora_trainable_parameters(arch: Architecture, rank: int = 64, alpha: float =
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rectified-flow transformers (issue 22): SD3.5-medium, SD3.5-large, FLUX.1-dev, random weights / meta device
+# Rectified-flow transformers: SD3.5-medium, SD3.5-large, FLUX.1-dev, random weights / meta device
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
