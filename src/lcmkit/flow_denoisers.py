@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .flow_solvers import FlowDenoiser, get_flow_sampler
+from .flow_solvers import FlowDenoiser, as_sigma_batch, get_flow_sampler
 from .math.flow import dynamic_shift_mu, flow_sigmas, timestep_from_sigma, x0_from_velocity
 from .math.guidance import cfg
 from .math.schedule import append_dims
@@ -60,8 +60,7 @@ def sd3_denoiser(transformer, cond: SD3Conditioning, *, uncond: SD3Conditioning 
 
     def denoiser(x_sigma: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         x_sigma = x_sigma.to(torch.promote_types(x_sigma.dtype, torch.float32))
-        sigma = torch.as_tensor(sigma, dtype=x_sigma.dtype, device=x_sigma.device)
-        sigma = sigma.expand(x_sigma.shape[0]) if sigma.ndim == 0 else sigma
+        sigma = as_sigma_batch(sigma, x_sigma)
         t = timestep_from_sigma(sigma, num_train_timesteps)
         if both is None:
             v = forward(x_sigma, t, cond).to(x_sigma.dtype)

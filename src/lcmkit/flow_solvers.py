@@ -19,7 +19,7 @@ from .solvers import Generators, randn
 FlowDenoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def _as_batch(sigma: Tensor | float, x: Tensor) -> Tensor:
+def as_sigma_batch(sigma: Tensor | float, x: Tensor) -> Tensor:
     """σ as a (B,) tensor in x's dtype (a float or 0-d tensor is repeated for the batch)."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
@@ -31,7 +31,7 @@ def _as_batch(sigma: Tensor | float, x: Tensor) -> Tensor:
 
 def euler_flow_solver(denoiser: FlowDenoiser, x_sigma: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
     """Eq. E1: x_σ' = x_σ + (σ' − σ)·v(x_σ, σ). Cost: 1 teacher evaluation."""
-    sigma, sigma_next = _as_batch(sigma, x_sigma), _as_batch(sigma_next, x_sigma)
+    sigma, sigma_next = as_sigma_batch(sigma, x_sigma), as_sigma_batch(sigma_next, x_sigma)
     _, v = denoiser(x_sigma, sigma)
     return euler_flow_step(x_sigma, v, sigma, sigma_next)
 
@@ -40,7 +40,7 @@ def heun_flow_solver(denoiser: FlowDenoiser, x_sigma: Tensor, sigma: Tensor, sig
     """Eq. E2 (Heun): Euler predictor to σ', then the trapezoid (v + v')/2. Where σ' = 0 the Euler step is kept, as
     in ``FlowMatchHeunDiscreteScheduler`` (the teacher was never trained at σ = 0). Cost: 2 teacher evaluations
     (1 where every σ' of the batch is 0)."""
-    sigma, sigma_next = _as_batch(sigma, x_sigma), _as_batch(sigma_next, x_sigma)
+    sigma, sigma_next = as_sigma_batch(sigma, x_sigma), as_sigma_batch(sigma_next, x_sigma)
     _, v = denoiser(x_sigma, sigma)
     x_euler = euler_flow_step(x_sigma, v, sigma, sigma_next)
     final = sigma_next == 0
@@ -101,7 +101,7 @@ def sample_flow_lcm(denoiser: FlowDenoiser, x: Tensor, sigmas: Tensor, generator
     """
     sigmas = _check(sigmas)
     for i in range(len(sigmas) - 1):
-        sigma = _as_batch(sigmas[i], x)
+        sigma = as_sigma_batch(sigmas[i], x)
         x0_hat, v = denoiser(x, sigma)
         if callback is not None:
             callback(i)
