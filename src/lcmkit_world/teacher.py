@@ -226,6 +226,14 @@ class Components:
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, use_safetensors=True)
         return cls(tokenizer, vae, text_encoder, unet, Ema(text_encoder, cfg.ema_decay), Ema(unet, cfg.ema_decay))
 
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the denoiser phase trains: the UNet and the text encoder."""
+        return [*self.unet.parameters(), *self.text_encoder.parameters()]
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"vae": count_parameters(self.vae), "text_encoder": count_parameters(self.text_encoder),
+                "unet": count_parameters(self.unet)}
+
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
         return {
             "vae": self.vae.state_dict(), "text_encoder": self.text_encoder.state_dict(),
@@ -267,7 +275,10 @@ class Trainer:
     trains the UNet and text encoder, and saves the pipeline. Every ``checkpoint_every`` steps (and at the end of
     each phase) it checkpoints; ``resume=True`` picks up from the latest checkpoint at the same step, with the same
     optimizer, EMA and random-generator state, so a resumed run reproduces the losses of an uninterrupted one.
-    Sets torch's intra-op thread count to ``cfg.threads`` (process-wide)."""
+    Sets torch's intra-op thread count to ``cfg.threads`` (process-wide). ``components`` builds the networks; a
+    subclass with other networks overrides it with ``train_unet`` and ``save``."""
+
+    components = Components
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print):
         self.cfg, self.progress, self.log = cfg, progress, log
@@ -282,14 +293,12 @@ class Trainer:
         _check_cache_inside(self.out, self.cache)
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)  # initial weights
-        self.parts = Components.build(cfg)
+        self.parts = self.components.build(cfg)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.state = RunState()
         self.vae_opt = torch.optim.AdamW(self.parts.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-        self.unet_opt = torch.optim.AdamW(
-            [*self.parts.unet.parameters(), *self.parts.text_encoder.parameters()], lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-        )
+        self.unet_opt = torch.optim.AdamW(self.parts.trainable_parameters(), lr=cfg.lr,
+                                          weight_decay=cfg.weight_decay)
         self.alphas_cumprod = build_scheduler("ddpm").alphas_cumprod.float()
         self.parts.vae.to(memory_format=torch.channels_last)
         self._resumed: dict = {}
@@ -424,14 +433,7 @@ class Trainer:
                 group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.unet_steps, "cosine", cfg.min_lr_ratio)
             idx = self._batch(len(self.latents), cfg.batch_size)
             z0 = self.latents[idx] * self.state.scaling_factor
-            subset = torch.full((len(idx),), len(self.subsets) - 1)
-            if cfg.open_captions > 0:
-                is_open = torch.rand(len(idx), generator=self.generator) < cfg.open_captions
-                subset = torch.where(is_open, torch.randint(0, len(self.subsets), (len(idx),),
-                                                            generator=self.generator), subset)
-            ids = self.input_ids[torch.from_numpy(self.spec_index)[idx] * len(self.subsets) + subset]
-            drop = torch.rand(len(idx), generator=self.generator) < cfg.caption_dropout
-            ids = torch.where(drop[:, None], self.empty_ids, ids)  # "" for classifier-free guidance
+            ids = self.caption_ids(idx)
             with self._autocast(cfg.unet_bf16):
                 loss = diffusion_loss(parts.unet, parts.text_encoder, z0, ids, self.alphas_cumprod, self.generator,
                                       cfg.min_snr_gamma)
@@ -442,6 +444,19 @@ class Trainer:
             parts.ema_unet.update(parts.unet, step)
             parts.ema_text_encoder.update(parts.text_encoder, step)
             self._record("unet", loss.item())
+
+    def caption_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids of the training captions of images ``idx``: the exact caption, or with probability
+        ``open_captions`` a random open one; then "" with probability ``caption_dropout`` (for CFG)."""
+        cfg = self.cfg
+        subset = torch.full((len(idx),), len(self.subsets) - 1)
+        if cfg.open_captions > 0:
+            is_open = torch.rand(len(idx), generator=self.generator) < cfg.open_captions
+            subset = torch.where(is_open, torch.randint(0, len(self.subsets), (len(idx),),
+                                                        generator=self.generator), subset)
+        ids = self.input_ids[torch.from_numpy(self.spec_index)[idx] * len(self.subsets) + subset]
+        drop = torch.rand(len(idx), generator=self.generator) < cfg.caption_dropout
+        return torch.where(drop[:, None], self.empty_ids, ids)  # "" for classifier-free guidance
 
     # -- shared loop machinery --------------------------------------------------------------------------------
     def _steps(self, phase: str, total: int):
@@ -486,8 +501,7 @@ class Trainer:
         parts = self.parts
         summary = {
             "config": self.cfg.to_dict(),
-            "parameters": {"vae": count_parameters(parts.vae), "text_encoder": count_parameters(parts.text_encoder),
-                           "unet": count_parameters(parts.unet)},
+            "parameters": parts.parameter_counts(),
             "scaling_factor": self.state.scaling_factor,
             "seconds": self.state.seconds,
             "final_loss": {k: float(np.mean(v[-100:])) for k, v in self.state.losses.items() if v},
@@ -524,15 +538,17 @@ def _check_cache_inside(out: Path, cache: Path) -> None:
                               "of a run folder: remove the link")
 
 
-def train_teacher(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or resume) the world teacher under ``cfg.out``; returns the saved pipeline folder. The folder is locked
-    for the run (:func:`lcmkit.train.folder.acquire_lock`): a second run into it is refused at once."""
+def train_teacher(cfg: TrainConfig, resume: bool = False, progress: bool = True, trainer: type = Trainer,
+                  command: str = "lcmkit world train-teacher") -> Path:
+    """Train (or resume) the world teacher under ``cfg.out`` with ``trainer``; returns the saved pipeline folder. The
+    folder is locked for the run (:func:`lcmkit.train.folder.acquire_lock`): a second run into it is refused at
+    once."""
     out = check_output_path(cfg.out, "output folder")
     if out.exists() and not out.is_dir():
         raise LcmkitError(f"output {out} exists and is not a folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    lock = acquire_lock(out, "lcmkit world train-teacher")
+    lock = acquire_lock(out, command)
     try:
-        return Trainer(cfg, resume=resume, progress=progress).run()
+        return trainer(cfg, resume=resume, progress=progress).run()
     finally:
         lock.release()

@@ -112,3 +112,56 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`; keys this version does not know are ignored."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TransformerConfig:
+    """``SD3Transformer2DModel`` size: ``num_layers`` joint (MMDiT) blocks of width ``num_heads * head_dim`` over
+    8x8 latents cut into ``patch_size``² patches (2, as SD3: 16 image tokens)."""
+
+    num_layers: int = 6
+    num_heads: int = 4
+    head_dim: int = 32
+    patch_size: int = 2
+    qk_norm: str | None = "rms_norm"
+
+
+@dataclass
+class FlowTrainConfig(TrainConfig):
+    """The flow-matching world teacher: an SD3-style pipeline (``SD3Transformer2DModel``, two CLIP text encoders
+    with projection, no T5) trained on the latents of an existing world teacher's VAE (``init_from``), whose VAE
+    and tokenizer it keeps. ``unet_steps`` counts the transformer phase's steps; ``text`` sizes each CLIP encoder.
+    Timesteps σ = sigmoid(u), u ~ N(``logit_mean``, ``logit_std``²) (SD3's logit-normal sampling); ``shift`` goes
+    into the saved ``FlowMatchEulerDiscreteScheduler``."""
+
+    out: str = "runs/flow-teacher"
+    text: TextConfig = field(default_factory=lambda: TextConfig(num_layers=3))
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    init_from: str | None = None
+    outlined_images: int = 0
+    vae_steps: int = 0
+    vae_decoder_steps: int = 0
+    unet_steps: int = 6000
+    lr: float = 5e-4
+    warmup_steps: int = 300
+    open_captions: float = 0.75
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    t5_tokens: int = 256  # the zero tokens StableDiffusion3Pipeline adds without T5 (its max_sequence_length)
+    threads: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.transformer, dict):
+            self.transformer = TransformerConfig(**self.transformer)
+        if self.init_from is None:
+            from lcmkit_world.world import shipped_teacher
+
+            self.init_from = str(shipped_teacher("open"))
+        super().__post_init__()
+        t = self.transformer
+        if t.num_layers < 1 or t.num_heads < 1 or t.head_dim < 1 or t.patch_size not in (1, 2, 4):
+            raise LcmkitError(f"transformer: layers, heads and head width must be positive and the patch size 1, 2 or "
+                              f"4 (the world's latents are 8x8), got {t}")
+        if self.logit_std <= 0 or self.shift <= 0:
+            raise LcmkitError(f"logit_std and shift must be positive, got {self.logit_std} and {self.shift}")

@@ -11,6 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_export(world_sub)
     _register_train_classifier(world_sub)
     _register_train_teacher(world_sub)
+    _register_train_flow_teacher(world_sub)
 
 
 # --- export (owner: lcmkit_world/export.py) -------------------------------------------------------------------------
@@ -146,6 +147,56 @@ def _register_train_teacher(world_sub) -> None:
         )
         pipeline = train_teacher(cfg, resume=args.resume, progress=not args.no_progress)
         print(f"saved the teacher pipeline to {pipeline}")
+        return 0
+
+    p.set_defaults(run=run)
+
+
+# --- train-flow-teacher (owner: lcmkit_world/flow_teacher.py) ----------------------------------------------------
+def _register_train_flow_teacher(world_sub) -> None:
+    from lcmkit_world.teacher_config import FlowTrainConfig, TransformerConfig
+
+    d, t = FlowTrainConfig(), TransformerConfig()  # the defaults (the help says them)
+    p = world_sub.add_parser(
+        "train-flow-teacher", help="train the world's flow-matching teacher (a tiny Stable Diffusion 3)",
+        description="Train an SD3Transformer2DModel and two CLIP text encoders by rectified flow on the latents of "
+                    "a world teacher's VAE; resumable; writes OUT/pipeline (a StableDiffusion3Pipeline folder, no "
+                    "T5), OUT/loss.png, OUT/config.json, OUT/training.json.",
+    )
+    a = p.add_argument
+    a("--out", required=True, help="output folder (checkpoints, caches, pipeline, plots)")
+    a("--init-from", default=None, help="the world teacher folder whose VAE and tokenizer are kept (default: the "
+      "shipped open-caption teacher)")
+    a("--steps", type=int, default=d.unet_steps, help=f"transformer + text encoder steps (default {d.unet_steps})")
+    a("--batch-size", type=int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
+    a("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    a("--warmup-steps", type=int, default=d.warmup_steps, help=f"learning-rate warm-up (default {d.warmup_steps})")
+    a("--num-images", type=int, default=d.num_images, help=f"images rendered and cached (default {d.num_images})")
+    a("--layers", type=int, default=t.num_layers, help=f"joint transformer blocks (default {t.num_layers})")
+    a("--patch-size", type=int, default=t.patch_size, help=f"latent patch size (default {t.patch_size})")
+    a("--shift", type=float, default=d.shift, help=f"the saved scheduler's sigma shift (default {d.shift:g})")
+    a("--open-captions", type=float, default=d.open_captions,
+      help=f"probability that a training caption is an open one (default {d.open_captions:g})")
+    a("--ema-decay", type=float, default=d.ema_decay, help=f"EMA decay of the saved weights (default {d.ema_decay})")
+    a("--checkpoint-every", type=int, default=d.checkpoint_every,
+      help=f"steps between checkpoints (default {d.checkpoint_every})")
+    a("--threads", type=int, default=d.threads, help=f"torch intra-op CPU threads (default {d.threads})")
+    a("--seed", type=int, default=d.seed)
+    a("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    a("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args) -> int:
+        from lcmkit_world.flow_teacher import train_flow_teacher
+
+        cfg = FlowTrainConfig(
+            out=args.out, init_from=args.init_from, unet_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            warmup_steps=args.warmup_steps, num_images=args.num_images, shift=args.shift,
+            transformer=TransformerConfig(num_layers=args.layers, patch_size=args.patch_size),
+            open_captions=args.open_captions, ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
+            threads=args.threads, seed=args.seed,
+        )
+        pipeline = train_flow_teacher(cfg, resume=args.resume, progress=not args.no_progress)
+        print(f"saved the flow teacher pipeline to {pipeline}")
         return 0
 
     p.set_defaults(run=run)
