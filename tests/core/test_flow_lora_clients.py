@@ -265,7 +265,8 @@ def comfy_original(ids: dict, comfy_map: dict) -> dict:
 
 @pytest.fixture(scope="module", params=["sd3.5-medium", "sd3.5-large", "flux.1-dev"])
 def arch(request):
-    """(name, meta transformer, ComfyUI's map for it, its original checkpoint of row ids, diffusers' ids)."""
+    """(name, meta transformer, ComfyUI's map for it, its original checkpoint of row ids, diffusers' ids, the
+    converter, the preset's LoRA layers as LoraWeights of placeholder tensors)."""
     from diffusers.loaders.single_file_utils import (
         convert_flux_transformer_checkpoint_to_diffusers,
         convert_sd3_transformer_checkpoint_to_diffusers,
@@ -275,16 +276,21 @@ def arch(request):
     model = configs.build_transformer(spec)
     flux = spec.model_class == "FluxTransformer2DModel"
     comfy_map = (comfy_flux_map if flux else comfy_mmdit_map)(model.config)
-    ids = _row_ids(model.state_dict())
+    ids = _row_ids(model.state_dict())  # before the adapter is added
     original = comfy_original(ids, comfy_map)
     convert = convert_flux_transformer_checkpoint_to_diffusers if flux else convert_sd3_transformer_checkpoint_to_diffusers
-    return request.param, model, comfy_map, original, ids, convert
+    config = flow_lora_config(model)
+    assert config.r == config.lora_alpha == 64
+    model.requires_grad_(False).add_adapter(config)
+    empty = torch.empty(1, 1, device="meta")
+    weights = {f"transformer.{p}": LoraLayer(empty, empty, 64.0) for p in lora_layers(model)}
+    return request.param, model, comfy_map, original, ids, convert, weights
 
 
 def test_comfyuis_maps_invert_diffusers_own_converters(arch):
     """ComfyUI's diffusers → original map, run back through diffusers' original → diffusers converter, gives every
     weight its own rows: the fused q/k/v (and FLUX's q/k/v/mlp linear1) slices ComfyUI patches are the right ones."""
-    _, _, _, original, ids, convert = arch
+    _, _, _, original, ids, convert, _ = arch
     left = dict(original)
     back = convert(left)
     assert not left  # the converter used every original weight ComfyUI's map produced
@@ -298,13 +304,7 @@ def test_every_key_of_lcmkits_transformer_lora_lands_in_comfyui(arch, fmt):
     fused one exactly the adapted layer's size): no "lora key not loaded". The diffusers file has no alpha tensors,
     so ComfyUI applies it at scale 1, right only when alpha = rank (the preset's 64 / 64); the comfyui file carries
     alpha for any scale."""
-    name, model, comfy_map, original, _, _ = arch
-    adapted = configs.build_transformer(configs.FLOW_ARCHITECTURES[name]).requires_grad_(False)
-    config = flow_lora_config(adapted)
-    assert config.r == config.lora_alpha == 64
-    adapted.add_adapter(config)
-    empty = torch.empty(1, 1, device="meta")
-    weights = {f"transformer.{p}": LoraLayer(empty, empty, 64.0) for p in lora_layers(adapted)}
+    _, model, comfy_map, original, _, _, weights = arch
     keys = comfyui_state_dict(weights) if fmt == "comfyui" else to_state_dict(weights, "diffusers")[0]
     lora_map = comfy_lora_key_map(comfy_map)
 
@@ -318,7 +318,7 @@ def test_every_key_of_lcmkits_transformer_lora_lands_in_comfyui(arch, fmt):
     assert all(parts == expected for parts in resolved.values())
     for base in resolved:
         target = lora_map[base]
-        module = model.get_submodule(base[len("transformer."):])
+        module = model.get_submodule(base[len("transformer."):]).get_base_layer()
         if isinstance(target, str):
             assert target in original
         else:
