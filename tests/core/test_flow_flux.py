@@ -72,6 +72,9 @@ def test_default_noise_comes_from_the_images_generator_only():
                                   generator=torch.Generator().manual_seed(5), **SIZE))
     assert images[0].shape == (1, 16, 8, 12)
     assert torch.equal(*images)
+    heun = sample_flux(pipe, PROMPT, steps=2, sampler="heun", output_type="latent", max_sequence_length=TOKENS,
+                       generator=torch.Generator().manual_seed(5), **SIZE)  # the second-order teacher sampler
+    assert heun.shape == (1, 16, 8, 12) and bool(torch.isfinite(heun).all())
 
 
 def test_packing_and_ids_are_diffusers():
