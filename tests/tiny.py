@@ -10,6 +10,9 @@ builds with the same seed are identical.
 - :func:`tiny_sd2`     ``StableDiffusionPipeline`` in SD 2.x's shape: a 1024-wide text encoder (OpenCLIP ViT-H's
                        width, how lcmkit tells SD 2.x from 1.x), linear attention projections, v prediction.
 - :func:`tiny_sdxl`    ``StableDiffusionXLPipeline``: two text encoders, pooled embeds + time ids.
+- :func:`tiny_sd3`     ``StableDiffusion3Pipeline`` without T5 (flow matching, shift 3).
+- :func:`tiny_flux`    ``FluxPipeline``: FLUX's packed 16-channel latents, CLIP (pooled) + T5 (tokens) with tokenizers
+                       built here, guidance-embedded (dev) or not, dynamic-shift scheduler config.
 - :func:`tiny_lora_file` a diffusers-format LoRA ``.safetensors`` for a tiny UNet, with non-zero B.
 - :func:`torchrun_lcmkit` an ``lcmkit`` command in two processes under ``torchrun`` (gloo on CPU).
 
@@ -213,5 +216,65 @@ def tiny_sd3(folder: str | Path | None = None, seed: int = 0, scheduler=None):
         text_encoder=tiny_text_encoder(seed + 2, with_projection=True), tokenizer=tiny_tokenizer(),
         text_encoder_2=tiny_text_encoder(seed + 3, with_projection=True), tokenizer_2=tiny_tokenizer(),
         text_encoder_3=None, tokenizer_3=None,
+    )
+    return _save(pipe, folder)
+
+
+#: FLUX.1's scheduler config (``black-forest-labs/FLUX.1-dev``): shift by image sequence length, μ from 0.5 at 256
+#: tokens to 1.15 at 4096
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def tiny_t5_tokenizer():
+    """A T5 (Unigram) tokenizer over single printable ASCII characters, with and without the word-start marker
+    "▁" (ids: <pad> 0, </s> 1, <unk> 2), built here instead of downloaded."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for ch in string.ascii_letters + string.digits + string.punctuation:
+        vocab += [(ch, -3.0), ("\u2581" + ch, -2.5)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def tiny_t5_encoder(seed: int = 0, vocab_size: int = 192, d_model: int = 32):
+    """A 2-layer ``T5EncoderModel`` (width 32) whose token ids match :func:`tiny_t5_tokenizer`."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_flux(folder: str | Path | None = None, seed: int = 0, guidance_embeds: bool = True, scheduler=None):
+    """A tiny ``FluxPipeline``: a ``FluxTransformer2DModel`` with FLUX's packed input (16 latent channels × 2×2
+    patches = 64, patch_size 1), one double-stream and one single-stream block of 2 heads × 16 (RoPE axes 4 + 6 +
+    6), ``guidance_embeds`` as FLUX.1-dev (True) or schnell (False); a tiny CLIP text encoder (its pooled output,
+    32) and T5 encoder (its tokens, 32); a 16-channel VAE with FLUX.1's scaling and shift factors (scale factor 8:
+    a 64 px image is an 8×8 latent, 4×4 = 16 tokens); a ``FlowMatchEulerDiscreteScheduler`` with FLUX's dynamic
+    shift unless ``scheduler`` is given."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=2, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159,
+    ).eval()
+    t5_tokenizer = tiny_t5_tokenizer()
+    pipe = FluxPipeline(
+        transformer=transformer, vae=vae, scheduler=scheduler or FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        text_encoder=tiny_text_encoder(seed + 2), tokenizer=tiny_tokenizer(),
+        text_encoder_2=tiny_t5_encoder(seed + 3, vocab_size=len(t5_tokenizer)), tokenizer_2=t5_tokenizer,
     )
     return _save(pipe, folder)

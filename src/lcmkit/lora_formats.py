@@ -526,7 +526,8 @@ def to_state_dict(weights: LoraWeights, fmt: str = "diffusers",
         te_prefix = {"text_encoder": "te1" if "text_encoder_2" in groups else "te", "text_encoder_2": "te2",
                      "unet": "unet"}
         if other := sorted(set(groups) - set(te_prefix)):  # e.g. "transformer": no kohya naming for it here
-            raise LcmkitError(f"no kohya key convention for {', '.join(other)} LoRA layers; write diffusers format")
+            raise LcmkitError(f"no kohya key convention for {', '.join(other)} LoRA layers; write the diffusers or "
+                              "comfyui format")
         for name, layer in weights.items():
             component, path = split_name(name)
             default = f"lora_{te_prefix[component]}_{public_path(component, path).replace('.', '_')}"

@@ -45,24 +45,33 @@ def _like(sigma: Tensor | float, x: Tensor) -> Tensor:
 # Sigma tables
 # ---------------------------------------------------------------------------------------------------------------
 
+def _in_dtype_of(value: float, sigma: Tensor | float) -> Tensor | float:
+    """A constant rounded to σ's dtype first, as numpy rounds a Python float against a float32 array (torch would
+    keep it in double inside the kernel): float32 tables then carry diffusers' bits."""
+    return torch.as_tensor(value, dtype=sigma.dtype, device=sigma.device) if isinstance(sigma, Tensor) else value
+
+
 def shift_sigmas(sigma: Tensor, shift: float) -> Tensor:
     """Eq. S1: σ' = s·σ / (1 + (s − 1)·σ). Keeps 0 ↦ 0 and 1 ↦ 1; s > 1 spends more of the schedule at high
     noise."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
+    return _in_dtype_of(shift, sigma) * sigma / (1 + _in_dtype_of(shift - 1, sigma) * sigma)
 
 
 def dynamic_shift_mu(image_seq_len: int, base_seq_len: int = BASE_SEQ_LEN, max_seq_len: int = MAX_SEQ_LEN,
                      base_shift: float = BASE_SHIFT, max_shift: float = MAX_SHIFT) -> float:
     """Eq. S2 (FLUX; diffusers ``calculate_shift``): μ linear in the image sequence length L, from ``base_shift`` at
     ``base_seq_len`` tokens to ``max_shift`` at ``max_seq_len`` (extrapolated beyond). FLUX packs 2×2 latent
-    patches, so L = (H/16)·(W/16) for an H×W image (1024² → 4096, μ = 1.15)."""
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return base_shift + slope * (image_seq_len - base_seq_len)
+    patches, so L = (H/16)·(W/16) for an H×W image (1024² → 4096, μ = 1.15). Computed as m·L + b in diffusers'
+    order of operations, so μ, and the sigmas shifted with it, carry the same bits as the pipeline's."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
 
 
 def time_shift_exponential(sigma: Tensor, mu: float) -> Tensor:
     """Eq. S3: σ' = e^μ / (e^μ + (1/σ − 1)), diffusers' ``time_shift_type="exponential"``; = eq. S1, s = e^μ."""
-    return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
+    e_mu = _in_dtype_of(math.exp(mu), sigma)
+    return e_mu / (e_mu + (1 / sigma - 1))
 
 
 def train_sigmas(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, shift: float = 1.0,
