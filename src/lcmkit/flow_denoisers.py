@@ -49,10 +49,20 @@ def sd3_conditioning(pipe, prompts: list[str], negative_prompt: str | list[str] 
                      guided: bool = False) -> tuple[SD3Conditioning, SD3Conditioning | None]:
     """(cond, uncond) of ``prompts`` by the pipeline's own ``encode_prompt`` (CLIP-L ‖ CLIP-G, T5 or zeros);
     ``uncond`` (the negative prompt, "" by default, as the SD3 pipeline encodes it) only when ``guided``."""
+    import logging
+
     encoder = pipe.text_encoder if pipe.text_encoder is not None else pipe.text_encoder_2
-    emb, neg_emb, pooled, neg_pooled = pipe.encode_prompt(
-        prompts, None, None, device=next(encoder.parameters()).device, do_classifier_free_guidance=guided,
-        negative_prompt=negative_prompt)
+    # prompts longer than the tokenizers' limit are truncated, as lcmkit's SD / SDXL encoders truncate: without the
+    # pipeline's warning for each (a training run's caption cache would print one per chunk)
+    log = logging.getLogger(type(pipe).__module__)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        emb, neg_emb, pooled, neg_pooled = pipe.encode_prompt(
+            prompts, None, None, device=next(encoder.parameters()).device, do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompt)
+    finally:
+        log.setLevel(level)
     return SD3Conditioning(emb, pooled), SD3Conditioning(neg_emb, neg_pooled) if guided else None
 
 

@@ -149,8 +149,9 @@ class FlowSampling:
 def sample_flow_latents(pipe, cond: SD3Conditioning, uncond: SD3Conditioning | None, omega: float | None,
                         sampler: str, sigmas: Tensor, generator: Generators, latent_shape: tuple[int, int, int], *,
                         noise_generator: Generators = None, init_image=None, size: tuple[int, int] | None = None,
-                        callback=None) -> Tensor:
-    """x0 latents (B, C, h, w) of a flow sampler over ``sigmas`` (σ_0 > … > 0), in the conditioning's dtype.
+                        callback=None, transformer=None) -> Tensor:
+    """x0 latents (B, C, h, w) of a flow sampler over ``sigmas`` (σ_0 > … > 0), in the conditioning's dtype, with
+    ``transformer`` (default the pipeline's; distillation passes its target θ⁻).
 
     Draws from ``generator`` (one, or one per image) in diffusers' order: text-to-image the initial latent
     x_{σ_0} ~ N(0, I); image-to-image the VAE posterior sample of ``init_image`` (at ``size`` pixels), then ε, and
@@ -167,7 +168,7 @@ def sample_flow_latents(pipe, cond: SD3Conditioning, uncond: SD3Conditioning | N
         gens = generator if isinstance(generator, (list, tuple)) else [generator] * len(cond)
         z0 = encode_image(pipe, init_image, gens, *size).to(dtype)
         x = flow_noise(z0, randn(shape, generator, device, dtype), sigmas[0])
-    denoiser = sd3_denoiser(pipe.transformer, cond, uncond=uncond, omega=omega,
+    denoiser = sd3_denoiser(pipe.transformer if transformer is None else transformer, cond, uncond=uncond, omega=omega,
                             num_train_timesteps=pipe.scheduler.config.get("num_train_timesteps", 1000))
     latents = FLOW_SAMPLERS[sampler](denoiser, x, sigmas, generator if noise_generator is None else noise_generator,
                                      callback=callback)
