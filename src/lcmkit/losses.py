@@ -106,9 +106,11 @@ def flow_lcd_loss(student: FlowDenoiser, target: FlowDenoiser, teacher: FlowDeno
     with torch.no_grad():
         # 3. one solver step of the guided teacher on dx/dσ = v: x̂_{σ_n} = Ψ_ω(x_{σ_{n+k}}, σ_{n+k} → σ_n)
         x_n_hat = FLOW_SOLVERS[solver](teacher, x_n_plus_k, sigma_n_plus_k, sigma_n)
-        # 4. target f_θ⁻(x̂_{σ_n}, σ_n) = x̂_{σ_n} − σ_n·v_θ⁻ (eq. C1); σ_n = 0 (n = 0) gives x̂_{σ_n} itself
+        # 4. target f_θ⁻(x̂_{σ_n}, σ_n) = x̂_{σ_n} − σ_n·v_θ⁻ (eq. C1); where σ_n = 0 (n = 0) x̂_{σ_n} itself, taken
+        #    as is: 0·v would turn a non-finite v at σ = 0, where the model was never trained, into NaN
         _, v_target = target(x_n_hat, sigma_n)
-        f_target = flow_consistency_function(x_n_hat, v_target, sigma_n)
+        at_zero = (sigma_n == 0).reshape(-1, *([1] * (z0.ndim - 1)))
+        f_target = torch.where(at_zero, x_n_hat, flow_consistency_function(x_n_hat, v_target, sigma_n))
     # 5. online prediction f_θ(x_{σ_{n+k}}, σ_{n+k}) = x_{σ_{n+k}} − σ_{n+k}·v_θ
     _, v_student = student(x_n_plus_k, sigma_n_plus_k)
     f_student = flow_consistency_function(x_n_plus_k, v_student, sigma_n_plus_k)
