@@ -44,6 +44,13 @@ def tiny_sdxl_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_sd3")
+    tiny.tiny_sd3(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_lcm_pipe():
     return _quiet(tiny.tiny_lcm())

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lcmkit.losses import lcd_loss
-from lcmkit.pipelines import load_pipeline, resolve_device, vae_scale_factor
+from lcmkit.pipelines import denoising_model, load_pipeline, resolve_device, vae_scale_factor
 from lcmkit.train import distill as lcd
 from lcmkit.train import finetune as lcf
 from lcmkit.train import refine as rf
@@ -31,28 +30,27 @@ def distill_loss(cfg: lcd.DistillConfig, checkpoint: str | os.PathLike | None = 
                     seed: int = 1234) -> float:
     """The distillation loss of ``checkpoint`` (None: the step-0 student) on a fixed evaluation set: the first
     ``cfg.batch_size`` samples of the data and ``draws`` fixed (ω, n, ε) draws; averaged. Deterministic, so two
-    checkpoints can be compared (the per-step training loss swings with the random t_n)."""
+    checkpoints can be compared (the per-step training loss swings with the random t_n). UNet and flow (SD3)
+    teachers alike: the recipe's own family (models, grid, loss)."""
 
     device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.teacher, device="cpu")
-    models = lcd.build_models(cfg, pipe, device, generator_for(cfg.seed, 0xA11CE))
+    pipe = load_pipeline(cfg.teacher, device="cpu", flow=True)
+    family = lcd.family_of(pipe)
+    resolution = cfg.resolution or denoising_model(pipe).config.sample_size * vae_scale_factor(pipe)
+    models = family.build_models(cfg, pipe, device, generator_for(cfg.seed, 0xA11CE), resolution)
     if checkpoint is not None:
         models.load_weights(load_checkpoint(checkpoint)[0], checkpoint)
-    num_points = len(models.alphas_cumprod) // cfg.skip
-    resolution = cfg.resolution or models.student.config.sample_size * vae_scale_factor(pipe)
+    num_points = family.num_points(models, cfg)
     omegas = lcd.omega_range(cfg, models.arch)
     stream = DataStream(DataSource(cfg, resolution), cfg, resolution, 0, 1)
-    encoder = Encoder(pipe, models.arch, device)
-    if models.arch == "sd":
-        encoder.uncond_hidden = encode_text(pipe, "sd", [""])[0]
+    encoder = Encoder(pipe, models.arch, device)  # no caches: the first batch, encoded as it comes
+    if models.arch in ("sd", "sd3"):
+        encoder.uncond_hidden, encoder.uncond_pooled = encode_text(pipe, models.arch, [""])
     z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
     total = 0.0
     for d in range(draws):
         omega, index, noise = lcd.draw(z0.shape[0], tuple(z0.shape), omegas, num_points, generator_for(seed, d))
-        student, target, teacher = lcd.make_denoisers(models, cond, uncond, omega.to(device))
-        loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device), models.alphas_cumprod,
-                           skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss, huber_c=cfg.huber_c)
-        total += float(loss)
+        total += float(family.step_loss(models, cfg, z0, cond, uncond, omega, index, noise))
     return total / draws
 
 

@@ -1,4 +1,5 @@
-"""Adapters from a diffusers ``SD3Transformer2DModel`` to the flow denoiser contract, and SD3 sampling.
+"""Adapters from a diffusers ``SD3Transformer2DModel`` to the flow denoiser contract, SD3 text conditioning, and
+the scheduler's sigma tables (sampling and distillation grids). Sampling a pipeline: :mod:`lcmkit.flow_pipelines`.
 
 The contract (:mod:`lcmkit.flow_solvers`): ``denoiser(x_sigma, sigma) -> (x0_hat, v_hat)``, x_σ (B, C, H, W),
 σ (B,) float. The transformer is called with timestep t = σ·1000 (as ``StableDiffusion3Pipeline`` passes
@@ -15,11 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .flow_solvers import FlowDenoiser, as_sigma_batch, get_flow_sampler
-from .math.flow import dynamic_shift_mu, flow_sigmas, timestep_from_sigma, x0_from_velocity
+from .flow_solvers import FlowDenoiser, as_sigma_batch
+from .math.flow import dynamic_shift_mu, flow_sigmas, flow_training_grid, timestep_from_sigma, x0_from_velocity
 from .math.guidance import cfg
 from .math.schedule import append_dims
-from .solvers import Generators, randn
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,33 @@ class SD3Conditioning:
     def cat(self, other: "SD3Conditioning") -> "SD3Conditioning":
         return SD3Conditioning(torch.cat([self.encoder_hidden_states, other.encoder_hidden_states]),
                                torch.cat([self.pooled_projections, other.pooled_projections]))
+
+    def repeat(self, n: int) -> "SD3Conditioning":
+        """A batch-1 conditioning repeated to batch n."""
+        return SD3Conditioning(*(x.expand(n, *x.shape[1:]).contiguous()
+                                 for x in (self.encoder_hidden_states, self.pooled_projections)))
+
+
+@torch.no_grad()
+def sd3_conditioning(pipe, prompts: list[str], negative_prompt: str | list[str] | None = None,
+                     guided: bool = False) -> tuple[SD3Conditioning, SD3Conditioning | None]:
+    """(cond, uncond) of ``prompts`` by the pipeline's own ``encode_prompt`` (CLIP-L ‖ CLIP-G, T5 or zeros);
+    ``uncond`` (the negative prompt, "" by default, as the SD3 pipeline encodes it) only when ``guided``."""
+    import logging
+
+    encoder = pipe.text_encoder if pipe.text_encoder is not None else pipe.text_encoder_2
+    # prompts longer than the tokenizers' limit are truncated, as lcmkit's SD / SDXL encoders truncate: without the
+    # pipeline's warning for each (a training run's caption cache would print one per chunk)
+    log = logging.getLogger(type(pipe).__module__)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        emb, neg_emb, pooled, neg_pooled = pipe.encode_prompt(
+            prompts, None, None, device=next(encoder.parameters()).device, do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompt)
+    finally:
+        log.setLevel(level)
+    return SD3Conditioning(emb, pooled), SD3Conditioning(neg_emb, neg_pooled) if guided else None
 
 
 def sd3_denoiser(transformer, cond: SD3Conditioning, *, uncond: SD3Conditioning | None = None,
@@ -74,53 +101,28 @@ def sd3_denoiser(transformer, cond: SD3Conditioning, *, uncond: SD3Conditioning 
     return denoiser
 
 
-def scheduler_sigmas(scheduler_config, steps: int, latent_hw: tuple[int, int], patch_size: int) -> Tensor:
-    """The sigma table the SD3 pipeline sets on its scheduler: fixed ``shift``, or, with ``use_dynamic_shifting``,
-    μ from the latent sequence length (H/p)·(W/p) with the config's base/max shift (the SD3 pipeline's
-    ``calculate_shift`` defaults: 0.5 and 1.16)."""
+def _shift_mu(scheduler_config, latent_hw: tuple[int, int], patch_size: int) -> float | None:
+    """μ of eq. S2 for a scheduler with ``use_dynamic_shifting``: from the latent sequence length (H/p)·(W/p) and
+    the config's base/max shift (the SD3 pipeline's ``calculate_shift`` defaults: 0.5 and 1.16); None without."""
     get = scheduler_config.get
-    if get("use_dynamic_shifting", False):
-        seq = (latent_hw[0] // patch_size) * (latent_hw[1] // patch_size)
-        mu = dynamic_shift_mu(seq, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
-                              get("base_shift", 0.5), get("max_shift", 1.16))
-        return flow_sigmas(steps, mu=mu, num_train_timesteps=get("num_train_timesteps", 1000))
-    return flow_sigmas(steps, shift=get("shift", 1.0), num_train_timesteps=get("num_train_timesteps", 1000))
+    if not get("use_dynamic_shifting", False):
+        return None
+    seq = (latent_hw[0] // patch_size) * (latent_hw[1] // patch_size)
+    return dynamic_shift_mu(seq, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
+                            get("base_shift", 0.5), get("max_shift", 1.16))
 
 
-@torch.no_grad()
-def sample_sd3(pipe, prompt: str | list[str], *, steps: int = 4, guidance_scale: float = 1.0,
-               negative_prompt: str | list[str] | None = None, sampler: str = "lcm",
-               generator: Generators = None, noise_generator: Generators = None, height: int | None = None,
-               width: int | None = None, output_type: str = "pil"):
-    """Text-to-image on a ``StableDiffusion3Pipeline`` (T5 may be absent) with an lcmkit flow sampler.
+def scheduler_sigmas(scheduler_config, steps: int, latent_hw: tuple[int, int], patch_size: int) -> Tensor:
+    """The sigma table the SD3 pipeline sets on its scheduler: fixed ``shift`` (eq. S1), or, with
+    ``use_dynamic_shifting``, eq. S3 with μ of the latent size (:func:`_shift_mu`)."""
+    mu = _shift_mu(scheduler_config, latent_hw, patch_size)
+    return flow_sigmas(steps, shift=scheduler_config.get("shift", 1.0), mu=mu,
+                       num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000))
 
-    The initial latent is drawn from ``generator`` as diffusers' ``prepare_latents`` draws it; the LCM sampler's
-    per-step ε from ``noise_generator`` (default: ``generator``, so image i depends only on its own generator).
-    diffusers' SD3 and FLUX pipelines do not pass their generator to ``scheduler.step``, so
-    ``FlowMatchLCMScheduler`` draws that ε from torch's global RNG: ``noise_generator=torch.default_generator``
-    after ``torch.manual_seed(s)`` reproduces their image for the same seeds; ``"euler"`` draws nothing after the
-    latent and reproduces ``FlowMatchEulerDiscreteScheduler``'s image from ``generator`` alone. ``guidance_scale``
-    is diffusers' g; g > 1 runs CFG on v.
-    """
-    device = pipe.transformer.device
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    do_cfg = guidance_scale > 1
-    emb, neg_emb, pooled, neg_pooled = pipe.encode_prompt(
-        prompts, None, None, device=device, do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt)
-    cond = SD3Conditioning(emb, pooled)
-    uncond = SD3Conditioning(neg_emb, neg_pooled) if do_cfg else None
-    denoiser = sd3_denoiser(pipe.transformer, cond, uncond=uncond, omega=guidance_scale - 1 if do_cfg else None,
-                            num_train_timesteps=pipe.scheduler.config.get("num_train_timesteps", 1000))
-    f = pipe.vae_scale_factor
-    height = height or pipe.default_sample_size * f
-    width = width or pipe.default_sample_size * f
-    shape = (len(prompts), pipe.transformer.config.in_channels, height // f, width // f)
-    x = randn(shape, generator, device, emb.dtype)
-    sigmas = scheduler_sigmas(pipe.scheduler.config, steps, shape[2:], pipe.transformer.config.patch_size)
-    latents = get_flow_sampler(sampler)(denoiser, x, sigmas.to(device),
-                                          generator if noise_generator is None else noise_generator).to(emb.dtype)
-    if output_type == "latent":
-        return latents
-    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type=output_type)
+
+def scheduler_training_grid(scheduler_config, skip: int, latent_hw: tuple[int, int], patch_size: int) -> Tensor:
+    """The distillation grid σ_0 = 0 < σ_1 < … < σ_N (:func:`lcmkit.math.flow.flow_training_grid`, skip k) on the
+    same shifted table the scheduler samples with: fixed ``shift``, or μ of the latent size."""
+    mu = _shift_mu(scheduler_config, latent_hw, patch_size)
+    return flow_training_grid(scheduler_config.get("num_train_timesteps", 1000), skip,
+                              shift=scheduler_config.get("shift", 1.0), mu=mu)

@@ -63,7 +63,10 @@ from .lora_checks import (  # noqa: F401  (check_safetensors_file, read_safetens
     refuse_other_adapters,
 )
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: the denoisers a LoRA adapts (a UNet, or the transformer of a flow pipeline: SD3) and the CLIP text encoders
+DENOISERS = ("unet", "transformer")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+COMPONENTS = (DENOISERS[0], *TEXT_ENCODERS, DENOISERS[1])
 FORMATS = ("diffusers", "peft", "kohya")
 #: Header key diffusers uses for its LoRA config (``lora_base.LORA_ADAPTER_METADATA_KEY``); we use it for PEFT too.
 METADATA_KEY = "lora_adapter_metadata"
@@ -104,7 +107,8 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def pipeline_models(pipe) -> dict[str, nn.Module]:
-    """The LoRA-able models of a diffusers SD-family pipeline: ``{"unet": …, "text_encoder": …, ...}``."""
+    """The LoRA-able models of a diffusers SD-family pipeline: ``{"unet": …, "text_encoder": …, ...}`` (an SD3
+    pipeline: ``{"transformer": …, "text_encoder": …, "text_encoder_2": …}``)."""
     return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
 
 
@@ -117,7 +121,7 @@ def models_dict(unet: nn.Module, text_encoders=None) -> dict[str, nn.Module]:
     elif text_encoders is not None:
         if isinstance(text_encoders, nn.Module):
             text_encoders = [text_encoders]
-        models.update({c: m for c, m in zip(COMPONENTS[1:], text_encoders) if m is not None})
+        models.update({c: m for c, m in zip(TEXT_ENCODERS, text_encoders) if m is not None})
     return models
 
 
@@ -240,8 +244,8 @@ class ModuleIndex:
         self.modules = dict(model.named_modules())
         self.kohya: dict[str, str] = {}
         self.ambiguous: dict[str, list[str]] = {}
-        is_text = component != "unet"
-        original = {} if is_text else original_names(model)
+        is_text = component in TEXT_ENCODERS
+        original = original_names(model) if component == "unet" else {}
         for name in self.modules:
             if not name:
                 continue
@@ -264,7 +268,7 @@ class ModuleIndex:
                                   f"{' / '.join(self.ambiguous[name])}")
             return self.kohya.get(name)
         for candidate in ref.names:
-            aliases = _text_model_aliases(candidate) if self.component != "unet" else [candidate]
+            aliases = _text_model_aliases(candidate) if self.component in TEXT_ENCODERS else [candidate]
             for path in aliases:
                 if path in self.modules:
                     return path
@@ -473,7 +477,7 @@ def load_lora(path: str | os.PathLike, unet: nn.Module, text_encoders=None) -> L
 
 def public_path(component: str, path: str) -> str:
     """The module path written to files: text-encoder paths in the ``text_model.…`` form all tools read."""
-    if component != "unet" and path.startswith("encoder."):
+    if component in TEXT_ENCODERS and path.startswith("encoder."):
         return "text_model." + path
     return path
 

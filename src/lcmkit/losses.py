@@ -1,4 +1,5 @@
-"""Consistency losses: latent consistency distillation (LCM paper, Algorithm 1) and fine-tuning (Algorithm 4).
+"""Consistency losses: latent consistency distillation (LCM paper, Algorithm 1; on DDPM teachers and on rectified
+flows) and fine-tuning (Algorithm 4).
 
 Each loss is one function. The caller passes the data latents, the noise and the grid indices, so a test can
 feed fixed tensors and check the value by hand. Models come in as denoisers (``denoiser(x_t, t) -> (x̂0, ε̂)``,
@@ -9,7 +10,9 @@ feed fixed tensors and check the value by hand. Models come in as denoisers (``d
 - ``target``: θ⁻, the EMA of θ (full LCM) or θ itself without gradients (LCM-LoRA).
 
 The boundary-conditioned consistency function f = c_skip·z + c_out·x̂0 is applied here, from the same
-:func:`lcmkit.math.consistency_function` the sampler uses, so training and sampling cannot drift apart.
+:func:`lcmkit.math.consistency_function` the sampler uses, so training and sampling cannot drift apart. On a flow
+(:func:`flow_lcd_loss`) the models are flow denoisers (``denoiser(x_σ, σ) -> (x̂0, v̂)``) and f = x_σ − σ·v
+(:func:`lcmkit.math.flow.flow_consistency_function`, the one the flow LCM sampler's step uses).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .flow_solvers import FLOW_SOLVERS, FlowDenoiser
 from .math.consistency import consistency_function
+from .math.flow import flow_consistency_function, flow_consistency_pair, flow_noise
 from .math.schedule import alpha_sigma, append_dims
 from .math.timesteps import consistency_pair
 from .solvers import Denoiser, get_solver
@@ -76,6 +81,43 @@ def lcd_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, z0: Tensor,
     loss = consistency_distance(f_student, f_target, loss_type, huber_c)
     terms = {"t_n_plus_k": t_n_plus_k, "t_n": t_n, "z_n_plus_k": z_n_plus_k.detach(), "z_n_hat": z_n_hat,
              "f_student": f_student.detach(), "f_target": f_target}
+    return loss, terms
+
+
+def flow_lcd_loss(student: FlowDenoiser, target: FlowDenoiser, teacher: FlowDenoiser, z0: Tensor, noise: Tensor,
+                  index: Tensor, grid: Tensor, *, solver: str = "euler", loss_type: str = "huber",
+                  huber_c: float = 0.001) -> tuple[Tensor, dict[str, Tensor]]:
+    """Latent consistency distillation on a rectified flow (Algorithm 1 with x_σ = (1 − σ)·z0 + σ·ε; the
+    derivation is docs/flow-matching.md, "The flow LCD loss"). Models are flow denoisers
+    (``denoiser(x_σ, σ) -> (x̂0, v̂)``, :mod:`lcmkit.flow_solvers`); the teacher's CFG on v is bound in.
+
+    Args:
+        z0: data latents (VAE mean − shift)·scaling_factor, (B, C, H, W). noise: ε ~ N(0, I), same shape.
+        index: n ∈ [0, N) per sample (B,): the pair (σ_{n+1}, σ_n) of ``grid``.
+        grid: σ_0 = 0 < σ_1 < … < σ_N, the skipping-step grid on the shifted table
+            (:func:`lcmkit.math.flow.flow_training_grid`); consecutive points are k table steps apart.
+        solver: teacher one-step solver Ψ (``euler``, ``heun``).
+    Returns ``(loss, terms)``; ``terms`` holds the pair's sigmas and the tensors of each step, detached.
+    """
+    # 1. the consistency pair: σ_{n+k} = grid[n + 1] (noisier, the student's) and σ_n = grid[n] (the teacher's)
+    sigma_n_plus_k, sigma_n = flow_consistency_pair(grid.to(z0.device), index.to(z0.device))
+    # 2. x_{σ_{n+k}} = (1 − σ_{n+k})·z0 + σ_{n+k}·ε (eq. F1)
+    x_n_plus_k = flow_noise(z0, noise, sigma_n_plus_k)
+    with torch.no_grad():
+        # 3. one solver step of the guided teacher on dx/dσ = v: x̂_{σ_n} = Ψ_ω(x_{σ_{n+k}}, σ_{n+k} → σ_n)
+        x_n_hat = FLOW_SOLVERS[solver](teacher, x_n_plus_k, sigma_n_plus_k, sigma_n)
+        # 4. target f_θ⁻(x̂_{σ_n}, σ_n) = x̂_{σ_n} − σ_n·v_θ⁻ (eq. C1); where σ_n = 0 (n = 0) x̂_{σ_n} itself, taken
+        #    as is: 0·v would turn a non-finite v at σ = 0, where the model was never trained, into NaN
+        _, v_target = target(x_n_hat, sigma_n)
+        at_zero = (sigma_n == 0).reshape(-1, *([1] * (z0.ndim - 1)))
+        f_target = torch.where(at_zero, x_n_hat, flow_consistency_function(x_n_hat, v_target, sigma_n))
+    # 5. online prediction f_θ(x_{σ_{n+k}}, σ_{n+k}) = x_{σ_{n+k}} − σ_{n+k}·v_θ
+    _, v_student = student(x_n_plus_k, sigma_n_plus_k)
+    f_student = flow_consistency_function(x_n_plus_k, v_student, sigma_n_plus_k)
+    # 6. d(f_θ, f_θ⁻)
+    loss = consistency_distance(f_student, f_target, loss_type, huber_c)
+    terms = {"sigma_n_plus_k": sigma_n_plus_k, "sigma_n": sigma_n, "x_n_plus_k": x_n_plus_k.detach(),
+             "x_n_hat": x_n_hat, "f_student": f_student.detach(), "f_target": f_target}
     return loss, terms
 
 

@@ -22,6 +22,11 @@ CONSISTENCY_SAMPLERS = ("lcm", "tcd")
 #: teacher baselines: diffusers' schedulers driven by lcmkit's loop
 TEACHER_SAMPLERS = ("ddim", "dpm-solver", "dpm-solver++")
 SAMPLER_NAMES = CONSISTENCY_SAMPLERS + TEACHER_SAMPLERS
+#: samplers of flow-matching models (SD3): the consistency sampler and the teacher's Euler / Heun
+#: (``lcmkit.flow_solvers.FLOW_SAMPLERS``)
+FLOW_SAMPLER_NAMES = ("lcm", "euler", "heun")
+#: every name ``generate`` takes; which ones a model takes depends on its family (UNet or flow)
+ALL_SAMPLER_NAMES = SAMPLER_NAMES + tuple(n for n in FLOW_SAMPLER_NAMES if n not in SAMPLER_NAMES)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 #: Largest image side in pixels: 4× SDXL's native 1024. lcmkit decodes without tiling, so the VAE alone would need
@@ -61,8 +66,8 @@ def check_generate_args(*, prompt=None, negative_prompt=None, steps=4, guidance=
     _positive_int("num_images", num_images)
     if batch_size is not None:
         _positive_int("batch_size", batch_size)
-    if sampler not in SAMPLER_NAMES:
-        raise LcmkitError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLER_NAMES)}")
+    if sampler not in ALL_SAMPLER_NAMES:
+        raise LcmkitError(f"unknown sampler {sampler!r}; use one of {', '.join(ALL_SAMPLER_NAMES)}")
     if not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
         raise LcmkitError(f"guidance must be a finite number in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
     if not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:

@@ -2,7 +2,8 @@
 
 Supported folders: ``StableDiffusionPipeline`` (SD 1.x/2.x, epsilon or v prediction), ``StableDiffusionXLPipeline``
 and ``LatentConsistencyModelPipeline`` (a full LCM: UNet with a guidance embedding), plus LCM-LoRA and style
-LoRAs applied on the fly.
+LoRAs applied on the fly; ``generate`` also samples ``StableDiffusion3Pipeline`` (flow matching; its conventions are
+in :mod:`lcmkit.flow_pipelines`). UNet sampling itself lives in :mod:`lcmkit.unet_sampling`.
 
 Conventions (the ones a user sees):
 
@@ -32,11 +33,10 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .denoisers import TextConditioning, architecture, has_w_embedding, unet_denoiser
+from .denoisers import TextConditioning, architecture
 from .errors import LcmkitError
 from .inputs import load_image
-from .math.schedule import alpha_sigma, alphas_cumprod_from_config
-from .math.timesteps import lcm_timesteps
+from .math.schedule import alpha_sigma
 from .options import (  # noqa: F401
     CONSISTENCY_SAMPLERS,
     DTYPE_NAMES,
@@ -45,7 +45,8 @@ from .options import (  # noqa: F401
     check_generate_args,
     check_size,
 )
-from .solvers import SAMPLERS, randn
+from .solvers import randn
+from .unet_sampling import UnetSampling, sample_teacher, teacher_scheduler, teacher_timesteps  # noqa: F401
 from .weight_files import (  # noqa: F401  (the checks of the weight files diffusers may open live there)
     CONVERT_HINT,
     PICKLE_SUFFIXES,
@@ -88,23 +89,28 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_pipeline(model: str | os.PathLike, *, device: str | torch.device = "auto",
-                  dtype: str | torch.dtype | None = None):
+                  dtype: str | torch.dtype | None = None, flow: bool = False):
     """Load a diffusers pipeline folder (``model_index.json`` inside) onto ``device`` in ``dtype``.
 
     A hub id is only tried when ``HF_HUB_OFFLINE`` is not set; offline it fails at once, asking for a folder.
     Raises :class:`LcmkitError` for a missing folder, a folder that is not a pipeline, or a pipeline that is not
-    Stable-Diffusion-family (UNet2DConditionModel + VAE + CLIP text encoder(s)).
+    Stable-Diffusion-family (UNet2DConditionModel + VAE + CLIP text encoder(s)); with ``flow`` an SD3 pipeline
+    (:mod:`lcmkit.flow_pipelines`) is accepted too.
     """
     from diffusers import DiffusionPipeline
 
+    from .flow_pipelines import absent_components
+
     name = str(model)
     path = Path(name).expanduser()
+    absent: dict = {}
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise LcmkitError(f"{name} is not a diffusers pipeline folder (no model_index.json); "
                               "pass a folder saved with save_pretrained")
         check_pipeline_weights(path, name)
         source = str(path)
+        absent = absent_components(path)
     elif path.exists():
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise LcmkitError(f"{name} is a pickle checkpoint ({path.suffix}); lcmkit loads only diffusers pipeline "
@@ -113,7 +119,7 @@ def load_pipeline(model: str | os.PathLike, *, device: str | torch.device = "aut
         from .single_file import load_single_file
 
         pipe = load_single_file(path, name, dtype=resolve_dtype(dtype))
-        check_pipeline(pipe, name)
+        check_pipeline(pipe, name, flow)
         pipe.to(resolve_device(device))
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -127,10 +133,11 @@ def load_pipeline(model: str | os.PathLike, *, device: str | torch.device = "aut
     try:
         with _quiet_loading():
             # use_safetensors: diffusers and transformers never fall back to a pickled .bin (checked above too)
-            pipe = DiffusionPipeline.from_pretrained(source, dtype=resolve_dtype(dtype), use_safetensors=True)
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=resolve_dtype(dtype), use_safetensors=True,
+                                                     **absent)
     except Exception as e:  # diffusers raises many types here; the user needs one line
         raise LcmkitError(f"could not load a diffusers pipeline from {name}: {type(e).__name__}: {e}") from e
-    check_pipeline(pipe, name)
+    check_pipeline(pipe, name, flow)
     pipe.to(resolve_device(device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -163,9 +170,18 @@ def _quiet_loading():
                 m.enable_progress_bar()
 
 
-def check_pipeline(pipe, name: str = "pipeline") -> None:
-    """Refuse pipelines lcmkit cannot drive (anything without a conditional UNet, a VAE and CLIP text encoders)."""
+def check_pipeline(pipe, name: str = "pipeline", flow: bool = False) -> None:
+    """Refuse pipelines lcmkit cannot drive (anything without a conditional UNet, a VAE and CLIP text encoders); an
+    SD3 pipeline only where ``flow`` says the caller drives flow models."""
     from diffusers import UNet2DConditionModel
+
+    from .flow_pipelines import check_flow_pipeline, flow_family
+
+    if flow_family(pipe) is not None:
+        if not flow:
+            raise LcmkitError(f"{name} is a flow-matching ({type(pipe).__name__}) pipeline; this command takes UNet "
+                              "pipelines (SD 1.x/2.x, SDXL); lcmkit distill and generate take SD3")
+        return check_flow_pipeline(pipe, name)
 
     missing = [c for c in ("unet", "vae", "scheduler", "tokenizer") if getattr(pipe, c, None) is None]
     if getattr(pipe, "text_encoder", None) is None and getattr(pipe, "text_encoder_2", None) is None:
@@ -258,7 +274,8 @@ def initial_latents(pipe, generators: list[torch.Generator], height: int, width:
 
 
 def encode_image(pipe, image, generators: list[torch.Generator], height: int, width: int) -> Tensor:
-    """z0 = scaling_factor · sample of the VAE posterior of ``image``, one sample per generator (B, C, H/f, W/f).
+    """z0 = scaling_factor · sample of the VAE posterior of ``image`` (SD3: less its ``shift_factor`` first), one
+    sample per generator (B, C, H/f, W/f).
 
     As diffusers' LCM img2img pipeline: the posterior sample for element i is drawn from generator i before the
     forward-diffusion noise, so the same seed gives the same image.
@@ -268,7 +285,8 @@ def encode_image(pipe, image, generators: list[torch.Generator], height: int, wi
     pixels = pixels.to(device=vae.device, dtype=vae.dtype)
     posterior = vae.encode(pixels).latent_dist
     z0 = torch.cat([posterior.sample(g) for g in generators])
-    return vae.config.scaling_factor * z0
+    shift = getattr(vae.config, "shift_factor", None)  # SD3: z = (x − shift)·scaling_factor
+    return vae.config.scaling_factor * (z0 if shift is None else z0 - shift)
 
 
 def noise_to(z0: Tensor, t: int, alphas_cumprod: Tensor, generators: list[torch.Generator]) -> Tensor:
@@ -279,7 +297,7 @@ def noise_to(z0: Tensor, t: int, alphas_cumprod: Tensor, generators: list[torch.
 
 
 def decode_latents(pipe, z0: Tensor) -> Tensor:
-    """VAE decode z0 / scaling_factor → images (B, 3, H, W) in [0, 1], float32 on cpu.
+    """VAE decode z0 / scaling_factor (SD3: + shift_factor) → images (B, 3, H, W) in [0, 1], float32 on cpu.
 
     An fp16 VAE with ``force_upcast`` (SDXL) decodes in float32, as diffusers does.
     """
@@ -292,6 +310,8 @@ def decode_latents(pipe, z0: Tensor) -> Tensor:
         z = z0 * view(std) / vae.config.scaling_factor + view(mean)
     else:
         z = z0 / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None) is not None:  # SD3
+            z = z + vae.config.shift_factor
     try:
         if upcast:
             vae.to(torch.float32)
@@ -372,54 +392,6 @@ def applied_loras(pipe, loras: Iterable, fuse: bool = True):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling loops
-# ---------------------------------------------------------------------------------------------------------------
-
-def teacher_scheduler(pipe, sampler: str):
-    """diffusers' DDIM / DPM-Solver(++) multistep (order 2) scheduler built from the pipeline's scheduler config,
-    fed ε̂ (whatever the model predicts, the denoiser hands over ε̂, so ``prediction_type`` is set to epsilon)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    config = dict(pipe.scheduler.config, prediction_type="epsilon")
-    # latent diffusion never clips x̂0: DDIM's default clip_sample=True would clamp unit-variance latents to
-    # [-1, 1] whenever the folder's config (e.g. a DPM-Solver one) does not say otherwise; SD's configs say False
-    config["clip_sample"] = False
-    config.setdefault("set_alpha_to_one", False)
-    if sampler == "ddim":
-        return DDIMScheduler.from_config(config)
-    if sampler == "dpm-solver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    # diffusers refuses final_sigmas_type="zero" (its default) for the noise-prediction algorithm
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver", solver_order=2,
-                                                   final_sigmas_type="sigma_min")
-
-
-def teacher_timesteps(scheduler, steps: int, strength: float) -> list[int]:
-    """The scheduler's ``steps``-step schedule, truncated to its last int(steps·strength) steps for img2img."""
-    if steps > scheduler.config.num_train_timesteps:
-        raise LcmkitError(f"{steps} steps exceed the {scheduler.config.num_train_timesteps} training timesteps")
-    scheduler.set_timesteps(steps)
-    kept = min(int(steps * strength), steps)
-    if kept < 1:
-        raise LcmkitError(f"strength {strength} leaves no step out of {steps}; raise strength or steps")
-    start = steps - kept
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(start * scheduler.order)
-    return [int(t) for t in scheduler.timesteps[start * scheduler.order:]]
-
-
-def sample_teacher(scheduler, denoiser, x: Tensor, timesteps: list[int], callback=None) -> Tensor:
-    """lcmkit's loop over a diffusers multistep scheduler: ε̂ from the (guided) denoiser → ``scheduler.step``."""
-    for i, t in enumerate(timesteps):
-        x_in = scheduler.scale_model_input(x, t)
-        _, eps_hat = denoiser(x_in, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        x = scheduler.step(eps_hat.to(x.dtype), t, x, return_dict=False)[0]
-        if callback is not None:
-            callback(i)
-    return x
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -442,11 +414,12 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
         negative_prompt: used where CFG runs; refused (LcmkitError) where it cannot be honoured.
         seed: image i uses ``torch.Generator(device).manual_seed(seed + i)``.
         sampler: ``lcm`` (Algorithm 3), ``tcd`` (γ = ``eta``), or the teacher baselines ``ddim``, ``dpm-solver``,
-            ``dpm-solver++`` (diffusers' schedulers, order 2 for DPM-Solver).
+            ``dpm-solver++`` (diffusers' schedulers, order 2 for DPM-Solver). SD3 pipelines: ``lcm`` (the flow
+            consistency sampler) or the teacher's ``euler`` / ``heun`` (:mod:`lcmkit.flow_pipelines`).
         loras: ``FILE[:WEIGHT]`` strings or (file, weight) pairs, applied only for this call: merged into the
             weights and restored bit for bit afterwards, or with ``fuse_loras=False`` added by forward hooks.
         init_image / strength: img2img; see the module docstring for the two strength conventions.
-        height, width: pixels, multiples of the VAE scale factor; default the UNet's native size.
+        height, width: pixels, multiples of the VAE scale factor; default the UNet's (transformer's) native size.
         dtype: ``float32`` / ``float16`` / ``bfloat16``; None keeps the pipeline's (float32 when loading).
         batch_size: images per forward (default all); fewer where the memory estimate (:func:`lcmkit.options.image_bytes`)
             says they do not fit. Image i is the same whatever the batch (its own generator).
@@ -467,7 +440,7 @@ def generate_batches(pipe_or_path, prompt, *, negative_prompt=None, steps=4, gui
     before asking for the next holds one batch in memory, however many images are asked for."""
     from tqdm.auto import tqdm
 
-    from .options import batch_that_fits, out_of_memory_is_one_line
+    from .options import out_of_memory_is_one_line
 
     check_generate_args(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                         num_images=num_images, sampler=sampler, eta=eta, strength=strength, init_image=init_image,
@@ -475,16 +448,17 @@ def generate_batches(pipe_or_path, prompt, *, negative_prompt=None, steps=4, gui
     if output_type not in ("pil", "np"):
         raise LcmkitError(f"output_type must be 'pil' or 'np', got {output_type!r}")
     if isinstance(pipe_or_path, (str, os.PathLike)):
-        pipe = load_pipeline(pipe_or_path, device=device, dtype=dtype)
-        device = pipe.unet.device
+        pipe = load_pipeline(pipe_or_path, device=device, dtype=dtype, flow=True)
+        device = denoising_model(pipe).device
     else:
         pipe = pipe_or_path
-        check_pipeline(pipe)
-        device = pipe.unet.device if str(device) == "auto" else resolve_device(device)
+        check_pipeline(pipe, flow=True)
+        model = denoising_model(pipe)
+        device = model.device if str(device) == "auto" else resolve_device(device)
         # moving a pipeline walks every module (~15 ms even when nothing moves): only when something must
-        if pipe.unet.device != device or pipe.vae.device != device:
+        if model.device != device or pipe.vae.device != device:
             pipe.to(device)
-        if resolve_dtype(dtype) is not None and pipe.unet.dtype != resolve_dtype(dtype):
+        if resolve_dtype(dtype) is not None and model.dtype != resolve_dtype(dtype):
             pipe.to(resolve_dtype(dtype))
     if not isinstance(prompt, str):
         prompts = list(prompt)
@@ -498,72 +472,40 @@ def generate_batches(pipe_or_path, prompt, *, negative_prompt=None, steps=4, gui
     else:
         prompts = None
     factor = vae_scale_factor(pipe)
-    height = height if height is not None else pipe.unet.config.sample_size * factor
-    width = width if width is not None else pipe.unet.config.sample_size * factor
+    height = height if height is not None else denoising_model(pipe).config.sample_size * factor
+    width = width if width is not None else denoising_model(pipe).config.sample_size * factor
     check_size(height, width, factor)
     init_image = load_image(init_image, "init image")  # a regular file of at most 64 MiB, or a PIL image
 
-    full_lcm = has_w_embedding(pipe.unet)
-    use_cfg = not full_lcm and guidance > 1.0
-    if negative_prompt is not None and full_lcm:
-        raise LcmkitError("this model is a full LCM: guidance enters through its w-embedding and it was distilled "
-                          "with the empty prompt as the unconditional, so a negative prompt cannot be applied; "
-                          "drop the negative prompt (or use a base model with LCM-LoRA and guidance > 1)")
-    if negative_prompt is not None and not use_cfg:
-        raise LcmkitError(f"a negative prompt needs classifier-free guidance, which runs only with guidance > 1 "
-                          f"(got {guidance}); raise guidance or drop the negative prompt")
-    alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler.config).to(device)
-    if sampler in SAMPLERS:
-        original = int(pipe.scheduler.config.get("original_inference_steps", 50))
-        timesteps = lcm_timesteps(steps, len(alphas_cumprod), original, strength)
-        scheduler = None
-    else:
-        scheduler = teacher_scheduler(pipe, sampler)
-        timesteps = teacher_timesteps(scheduler, steps, strength)
+    from .flow_pipelines import FlowSampling, flow_family
 
+    family = FlowSampling if flow_family(pipe) is not None else UnetSampling
+    sampling = family(pipe, sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+                      strength=strength, init_image=init_image, height=height, width=width, device=device, eta=eta)
     with applied_loras(pipe, loras, fuse=fuse_loras):
         # the memory a batch needs (after fused LoRAs saved their weights): refused when not even one image fits
-        batch = batch_that_fits(pipe, batch_size or num_images, height, width, factor, use_cfg, device)
+        batch = sampling.batch_that_fits(batch_size or num_images)
         with torch.inference_mode():
-            cond1 = encode_prompt(pipe, [prompt] if prompts is None else prompts[:1], height, width)
-            uncond1 = encode_unconditional(pipe, negative_prompt, 1, height, width, cond1) if use_cfg else None
-        bar = tqdm(total=len(timesteps) * math.ceil(num_images / batch), desc=f"{sampler} {len(timesteps)} steps",
-                   disable=not progress, leave=False)
+            sampling.encode_first([prompt] if prompts is None else prompts[:1])
+        bar = tqdm(total=sampling.num_steps * math.ceil(num_images / batch),
+                   desc=f"{sampler} {sampling.num_steps} steps", disable=not progress, leave=False)
         try:
             for start in range(0, num_images, batch):
                 n = min(batch, num_images - start)
                 with out_of_memory_is_one_line(n, height, width, device), torch.inference_mode():
-                    images = _generate_batch(pipe, prompt if prompts is None else prompts[start:start + n],
-                                             cond1, uncond1, [seed + start + i for i in range(n)], height, width,
-                                             sampler, steps, strength, eta, guidance, full_lcm, alphas_cumprod,
-                                             timesteps, scheduler, init_image, device, lambda i: bar.update(1))
+                    images = sampling(prompt if prompts is None else prompts[start:start + n],
+                                      [seed + start + i for i in range(n)], lambda i: bar.update(1))
                 yield images.permute(0, 2, 3, 1).numpy() if output_type == "np" else to_pil(images)
         finally:
             bar.close()
 
 
-def _generate_batch(pipe, prompt, cond1, uncond1, seeds, height, width, sampler, steps, strength, eta, guidance,
-                    full_lcm, alphas_cumprod, timesteps, scheduler, init_image, device, step_done) -> Tensor:
-    """One batch of :func:`generate_batches`: images (B, 3, H, W) in [0, 1] for ``seeds`` (one generator each)."""
-    n = len(seeds)
-    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-    cond = _repeat(cond1, n) if isinstance(prompt, str) else encode_prompt(pipe, prompt, height, width)
-    denoiser = unet_denoiser(
-        pipe.unet, alphas_cumprod, cond, prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
-        uncond=None if uncond1 is None else _repeat(uncond1, n), omega=guidance - 1.0 if uncond1 is not None else None,
-        w_omega=guidance - 1.0 if full_lcm else None)
-    latent_dtype = cond.encoder_hidden_states.dtype
-    if init_image is None:
-        x = initial_latents(pipe, generators, height, width, latent_dtype, device)
-        if scheduler is not None:
-            x = x * scheduler.init_noise_sigma
-    else:
-        z0 = encode_image(pipe, init_image, generators, height, width).to(latent_dtype)
-        x = noise_to(z0, timesteps[0], alphas_cumprod, generators)
-    if scheduler is None:
-        extra = {"gamma": eta} if sampler == "tcd" else {}
-        z0_hat = SAMPLERS[sampler](denoiser, x, timesteps, alphas_cumprod, generators, callback=step_done, **extra)
-    else:
-        teacher_timesteps(scheduler, steps, strength)  # a multistep scheduler keeps history: start each batch afresh
-        z0_hat = sample_teacher(scheduler, denoiser, x, timesteps, callback=step_done)
-    return decode_latents(pipe, z0_hat)
+def denoising_model(pipe):
+    """The pipeline's denoiser: its UNet, or an SD3 pipeline's transformer."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
+def check_negative_prompt(negative_prompt: str | None, use_cfg: bool, guidance: float) -> None:
+    if negative_prompt is not None and not use_cfg:
+        raise LcmkitError(f"a negative prompt needs classifier-free guidance, which runs only with guidance > 1 "
+                          f"(got {guidance}); raise guidance or drop the negative prompt")

@@ -43,8 +43,9 @@ from .lora_formats import (
     LoraLayer,
     LoraWeights,
     fit_to_module,
-    load_lora,
+    lora_from_state_dict,
     pipeline_models,
+    read_safetensors,
     split_name,
     unwrap,
 )
@@ -294,8 +295,11 @@ def load_lora_specs(models: Mapping[str, nn.Module], specs: Iterable) -> list[tu
     """Read every ``(file, λ)`` / ``"FILE[:λ]"`` against ``models``; all files are checked before any is used."""
     from .pipelines import parse_lora  # the CLI's FILE[:WEIGHT] syntax, one definition
 
-    text_encoders = {c: m for c, m in models.items() if c != "unet"}
-    return [(load_lora(path, models["unet"], text_encoders), lam) for path, lam in map(parse_lora, specs)]
+    def read(path) -> LoraWeights:  # against every model the pipeline has (a UNet or an SD3 transformer)
+        state, metadata = read_safetensors(path)
+        return lora_from_state_dict(state, models, metadata, source=f"LoRA file {path}")
+
+    return [(read(path), lam) for path, lam in map(parse_lora, specs)]
 
 
 def apply_loras(pipe, loras: Iterable, *, fuse: bool = False) -> AppliedLoras:

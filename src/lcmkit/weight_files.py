@@ -27,17 +27,18 @@ def _safetensors_problem(file: Path) -> str | None:
     """Why ``file`` (named .safetensors) is not a safetensors file, from its first bytes; None if it looks right.
 
     A safetensors file starts with a little-endian u64 header length N and a JSON object (``{``) of N bytes.
-    Pickles start with ``0x80`` (protocol >= 2), ``torch.save`` zips with ``PK``.
+    Pickles start with ``0x80`` (protocol >= 2), ``torch.save`` zips with ``PK``; those magics are only looked for
+    in a file that is not laid out as safetensors (a header length's low byte may itself be 0x80).
     """
     import struct
 
     with open(file, "rb") as f:
         head = f.read(9)
+    if len(head) == 9 and struct.unpack("<Q", head[:8])[0] + 8 <= file.stat().st_size and head[8:9] == b"{":
+        return None
     if head[:1] == b"\x80" or head[:2] == b"PK":
         return "it holds a pickle / torch.save checkpoint despite its name"
-    if len(head) < 9 or struct.unpack("<Q", head[:8])[0] + 8 > file.stat().st_size or head[8:9] != b"{":
-        return "it is not a valid safetensors file (truncated or corrupt)"
-    return None
+    return "it is not a valid safetensors file (truncated or corrupt)"
 
 
 def _weight_like(name: str) -> bool:

@@ -74,9 +74,12 @@ def test_no_source_file_is_over_600_lines():
 def test_the_torch_free_names_are_the_librarys():
     import torch
 
+    from lcmkit.flow_solvers import FLOW_SAMPLERS
     from lcmkit.options import (
+        ALL_SAMPLER_NAMES,
         CONSISTENCY_SAMPLERS,
         DTYPE_NAMES,
+        FLOW_SAMPLER_NAMES,
         SAMPLER_NAMES,
         TEACHER_SAMPLERS,
     )
@@ -84,6 +87,7 @@ def test_the_torch_free_names_are_the_librarys():
     from lcmkit.solvers import SAMPLERS
 
     assert tuple(SAMPLERS) == CONSISTENCY_SAMPLERS and SAMPLER_NAMES == CONSISTENCY_SAMPLERS + TEACHER_SAMPLERS
+    assert tuple(FLOW_SAMPLERS) == FLOW_SAMPLER_NAMES and set(ALL_SAMPLER_NAMES) == {*SAMPLER_NAMES, *FLOW_SAMPLERS}
     assert tuple(DTYPES) == DTYPE_NAMES and DTYPES["bfloat16"] is torch.bfloat16
 
 

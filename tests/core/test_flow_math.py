@@ -339,3 +339,66 @@ def test_convergence_order_on_gaussian_flow(name, order):
         errors.append(float((z - exact).abs().max()))
     rates = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
     assert all(abs(r - order) < 0.35 for r in rates), (errors, rates)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The flow LCD loss (docs/flow-matching.md, L1–L3)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _linear_denoiser(a: float):
+    """A toy flow model with velocity v = a·x (float64), as a flow denoiser; records the σ it is called with."""
+    seen = []
+
+    def denoiser(x, sigma):
+        seen.append(sigma.clone())
+        v = a * x
+        return x - sigma.reshape(-1, 1, 1, 1) * v, v
+
+    return denoiser, seen
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_flow_lcd_loss_is_zero_on_the_exact_flow_of_a_point(solver):
+    """For data at a single point z (per sample), v(x, σ) = (x − z)/σ is the exact flow: straight, so Euler and
+    Heun land on the trajectory and f = x − σ·v = z everywhere; the loss is 0 whatever the pair."""
+    from lcmkit.losses import flow_lcd_loss
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+
+    def exact(x, sigma):
+        v = (x - z) / sigma.reshape(-1, 1, 1, 1)
+        return z.clone(), v
+
+    grid = flow_training_grid(1000, 250, shift=3.0)  # σ_0 = 0 … σ_4 = 1
+    loss, terms = flow_lcd_loss(exact, exact, exact, z, eps, torch.tensor([0, 1, 2, 3]), grid, solver=solver,
+                                loss_type="l2")
+    assert float(loss) < 1e-28
+    torch.testing.assert_close(terms["f_target"], z, rtol=0, atol=1e-12)
+
+
+def test_flow_lcd_loss_by_hand():
+    """The pair (σ_{n+1}, σ_n) of the grid, x = (1 − σ)z + σε, one Euler step of the teacher, f = x − σ·v of student
+    and target, the mean squared distance: computed by hand for velocity fields a·x, b·x, c·x."""
+    from lcmkit.losses import flow_lcd_loss
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    index = torch.tensor([0, 7, 49])
+    grid = flow_training_grid(1000, 20, shift=3.0)
+    teacher, seen_teacher = _linear_denoiser(0.7)
+    target, seen_target = _linear_denoiser(-0.3)
+    student, seen_student = _linear_denoiser(0.4)
+    loss, terms = flow_lcd_loss(student, target, teacher, z, eps, index, grid, solver="euler", loss_type="l2")
+
+    s_hi, s_lo = grid[index + 1].reshape(-1, 1, 1, 1), grid[index].reshape(-1, 1, 1, 1)
+    x = (1 - s_hi) * z + s_hi * eps
+    x_hat = x + (s_lo - s_hi) * 0.7 * x
+    expected = ((x - s_hi * 0.4 * x) - (x_hat - s_lo * -0.3 * x_hat)).pow(2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(seen_teacher[0], grid[index + 1])  # the teacher and student at σ_{n+1} …
+    torch.testing.assert_close(seen_student[0], grid[index + 1])
+    torch.testing.assert_close(seen_target[0], grid[index])       # … the target at σ_n (σ_0 = 0 for n = 0)
+    assert float(terms["sigma_n"][0]) == 0.0 and float(terms["sigma_n_plus_k"][2]) == 1.0

@@ -6,7 +6,8 @@ import torch
 import tiny
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
 
-from lcmkit.flow_denoisers import SD3Conditioning, sample_sd3, sd3_denoiser
+from lcmkit.flow_denoisers import SD3Conditioning, sd3_denoiser
+from lcmkit.flow_pipelines import sample_sd3
 
 PROMPT = "a red circle"
 

@@ -134,8 +134,8 @@ def add_consistency_args(p: argparse.ArgumentParser) -> None:
     """ω range, skip k, distance and LCM validation grids: the options of both consistency recipes
     (``lcmkit distill`` and ``lcmkit finetune``); names as their config fields."""
     a = p.add_argument
-    a("--omega-min", type=float, help="omega ~ U[min, max] per sample (default 5 SD / 3 SDXL)")
-    a("--omega-max", type=float, help="(default 15)")
+    a("--omega-min", type=float, help="omega ~ U[min, max] per sample (default 5 SD / 3 SDXL / 2.5 SD3)")
+    a("--omega-max", type=float, help="(default 15; SD3: 6)")
     a("--skip", type=int, help="skipping step k (default 20)")
     add_distance_args(p)
     a("--validation-steps", type=int, nargs="+", help="LCM step counts, one grid row each (default 1 2 4)")

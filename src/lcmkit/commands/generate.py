@@ -13,16 +13,17 @@ import argparse
 import os
 from pathlib import Path
 
-from lcmkit.options import DTYPE_NAMES, SAMPLER_NAMES
+from lcmkit.options import ALL_SAMPLER_NAMES, DTYPE_NAMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ._training import add_model_config_arg
 
     p = sub.add_parser("generate", help="generate images with an LCM, LCM-LoRA or base model",
-                       description="Generate images from a local diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM).")
-    p.add_argument("model", metavar="MODEL", help="diffusers pipeline folder, or a .safetensors single-file "
-                                                  "checkpoint (SD 1.x/2.x, SDXL; see --model-config)")
+                       description="Generate images from a local diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM, SD3).")
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM, SD3/SD3.5), "
+                                                  "or a .safetensors single-file checkpoint (SD 1.x/2.x, SDXL; see "
+                                                  "--model-config)")
     add_model_config_arg(p)
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default=None,
@@ -40,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8,
                    help="images per forward (default 8; fewer when they would not fit in memory); image i is the same "
                         "whatever the batch size")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="lcm",
-                   help="lcm / tcd (few-step), or the teacher baselines ddim / dpm-solver / dpm-solver++")
+    p.add_argument("--sampler", choices=ALL_SAMPLER_NAMES, default="lcm",
+                   help="lcm / tcd (few-step), or the teacher baselines ddim / dpm-solver / dpm-solver++; flow models "
+                        "(SD3): lcm, or the teacher's euler / heun")
     p.add_argument("--eta", type=float, default=0.3, help="TCD gamma in [0, 1] (default 0.3)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="a .safetensors LoRA, weight default 1.0; repeat for several (summed: task arithmetic); merged "
@@ -51,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "every step; the same images up to float rounding, and no copy of the changed weights)")
     p.add_argument("--init-image", default=None, help="image-to-image: the starting image")
     p.add_argument("--strength", type=float, default=None,
-                   help="img2img strength in (0, 1] (default 1.0); lcm/tcd shrink the 50-point grid to 50·strength")
+                   help="img2img strength in (0, 1] (default 1.0); lcm/tcd shrink the 50-point grid to 50·strength; "
+                        "flow models run the last int(steps·strength) steps")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     p.set_defaults(run=run)

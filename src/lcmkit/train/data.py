@@ -225,7 +225,7 @@ class DataStream:
 def make_data(cfg, pipe, arch: str, device: torch.device, resolution: int, rank: int, world_size: int,
               progress: bool) -> tuple[DataSource, DataStream, Encoder]:
     """This process's data stream and the batch encoder (latent and text caches as configured); the encoder's
-    unconditional embedding is "" (SD) / zeros (SDXL), as in distillation."""
+    unconditional embedding is "" (SD, SD3) / zeros (SDXL), as in distillation."""
     source = DataSource(cfg, resolution)
     stream = DataStream(source, cfg, resolution, rank, world_size)
     if cfg.cache_latents:
@@ -233,8 +233,8 @@ def make_data(cfg, pipe, arch: str, device: torch.device, resolution: int, rank:
     cache_text = cfg.cache_text if cfg.cache_text is not None else source.generated is not None
     encoder = Encoder(pipe, arch, device, latent_cache=stream.latent_cache,
                       text_cache=build_text_cache(source.captions(), pipe, arch) if cache_text else None)
-    if arch == "sd":
-        encoder.uncond_hidden = encode_text(pipe, "sd", [""])[0]
+    if arch in ("sd", "sd3"):
+        encoder.uncond_hidden, encoder.uncond_pooled = encode_text(pipe, arch, [""])
     return source, stream, encoder
 
 

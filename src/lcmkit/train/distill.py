@@ -25,6 +25,12 @@ adapter weights (:class:`EmaLoraTarget`). Guidance is baked in (no w-embedding).
 keys, for ``load_lora_weights(folder)``) and ``pytorch_lora_weights_kohya.safetensors`` (kohya keys, which
 ComfyUI, Forge, AUTOMATIC1111 and sd-scripts apply whole), factors in ``save_dtype``.
 
+**Flow-matching teachers** (SD3 / SD3.5, ``StableDiffusion3Pipeline``; LoRA mode only): the same recipe on the
+rectified flow, :mod:`lcmkit.train.flow_distill` (σ grid on the scheduler's shifted table, Euler / Heun teacher
+solvers, f_θ(x_σ, σ) = x_σ − σ·v_θ; docs/flow-matching.md). A :class:`DistillFamily` says what differs (building
+the roles, the grid, one micro-batch's loss, validation grids); the loop, data, checkpoints, resume, EMA target and
+LoRA export are this module's for both.
+
 **Mixed precision**: the frozen teacher (LoRA: the base weights), VAE and text encoders are cast to the weight
 dtype (fp16/bf16) and run *outside* autocast; only the student/target forwards run under autocast, trainable
 weights stay float32, fp16 uses a GradScaler.
@@ -36,7 +42,6 @@ Output folder ``out/``: ``config.yaml`` (resolved), ``checkpoints/step-N/`` (ato
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -59,13 +64,24 @@ from .encode import Encoder, encode_text
 from .loop import Run
 from .optim import ema_update_
 from .rng import generator_for
-from .runtime import autocast, weight_dtype
+from .roles import (  # noqa: F401  (EmaLoraTarget, Roles, freeze_frozen_parts: also imported from here)
+    EmaLoraTarget,
+    Roles,
+    adapters_off,
+    freeze_frozen_parts,
+    lora_roles,
+    under_autocast,
+)
+from .runtime import weight_dtype
 
 MODES = ("full", "lora")
 #: Width of the guidance embedding of ω (``time_cond_proj_dim``), as the released LCMs.
 W_EMBEDDING_DIM = 256
-#: ω range when none is given: the released LCM code's (docs/reference.md, Guidance ω).
-DEFAULT_OMEGA = {"sd": (5.0, 15.0), "sdxl": (3.0, 15.0)}
+#: ω range when none is given: the released LCM code's for SD / SDXL (docs/reference.md, Guidance ω); for SD3
+#: lcmkit's choice, g = ω + 1 ∈ [3.5, 7] (docs/flow-matching.md, "Distillation options")
+DEFAULT_OMEGA = {"sd": (5.0, 15.0), "sdxl": (3.0, 15.0), "sd3": (2.5, 6.0)}
+#: teacher solver Ψ when none is given, by teacher kind
+DEFAULT_SOLVER = {"unet": "ddim", "flow": "euler"}
 RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 
 
@@ -83,13 +99,14 @@ class DistillConfig(ConsistencyOptions, LoraSaveOptions):
     lora_rank: int = 64
     lora_alpha: float = 64.0
     lora_ema: float = 0.0             # LoRA mode: μ of an EMA of the adapter weights as θ⁻; 0 = online (reference)
-    solver: str = "ddim"              # teacher solver Ψ: ddim, dpm-solver, dpm-solver++
+    solver: str | None = None         # teacher solver Ψ: ddim (default), dpm-solver, dpm-solver++; flow: euler, heun
     top_fraction: float = 0.0         # extra share of pairs drawn at the grid's top point (the 1-step sampler's t)
 
     def __post_init__(self):
         self.check_training(model_key="teacher")
         self.check_consistency()
         self.check_lora_save()
+        self.check_teacher_kind()
         if self.mode not in MODES:
             raise LcmkitError(f"mode must be full or lora, got {self.mode!r}")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
@@ -98,10 +115,41 @@ class DistillConfig(ConsistencyOptions, LoraSaveOptions):
             raise LcmkitError(f"lora_ema must be in [0, 1) (0 = online target, the reference), got {self.lora_ema}")
         if self.lora_ema > 0 and self.mode != "lora":
             raise LcmkitError("lora_ema is for --mode lora; a full model's target EMA is --ema")
-        if self.solver not in SOLVERS:
-            raise LcmkitError(f"unknown solver {self.solver!r}; use one of {', '.join(SOLVERS)}")
         if not (math.isfinite(self.top_fraction) and 0.0 <= self.top_fraction < 1.0):
             raise LcmkitError(f"top_fraction must be in [0, 1) (0 = uniform n, the reference), got {self.top_fraction}")
+
+    @property
+    def teacher_kind(self) -> str:
+        """``"flow"`` for a flow-matching teacher folder (SD3), else ``"unet"`` (read from its model_index.json)."""
+        from ..flow_pipelines import folder_flow_family
+
+        return "unet" if folder_flow_family(self.teacher) is None else "flow"
+
+    def check_teacher_kind(self) -> None:
+        """The options that depend on the teacher's kind: the solver (its default too), full mode and the LoRA
+        formats a flow transformer's LoRA can be written in."""
+        from ..flow_solvers import FLOW_SOLVERS
+        from ..lora_export import DEFAULT_LORA_FORMATS, parse_formats
+
+        kind = self.teacher_kind
+        solvers = FLOW_SOLVERS if kind == "flow" else SOLVERS
+        self.solver = self.solver or DEFAULT_SOLVER[kind]
+        if self.solver not in solvers:
+            if self.solver not in {*SOLVERS, *FLOW_SOLVERS}:
+                raise LcmkitError(f"unknown solver {self.solver!r}; use one of {', '.join(solvers)}")
+            other = "flow-matching (SD3)" if kind == "unet" else "UNet (DDPM)"
+            raise LcmkitError(f"solver {self.solver} is for {other} teachers; this teacher takes "
+                              f"{', '.join(solvers)}")
+        if kind != "flow":
+            return
+        if self.mode == "full":
+            raise LcmkitError("--mode full puts ω into a guidance embedding, which SD3 transformers do not have; "
+                              "distil a flow teacher with --mode lora (guidance baked in)")
+        if self.lora_format == DEFAULT_LORA_FORMATS:
+            self.lora_format = "diffusers"  # kohya names exist for UNet layers only
+        elif "kohya" in parse_formats(self.lora_format):
+            raise LcmkitError("--lora-format kohya has no key names for a transformer's layers; write a flow "
+                              "teacher's LoRA as diffusers (default) and/or peft")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,19 +177,11 @@ def make_student_unet(teacher_unet, w_dim: int = W_EMBEDDING_DIM):
 
 
 @dataclass
-class Models:
-    """The three roles of Algorithm 1. In LoRA mode ``teacher``, ``student`` and ``target`` are the same UNet."""
+class Models(Roles):
+    """The roles on a UNet teacher's noise schedule: its ᾱ table and prediction type."""
 
-    pipe: object               # the teacher pipeline (VAE, text encoders, tokenizers, scheduler)
-    mode: str
-    arch: str                  # "sd" or "sdxl"
-    teacher: torch.nn.Module
-    student: torch.nn.Module
-    target: "torch.nn.Module | EmaLoraTarget"
     alphas_cumprod: Tensor     # (T,) float64, on the device
     prediction_type: str
-    device: torch.device
-    mixed_precision: str
 
     @classmethod
     def assemble(cls, pipe, cfg, arch: str, teacher, student, target, device: torch.device) -> Models:
@@ -149,139 +189,34 @@ class Models:
         when ``cfg`` asks for it (shared by distillation and fine-tuning)."""
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        return cls(pipe, cfg.mode, arch, teacher, student, target,
-                   alphas_cumprod_from_config(pipe.scheduler.config).to(device),
-                   pipe.scheduler.config.get("prediction_type", "epsilon"), device, cfg.mixed_precision)
-
-    def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for _, p in self.trainable_named()]
-
-    def trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
-
-    def checkpoint_weights(self) -> dict[str, dict[str, Tensor]]:
-        """What a checkpoint keeps: θ and θ⁻ (full), or the LoRA layers (LoRA: θ⁻ is θ)."""
-        if self.mode == "full":
-            return {"student": self.student.state_dict(), "target": self.target.state_dict()}
-        if isinstance(self.target, EmaLoraTarget):
-            return {"lora": dict(self.trainable_named()), "lora_target": self.target.shadow}
-        return {"lora": dict(self.trainable_named())}
-
-    @torch.no_grad()
-    def load_weights(self, weights: dict[str, dict[str, Tensor]], path) -> None:
-        """Put back what :meth:`checkpoint_weights` saved (``path``: the checkpoint, for the message)."""
-        if self.mode == "full":
-            self.student.load_state_dict(weights["student"])
-            self.target.load_state_dict(weights["target"])
-            return
-        named = dict(self.trainable_named())
-        if set(named) != set(weights["lora"]):
-            raise LcmkitError(f"checkpoint {path} holds different LoRA layers than this model")
-        for n, p in named.items():
-            p.copy_(weights["lora"][n])
-        if isinstance(self.target, EmaLoraTarget):
-            if set(weights.get("lora_target", {})) != set(named):
-                raise LcmkitError(f"checkpoint {path} has no EMA target of these LoRA layers (trained without "
-                                  "--lora-ema?)")
-            for n, v in self.target.shadow.items():
-                v.copy_(weights["lora_target"][n])
-        elif "lora_target" in weights:
-            raise LcmkitError(f"checkpoint {path} was trained with an EMA LoRA target (--lora-ema); resume with the "
-                              "same --lora-ema")
+        return cls(pipe=pipe, mode=cfg.mode, arch=arch, teacher=teacher, student=student, target=target,
+                   device=device, mixed_precision=cfg.mixed_precision,
+                   alphas_cumprod=alphas_cumprod_from_config(pipe.scheduler.config).to(device),
+                   prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
 
 
-class EmaLoraTarget:
-    """θ⁻ of LoRA mode with an EMA: the one shared UNet, called with ``shadow`` (an EMA of the trainable adapter
-    weights, by name) in place of the trained ones through ``torch.func.functional_call``. Nothing in the UNet is
-    overwritten, so the student's autograd graph (which holds the adapter weights) is untouched, and the teacher
-    (adapters off) and student share the same module."""
+def build_models(cfg: DistillConfig, pipe, device: torch.device, generator: torch.Generator,
+                 resolution: int | None = None) -> Models:
+    """Freeze and cast the teacher's parts, then build the student and target for ``cfg.mode`` (``resolution``:
+    not needed on a UNet's noise schedule; the flow family's grid depends on it)."""
+    from ..lora import lcm_lora_config
 
-    def __init__(self, unet: torch.nn.Module, shadow: dict[str, Tensor]):
-        self.unet, self.shadow = unet, shadow
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    @property
-    def dtype(self):
-        return self.unet.dtype
-
-    def __call__(self, *args, **kwargs):
-        return torch.func.functional_call(self.unet, self.shadow, args, kwargs, strict=False)
-
-    @torch.no_grad()
-    def update_(self, online: dict[str, Tensor], mu: float) -> None:
-        """θ⁻ ← μ·θ⁻ + (1 − μ)·θ over the adapter weights."""
-        ema_update_([self.shadow[n] for n in online], online.values(), mu)
-
-    @contextlib.contextmanager
-    def applied(self, online: dict[str, Tensor]):
-        """The shadow weights copied into the UNet for the duration (saving the result), then the online ones back."""
-        backup = {n: p.detach().clone() for n, p in online.items()}
-        with torch.no_grad():
-            for n, p in online.items():
-                p.copy_(self.shadow[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in online.items():
-                    p.copy_(backup[n])
-
-
-def build_models(cfg: DistillConfig, pipe, device: torch.device, generator: torch.Generator) -> Models:
-    """Freeze and cast the teacher's parts, then build the student and target for ``cfg.mode``."""
-    from ..lora import init_lora_A_, lcm_lora_config
-
-    dtype = weight_dtype(cfg.mixed_precision)
     unet = pipe.unet
     if getattr(unet.config, "time_cond_proj_dim", None) is not None:
         raise LcmkitError(f"teacher {cfg.teacher} is already a full LCM (its UNet has a guidance embedding); "
                           "distil from the base model it came from")
     arch = architecture(unet)
-    for module in (pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), unet):
-        if module is not None:
-            module.requires_grad_(False).eval()
-    vae_dtype = torch.float32 if (dtype == torch.float16 and pipe.vae.config.get("force_upcast", False)) else dtype
-    pipe.vae.to(device, vae_dtype)
-    for name in ("text_encoder", "text_encoder_2"):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to(device, dtype)
+    freeze_frozen_parts(pipe, device, cfg.mixed_precision)
     if cfg.mode == "full":
+        unet.requires_grad_(False).eval()
         student = make_student_unet(unet.to(device, torch.float32)).train()
         student.requires_grad_(True)
         target = copy.deepcopy(student).requires_grad_(False).eval()
-        teacher = unet.to(device, dtype)
+        teacher = unet.to(device, weight_dtype(cfg.mixed_precision))
     else:
-        unet.to(device, dtype)
-        unet.add_adapter(lcm_lora_config(arch, cfg.lora_rank, cfg.lora_alpha))
-        init_lora_A_(unet, generator)
-        for p in unet.parameters():
-            if p.requires_grad:  # the LoRA weights train in float32 whatever the base dtype
-                p.data = p.data.float()
-        teacher = student = target = unet.train()
-        if cfg.lora_ema > 0:
-            target = EmaLoraTarget(unet, {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad})
+        teacher, student, target = lora_roles(unet, lcm_lora_config(arch, cfg.lora_rank, cfg.lora_alpha), cfg,
+                                              device, generator)
     return Models.assemble(pipe, cfg, arch, teacher, student, target, device)
-
-
-def _adapters_off(denoiser: Callable, unet) -> Callable:
-    """The LoRA teacher: the same UNet with its adapters disabled for the duration of the call."""
-    def teacher(x_t, t):
-        unet.disable_adapters()
-        try:
-            return denoiser(x_t, t)
-        finally:
-            unet.enable_adapters()
-    return teacher
-
-
-def _autocast(denoiser: Callable, models: Models) -> Callable:
-    def wrapped(x_t, t):
-        with autocast(models.device, models.mixed_precision):
-            return denoiser(x_t, t)
-    return wrapped
 
 
 def make_denoisers(models: Models, cond: TextConditioning, uncond: TextConditioning, omega: Tensor):
@@ -289,11 +224,29 @@ def make_denoisers(models: Models, cond: TextConditioning, uncond: TextCondition
     ac, pt = models.alphas_cumprod, models.prediction_type
     teacher = unet_denoiser(models.teacher, ac, cond, prediction_type=pt, uncond=uncond, omega=omega)
     if models.mode == "lora":
-        teacher = _adapters_off(teacher, models.teacher)
+        teacher = adapters_off(teacher, models.teacher)
     w = omega if models.mode == "full" else None  # full LCM: ω enters through the w-embedding
-    student = _autocast(unet_denoiser(models.student, ac, cond, prediction_type=pt, w_omega=w), models)
-    target = _autocast(unet_denoiser(models.target, ac, cond, prediction_type=pt, w_omega=w), models)
+    student = under_autocast(unet_denoiser(models.student, ac, cond, prediction_type=pt, w_omega=w), models)
+    target = under_autocast(unet_denoiser(models.target, ac, cond, prediction_type=pt, w_omega=w), models)
     return student, target, teacher
+
+
+def step_loss(models: Models, cfg: DistillConfig, z0: Tensor, cond: TextConditioning, uncond: TextConditioning,
+              omega: Tensor, index: Tensor, noise: Tensor) -> Tensor:
+    """The LCD loss (:func:`lcmkit.losses.lcd_loss`) of one micro-batch for the draws (ω, n, ε)."""
+    device = models.device
+    student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
+    loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device), models.alphas_cumprod,
+                       skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss, huber_c=cfg.huber_c)
+    return loss
+
+
+def num_points(models: Models, cfg: DistillConfig) -> int:
+    """N = T // k, the points of the skipping-step grid on the teacher's T timesteps."""
+    T = len(models.alphas_cumprod)
+    if cfg.skip > T:
+        raise LcmkitError(f"skip k={cfg.skip} exceeds the teacher's {T} timesteps")
+    return T // cfg.skip
 
 
 def omega_range(cfg, arch: str) -> tuple[float, float]:
@@ -345,7 +298,7 @@ def validation_images(models: Models, encoder: Encoder, prompts: list[str], step
                                 dtype=hidden.dtype, device=hidden.device)
     cond = TextConditioning(hidden, pooled, time_ids)
     model = models.target
-    denoiser = _autocast(unet_denoiser(model, models.alphas_cumprod, cond, prediction_type=models.prediction_type,
+    denoiser = under_autocast(unet_denoiser(model, models.alphas_cumprod, cond, prediction_type=models.prediction_type,
                                        w_omega=omega if models.mode == "full" else None), models)
     f = vae_scale_factor(pipe)
     shape = (len(prompts), model.config.in_channels, resolution // f, resolution // f)
@@ -408,8 +361,9 @@ def save_lora_output(models: Models, cfg: DistillConfig, folder: Path) -> None:
     from ..lora_export import save_options, write_lora_files
 
     def write() -> None:
-        write_lora_files(adapter_weights(models.student), folder / LORA_WEIGHT_NAME, unet=models.student,
-                         **save_options(cfg))
+        unet = models.student if models.component == "unet" else None  # (SDXL's kohya keys need the UNet)
+        write_lora_files(adapter_weights(models.student, component=models.component), folder / LORA_WEIGHT_NAME,
+                         unet=unet, **save_options(cfg))
 
     if isinstance(models.target, EmaLoraTarget):  # written inside: the EMA weights are in the UNet only there
         with models.target.applied(dict(models.trainable_named())):
@@ -422,23 +376,53 @@ def save_lora_output(models: Models, cfg: DistillConfig, folder: Path) -> None:
 # The recipe
 # ---------------------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class DistillFamily:
+    """What the recipe does differently for a kind of teacher; everything else (data, loop, checkpoints, resume,
+    EMA target, outputs) is shared. Each entry is a function:
+
+    - ``build_models(cfg, pipe, device, generator, resolution) -> roles`` (θ, θ⁻, teacher, their schedule);
+    - ``num_points(roles, cfg) -> N``, the grid's pair count (n ~ U{0 … N−1});
+    - ``step_loss(roles, cfg, z0, cond, uncond, ω, n, ε) -> loss`` of one micro-batch;
+    - ``validation_images(roles, encoder, prompts, steps, ω, seed, resolution, N) -> rows of images``.
+    """
+
+    build_models: Callable
+    num_points: Callable
+    step_loss: Callable
+    validation_images: Callable
+
+
+UNET = DistillFamily(build_models, num_points, step_loss, validation_images)
+
+
+def family_of(pipe) -> DistillFamily:
+    """:data:`UNET`, or for an SD3 pipeline the flow family (:data:`lcmkit.train.flow_distill.FLOW`)."""
+    from ..flow_pipelines import flow_family
+
+    if flow_family(pipe) is None:
+        return UNET
+    from .flow_distill import FLOW
+
+    return FLOW
+
+
 def distill(cfg: DistillConfig) -> Path:
     """Run latent consistency distillation; returns the output (``out/pipeline`` or ``out/lora``)."""
-    from ..pipelines import load_pipeline, vae_scale_factor
+    from ..pipelines import denoising_model, load_pipeline, vae_scale_factor
 
     run = Run.start(cfg, cfg.out, RESULT_NAMES, "lcmkit distill")
     device = run.device
-    pipe = load_pipeline(cfg.teacher, device="cpu", dtype=None)
-    models = build_models(cfg, pipe, device, generator_for(cfg.seed, 0xA11CE))
-    T = len(models.alphas_cumprod)
-    if cfg.skip > T:
-        raise LcmkitError(f"skip k={cfg.skip} exceeds the teacher's {T} timesteps")
-    num_points = T // cfg.skip
-    resolution = cfg.resolution or models.student.config.sample_size * vae_scale_factor(pipe)
-    if resolution % vae_scale_factor(pipe):
-        raise LcmkitError(f"resolution {resolution} is not a multiple of the VAE scale factor {vae_scale_factor(pipe)}")
+    pipe = load_pipeline(cfg.teacher, device="cpu", dtype=None, flow=True)
+    family = family_of(pipe)
+    factor = vae_scale_factor(pipe)
+    resolution = cfg.resolution or denoising_model(pipe).config.sample_size * factor
+    if resolution % factor:
+        raise LcmkitError(f"resolution {resolution} is not a multiple of the VAE scale factor {factor}")
+    models = family.build_models(cfg, pipe, device, generator_for(cfg.seed, 0xA11CE), resolution)
+    points = family.num_points(models, cfg)
     omegas = omega_range(cfg, models.arch)
-    run.record_config({"architecture": models.arch, "resolution": resolution, "num_grid_points": num_points,
+    run.record_config({"architecture": models.arch, "resolution": resolution, "num_grid_points": points,
                        "omega_range": list(omegas)})
     source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, run.rank, run.world_size,
                                         cfg.progress and run.main)
@@ -452,12 +436,9 @@ def distill(cfg: DistillConfig) -> Path:
     def micro_loss(step: int, micro: int) -> Tensor:
         """The LCD loss of one micro-batch: the next samples, the draws (ω, n, ε) of (seed, step, micro, rank)."""
         z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
-        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, num_points,
+        omega, index, noise = draw(z0.shape[0], tuple(z0.shape), omegas, points,
                                    generator_for(cfg.seed, step, micro, run.rank), cfg.top_fraction)
-        student, target, teacher = make_denoisers(models, cond, uncond, omega.to(device))
-        loss, _ = lcd_loss(student, target, teacher, z0, noise.to(device), index.to(device), models.alphas_cumprod,
-                           skip=cfg.skip, solver=cfg.solver, loss_type=cfg.loss, huber_c=cfg.huber_c)
-        return loss
+        return family.step_loss(models, cfg, z0, cond, uncond, omega, index, noise)
 
     # the adapter weights by name, looked up once (not every step) for the LoRA-mode EMA target
     ema_lora = dict(models.trainable_named()) if isinstance(models.target, EmaLoraTarget) else None
@@ -473,14 +454,15 @@ def distill(cfg: DistillConfig) -> Path:
               position=stream, after_step=update_target,
               checkpoint_extra={"mode": cfg.mode, "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha),
                                 "lora_ema": cfg.lora_ema},
-              validate=lambda: validation_images(models, encoder, validation_prompts, cfg.validation_steps,
-                                                 cfg.validation_omega, cfg.validation_seed, resolution, num_points))
+              validate=lambda: family.validation_images(models, encoder, validation_prompts, cfg.validation_steps,
+                                                        cfg.validation_omega, cfg.validation_seed, resolution,
+                                                        points))
 
     result = Path(cfg.out) / ("pipeline" if cfg.mode == "full" else "lora")
 
     def write_result(folder: Path) -> None:
         if cfg.mode == "full":
-            save_full_pipeline(models, cfg, folder, num_points)
+            save_full_pipeline(models, cfg, folder, points)
         else:
             save_lora_output(models, cfg, folder)
         run.write_config(folder)

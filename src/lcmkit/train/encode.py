@@ -21,20 +21,27 @@ CACHE_CHUNK = 32  # caches are filled in fixed chunks of index order, so their c
 
 @torch.no_grad()
 def encode_pixels(pipe, pixels: Tensor) -> Tensor:
-    """z = scaling_factor · mean of the VAE posterior (B, C, H/f, W/f), float32."""
+    """z = scaling_factor · mean of the VAE posterior (B, C, H/f, W/f), float32; SD3's VAE: scaling_factor ·
+    (mean − shift_factor), as its pipelines encode."""
     vae = pipe.vae
-    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return (posterior.mean * vae.config.scaling_factor).float()
+    mean = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None)
+    return ((mean if shift is None else mean - shift) * vae.config.scaling_factor).float()
 
 
 @torch.no_grad()
 def encode_text(pipe, arch: str, captions: list[str]) -> tuple[Tensor, Tensor | None]:
-    """(hidden states (B, L, D), pooled (B, P) or None) in the text encoders' dtype."""
+    """(hidden states (B, L, D), pooled (B, P) or None) in the text encoders' dtype (SD3: the joint CLIP ‖ T5
+    tokens and both CLIPs' pooled outputs, :func:`lcmkit.flow_denoisers.sd3_conditioning`)."""
+    from ..flow_denoisers import sd3_conditioning
     from ..pipelines import encode_prompt_sd, encode_prompt_sdxl
 
     if arch == "sdxl":
         c = encode_prompt_sdxl(pipe, captions, 0, 0)
         return c.encoder_hidden_states, c.text_embeds
+    if arch == "sd3":
+        c, _ = sd3_conditioning(pipe, captions)
+        return c.encoder_hidden_states, c.pooled_projections
     return encode_prompt_sd(pipe, captions).encoder_hidden_states, None
 
 
@@ -72,14 +79,15 @@ def build_text_cache(captions: list[str], pipe, arch: str) -> dict[str, tuple[Te
 
 @dataclass
 class Encoder:
-    """Batch of samples → (z0, cond, uncond), using the caches where they exist."""
+    """Batch of samples → (z0, cond, uncond), using the caches where they exist (SD3: ``SD3Conditioning``)."""
 
     pipe: object
     arch: str
     device: torch.device
-    uncond_hidden: Tensor | None = None   # SD: the embedding of "" (1, L, D)
+    uncond_hidden: Tensor | None = None   # SD, SD3: the embedding of "" (1, L, D)
     text_cache: dict | None = None
     latent_cache: dict | None = None
+    uncond_pooled: Tensor | None = None   # SD3: the pooled embedding of "" (1, P)
 
     @torch.no_grad()
     def __call__(self, samples: list[Sample]) -> tuple[Tensor, TextConditioning, TextConditioning]:
@@ -90,9 +98,15 @@ class Encoder:
         captions = [s.caption for s in samples]
         if self.text_cache is not None and all(c in self.text_cache for c in captions):
             hidden = torch.stack([self.text_cache[c][0] for c in captions])
-            pooled = torch.stack([self.text_cache[c][1] for c in captions]) if self.arch == "sdxl" else None
+            pooled = torch.stack([self.text_cache[c][1] for c in captions]) if self.arch != "sd" else None
         else:
             hidden, pooled = encode_text(self.pipe, self.arch, captions)
+        if self.arch == "sd3":
+            from ..flow_denoisers import SD3Conditioning
+
+            # the SD3 pipeline's unconditional branch: the empty prompt, encoded
+            return z0, SD3Conditioning(hidden, pooled), SD3Conditioning(self.uncond_hidden.expand_as(hidden),
+                                                                        self.uncond_pooled.expand_as(pooled))
         if self.arch == "sdxl":
             time_ids = torch.tensor([s.time_ids for s in samples], dtype=hidden.dtype, device=hidden.device)
             cond = TextConditioning(hidden, pooled, time_ids)

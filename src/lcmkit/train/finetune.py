@@ -47,6 +47,7 @@ from ..losses import lcf_loss
 from .config import ConsistencyOptions, LoraSaveOptions
 from .data import default_validation_prompts, make_data
 from .distill import Models, draw, omega_range, validation_images
+from .roles import freeze_frozen_parts
 from .loop import Run
 from .optim import ema_update_
 from .rng import generator_for
@@ -84,21 +85,6 @@ class FinetuneConfig(ConsistencyOptions, LoraSaveOptions):
 # ---------------------------------------------------------------------------------------------------------------
 # Models: θ and θ⁻ (no teacher)
 # ---------------------------------------------------------------------------------------------------------------
-
-def freeze_frozen_parts(pipe, device: torch.device, mixed_precision: str) -> None:
-    """VAE and text encoders: no gradients, eval mode, on ``device`` in the weight dtype (the VAE stays float32
-    under fp16 when its config asks for upcasting)."""
-    dtype = weight_dtype(mixed_precision)
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            module.requires_grad_(False).eval()
-    upcast = dtype == torch.float16 and pipe.vae.config.get("force_upcast", False)
-    pipe.vae.to(device, torch.float32 if upcast else dtype)
-    for name in ("text_encoder", "text_encoder_2"):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to(device, dtype)
-
 
 def lora_file_format(path: str | Path) -> str:
     """The format a LoRA file is written in (``diffusers``, ``peft`` or ``kohya``), key by key; a file mixing
