@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .flow_attention import collapse_zero_tokens, collapsed_attention
 from .flow_solvers import FlowDenoiser, as_sigma_batch
 from .math.flow import dynamic_shift_mu, flow_sigmas, flow_training_grid, timestep_from_sigma, x0_from_velocity
 from .math.guidance import cfg
@@ -67,11 +68,15 @@ def sd3_conditioning(pipe, prompts: list[str], negative_prompt: str | list[str] 
 
 
 def sd3_denoiser(transformer, cond: SD3Conditioning, *, uncond: SD3Conditioning | None = None,
-                 omega: Tensor | float | None = None, num_train_timesteps: int = 1000) -> FlowDenoiser:
+                 omega: Tensor | float | None = None, num_train_timesteps: int = 1000,
+                 collapse_padding: bool = True) -> FlowDenoiser:
     """Wrap an ``SD3Transformer2DModel`` as ``denoiser(x_sigma, sigma) -> (x0_hat, v_hat)``.
 
     ``uncond`` and ``omega`` (float or (B,)) together turn on CFG on the velocity. Outputs are in x_σ's dtype
-    promoted to at least float32; the transformer runs in its own dtype.
+    promoted to at least float32; the transformer runs in its own dtype. With ``collapse_padding`` (and diffusers'
+    default joint attention in place) the all-zero context tokens at the end, SD3's T5 slots without T5, go through
+    the transformer as one token of their multiplicity (:mod:`lcmkit.flow_attention`): the same output up to
+    rounding, without 256 identical tokens in every block.
     """
     if (uncond is None) != (omega is None):
         raise ValueError("classifier-free guidance needs both uncond and omega (or neither)")
@@ -81,9 +86,15 @@ def sd3_denoiser(transformer, cond: SD3Conditioning, *, uncond: SD3Conditioning 
     dtype = transformer.dtype
 
     def forward(x: Tensor, t: Tensor, c: SD3Conditioning) -> Tensor:
-        return transformer(hidden_states=x.to(dtype), timestep=t.to(dtype),
-                           encoder_hidden_states=c.encoder_hidden_states.to(dtype),
-                           pooled_projections=c.pooled_projections.to(dtype), return_dict=False)[0]
+        context, multiplicity = c.encoder_hidden_states.to(dtype), None
+        if collapse_padding and uses_default_attention(transformer):
+            context, multiplicity = collapse_zero_tail(context)
+        kwargs = dict(hidden_states=x.to(dtype), timestep=t.to(dtype), encoder_hidden_states=context,
+                      pooled_projections=c.pooled_projections.to(dtype), return_dict=False)
+        if multiplicity is None:
+            return transformer(**kwargs)[0]
+        with collapsed_attention(transformer):
+            return transformer(**kwargs, joint_attention_kwargs={"context_multiplicity": multiplicity})[0]
 
     def denoiser(x_sigma: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         x_sigma = x_sigma.to(torch.promote_types(x_sigma.dtype, torch.float32))
@@ -99,6 +110,24 @@ def sd3_denoiser(transformer, cond: SD3Conditioning, *, uncond: SD3Conditioning 
         return x0_from_velocity(x_sigma, v, sigma), v
 
     return denoiser
+
+
+def collapse_zero_tail(context: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(context, None)``, or with two or more all-zero tokens at the end (over the whole batch) the context up to
+    the first of them plus one, and their multiplicities (:func:`lcmkit.flow_attention.collapse_zero_tokens`)."""
+    nonzero = (context != 0).any(dim=0).any(dim=-1)  # (L,): token j is non-zero somewhere in the batch
+    kept = int(nonzero.nonzero().max()) + 1 if nonzero.any() else 0
+    if context.shape[1] - kept < 2:
+        return context, None
+    return collapse_zero_tokens(context, kept)
+
+
+def uses_default_attention(transformer) -> bool:
+    """True when every attention layer runs diffusers' joint attention (no fused-QKV or custom processor that
+    :class:`lcmkit.flow_attention.CollapsedJointAttnProcessor` would replace)."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    return all(type(p) is JointAttnProcessor2_0 for p in transformer.attn_processors.values())
 
 
 def _shift_mu(scheduler_config, latent_hw: tuple[int, int], patch_size: int) -> float | None:

@@ -91,6 +91,14 @@ class EmaLoraTarget:
     def dtype(self):
         return self.unet.dtype
 
+    @property
+    def attn_processors(self):
+        return self.unet.attn_processors
+
+    def set_attn_processor(self, processor) -> None:
+        """Attention processors are the shared module's (denoisers may swap them for a call)."""
+        self.unet.set_attn_processor(processor)
+
     def __call__(self, *args, **kwargs):
         return torch.func.functional_call(self.unet, self.shadow, args, kwargs, strict=False)
 
