@@ -328,3 +328,20 @@ def test_bars_are_ratios_of_the_reference_row():
     assert not judged[("lcm", 1, "accuracy")]["met"]                # 0.80 < 0.85 × 0.96 = 0.816
     assert not judged[("lcm-lora", 4, "world_fid")]["met"]          # 2.7 > 1.3 × 2.0
     assert bars(rows[1:]) == []                                     # no reference row, no bars
+
+
+def test_flow_teachers_are_judged_by_the_flow_bars():
+    """A reference row sampled with Euler (a flow-matching teacher): LCM-LoRA at 4 and 2 steps against it, at one
+    step against the control at one step."""
+    from lcmkit_world.bench.pooled import bars, bars_markdown
+
+    rows = [{"method": "reference", "solver": "euler", "steps": 25, "guidance": 3.0, "accuracy": 0.96,
+             "world_fid": 2.0, "n": 3000},
+            {"method": "control", "solver": "lcm", "steps": 1, "accuracy": 0.10, "world_fid": 60.0, "n": 3000},
+            {"method": "lcm-lora", "solver": "lcm", "steps": 4, "accuracy": 0.92, "world_fid": 2.7, "n": 3000},
+            {"method": "lcm-lora", "solver": "lcm", "steps": 1, "accuracy": 0.19, "world_fid": 30.0, "n": 3000}]
+    judged = {(b["method"], b["steps"]): b for b in bars(rows)}
+    assert set(judged) == {("lcm-lora", 4), ("lcm-lora", 1)}       # no 2-step row, no FID bar for flow
+    assert judged[("lcm-lora", 1)]["against"] == "control" and judged[("lcm-lora", 1)]["needed"] == pytest.approx(0.2)
+    assert not judged[("lcm-lora", 1)]["met"] and judged[("lcm-lora", 4)]["met"]
+    assert "Euler 25 steps" in bars_markdown(rows) and "2 × control" in bars_markdown(rows)

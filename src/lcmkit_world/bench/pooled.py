@@ -7,8 +7,9 @@ mean of the per-seed FIDs (FID is biased in n, so pooling images into one FID wo
 row); ``spread`` is half the range of the per-seed accuracies; ``per_seed`` keeps each seed's numbers.
 
 Bars: every ratio is ``accuracy(row) / accuracy(reference)``, the reference being the teacher at its best guidance
-with DPM-Solver++ 25 steps (method ``reference``), scored at the same seeds; FID bars compare
-``world_fid(row) / world_fid(reference)``.
+with DPM-Solver++ 25 steps (method ``reference``; Euler 25 for a flow-matching teacher, whose bars are
+:data:`FLOW_BARS`), scored at the same seeds; FID bars compare ``world_fid(row) / world_fid(reference)``. A bar
+``against`` the control compares with the control row at the same step count.
 """
 
 from __future__ import annotations
@@ -44,12 +45,18 @@ class Bar:
     steps: int
     ratio: float       # accuracy(method, steps) ≥ ratio × accuracy(reference); or, for fid, FID ≤ ratio × FID(ref)
     fid: bool = False
+    against: str = "reference"  # or "control": the undistilled teacher with the LCM sampler at the same steps
 
 
 #: the quality bars of the strict re-measurement (accuracy ratios; one FID ratio per model at 4 steps)
 BARS = (Bar("lcm", 4, 1.0), Bar("lcm", 2, 0.95), Bar("lcm", 1, 0.85),
         Bar("lcm-lora", 4, 0.95), Bar("lcm-lora", 2, 0.9), Bar("lcm-lora", 1, 0.75),
         Bar("lcm", 4, 1.3, fid=True), Bar("lcm-lora", 4, 1.3, fid=True))
+#: flow-matching teachers (reference: Euler 25): the LCM-LoRA at 4 and 2 steps against the reference, at one step
+#: against the control
+FLOW_BARS = (Bar("lcm-lora", 4, 0.95), Bar("lcm-lora", 2, 0.9), Bar("lcm-lora", 1, 2.0, against="control"))
+#: reference-row solvers of flow-matching teachers
+FLOW_REFERENCE_SOLVERS = ("euler", "heun")
 
 
 def _find(rows, **match):
@@ -64,20 +71,18 @@ def bars(rows: list[dict]) -> list[dict]:
     if ref is None:
         return []
     out = []
-    for bar in BARS:
+    for bar in FLOW_BARS if ref.get("solver") in FLOW_REFERENCE_SOLVERS else BARS:
         row = _find(rows, method=bar.method, steps=bar.steps)
-        if row is None:
+        base = ref if bar.against == "reference" else _find(rows, method=bar.against, steps=bar.steps)
+        if row is None or base is None:
             continue
-        if bar.fid:
-            need, got = bar.ratio * ref["world_fid"], row["world_fid"]
-            met = got <= need
-        else:
-            need, got = bar.ratio * ref["accuracy"], row["accuracy"]
-            met = got >= need
-        out.append({"method": bar.method, "steps": bar.steps, "metric": "world_fid" if bar.fid else "accuracy",
-                    "ratio": bar.ratio, "needed": need, "measured": got, "of_reference": got / max(
-                        ref["world_fid" if bar.fid else "accuracy"], 1e-12), "met": met,
-                    "n": row["n"], "spread": row.get("spread")})
+        metric = "world_fid" if bar.fid else "accuracy"
+        need, got = bar.ratio * base[metric], row[metric]
+        met = got <= need if bar.fid else got >= need
+        out.append({"method": bar.method, "steps": bar.steps, "metric": metric, "against": bar.against,
+                    "ratio": bar.ratio, "needed": need, "measured": got,
+                    "of_reference": got / max(ref[metric], 1e-12), "met": met, "n": row["n"],
+                    "spread": row.get("spread")})
     return out
 
 
@@ -87,13 +92,15 @@ def bars_markdown(rows: list[dict]) -> str:
     ref = _find(rows, method="reference")
     if not judged:
         return ""
-    lines = [f"Reference: the teacher at guidance {ref['guidance']:g}, DPM-Solver++ {ref['steps']} steps: strict "
+    solver = {"dpm-solver++": "DPM-Solver++", "euler": "Euler", "heun": "Heun"}.get(ref["solver"], ref["solver"])
+    lines = [f"Reference: the teacher at guidance {ref['guidance']:g}, {solver} {ref['steps']} steps: strict "
              f"accuracy {ref['accuracy']:.3f}, world-FID {ref['world_fid']:.2f} (n = {ref['n']}).", "",
              "| model | steps | bar | needed | measured | × reference | met |", "|---|---|---|---|---|---|---|"]
     for b in judged:
         sign = "≤" if b["metric"] == "world_fid" else "≥"
         what = "world-FID" if b["metric"] == "world_fid" else "accuracy"
         spread = f" ± {b['spread']:.3f}" if b["metric"] == "accuracy" and b.get("spread") else ""
-        lines.append(f"| {b['method']} | {b['steps']} | {what} {sign} {b['ratio']:g} × ref | {b['needed']:.3f} | "
+        base = "ref" if b.get("against", "reference") == "reference" else b["against"]
+        lines.append(f"| {b['method']} | {b['steps']} | {what} {sign} {b['ratio']:g} × {base} | {b['needed']:.3f} | "
                      f"{b['measured']:.3f}{spread} | {b['of_reference']:.3f} | {'met' if b['met'] else '**not met**'} |")
     return "\n".join(lines) + "\n"

@@ -31,6 +31,8 @@ from lcmkit.errors import LcmkitError
 from lcmkit_world.bench import machine
 
 TEACHER_SOLVERS = ("ddim", "dpm-solver", "dpm-solver++")
+#: the teacher solvers of flow-matching teachers (SD3)
+FLOW_TEACHER_SOLVERS = ("euler", "heun")
 PARTS = ("table", "skip", "guidance")
 METHODS = ("reference", "teacher", "control", "lcm-lora", "lcm")
 
@@ -143,6 +145,14 @@ def _table_score(pipe, method, samplers, steps, guidances, options, sheets_root,
     return score(pipe, method, samplers, steps, guidances, options, seeds=options.seeds, sheets=sheets, **kw)
 
 
+def reference_solver(pipe) -> str:
+    """The teacher's solver of the reference row: DPM-Solver++ for UNet teachers, Euler for flow-matching ones
+    (their own scheduler, ``FlowMatchEulerDiscreteScheduler``)."""
+    from lcmkit.flow_pipelines import flow_family
+
+    return "euler" if flow_family(pipe) else "dpm-solver++"
+
+
 def table_rows(options: QualityOptions, teacher: str, lcm: str | None, lora: str | None, log,
                sheets_root: Path | None = None) -> list[dict]:
     from lcmkit.pipelines import load_pipeline
@@ -150,8 +160,9 @@ def table_rows(options: QualityOptions, teacher: str, lcm: str | None, lora: str
     pipe = load_pipeline(teacher, device=options.device)
     rows = []
     if "reference" in options.methods and options.reference_guidance is not None:
-        log(f"[quality] reference row (teacher, DPM-Solver++ 25, guidance {options.reference_guidance:g}) …")
-        rows += _table_score(pipe, "reference", ["dpm-solver++"], [2 if options.is_smoke else 25],
+        solver = reference_solver(pipe)
+        log(f"[quality] reference row (teacher, {solver} 25, guidance {options.reference_guidance:g}) …")
+        rows += _table_score(pipe, "reference", [solver], [2 if options.is_smoke else 25],
                              [options.reference_guidance], options, sheets_root)
     if "teacher" in options.methods:
         log("[quality] teacher rows …")
@@ -367,9 +378,10 @@ def claims(table: list[dict], skip: list[dict], guidance: list[dict]) -> list[di
 def bench_quality(options: QualityOptions, out_dir: str | Path, command: str, log=print) -> dict:
     from lcmkit.pipelines import resolve_device
 
-    unknown = [s for s in options.teacher_solvers if s not in TEACHER_SOLVERS]
+    known = TEACHER_SOLVERS + FLOW_TEACHER_SOLVERS
+    unknown = [s for s in options.teacher_solvers if s not in known]
     if unknown or not options.teacher_solvers or not options.teacher_steps or min(options.teacher_steps) < 1:
-        raise LcmkitError(f"--teacher-solvers takes any of {', '.join(TEACHER_SOLVERS)} and --teacher-steps "
+        raise LcmkitError(f"--teacher-solvers takes any of {', '.join(known)} and --teacher-steps "
                           "positive step counts")
     bad = [p for p in options.parts if p not in PARTS]
     if bad:

@@ -172,7 +172,8 @@ def _register_quality(bench) -> None:
     p.add_argument("--teacher-steps", type=comma_list(int), default=[1, 2, 4, 8, 25, 50],
                    help="step counts of the teacher rows (default 1,2,4,8,25,50)")
     p.add_argument("--teacher-solvers", type=comma_list(str), default=["ddim", "dpm-solver", "dpm-solver++"],
-                   help="solvers of the teacher rows (default ddim,dpm-solver,dpm-solver++)")
+                   help="solvers of the teacher rows (default ddim,dpm-solver,dpm-solver++; euler,heun for a "
+                        "flow-matching teacher)")
     p.add_argument("--eval-seeds", type=comma_list(int), default=[0],
                    help="evaluation seeds of the table, pooled (default 0; the bars ask for 0,1,2)")
     p.add_argument("--no-sheets", dest="sheets", action="store_false",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lcmkit.commands._training import comma_list
 from lcmkit.errors import LcmkitError
-from lcmkit.options import SAMPLER_NAMES
+from lcmkit.options import FLOW_SAMPLER_NAMES, SAMPLER_NAMES
 
 
 def register(sub) -> None:
@@ -15,7 +15,8 @@ def register(sub) -> None:
                                    "captions and score them with the shipped attribute classifier.")
     p.add_argument("model", help="diffusers pipeline folder")
     p.add_argument("--sampler", type=comma_list(str), default=["lcm"],
-                   help="sampler(s), comma-separated: lcm, tcd, ddim, dpm-solver, dpm-solver++ (default lcm)")
+                   help="sampler(s), comma-separated: lcm, tcd, ddim, dpm-solver, dpm-solver++; on flow models (SD3) lcm, "
+                        "euler, heun (default lcm)")
     p.add_argument("--steps", type=comma_list(int), default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4,8")
     p.add_argument("--guidance", type=comma_list(float), default=[7.5],
                    help="guidance scale(s), diffusers convention (ω = g − 1); default 7.5")
@@ -43,9 +44,13 @@ def register(sub) -> None:
 def run(args) -> int:
     from lcmkit_world.evaluate.run import evaluate, markdown_table, settings_grid
 
-    bad = [s for s in args.sampler if s not in SAMPLER_NAMES]
+    from lcmkit.flow_pipelines import folder_flow_family
+
+    flow = folder_flow_family(args.model) is not None  # read from model_index.json: checked before any sampling
+    names, kind = (FLOW_SAMPLER_NAMES, "a flow-matching") if flow else (SAMPLER_NAMES, "a UNet")
+    bad = [s for s in args.sampler if s not in names]
     if bad:
-        raise LcmkitError(f"unknown sampler {bad[0]!r}; use one of {', '.join(SAMPLER_NAMES)}")
+        raise LcmkitError(f"unknown sampler {bad[0]!r} for {kind} model; use one of {', '.join(names)}")
     if any(n < 1 for n in args.steps):
         raise LcmkitError(f"steps must be positive integers, got {args.steps}")
     if args.batch_size < 1:

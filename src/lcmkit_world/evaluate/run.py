@@ -96,7 +96,7 @@ def evaluate(model, settings: list[Setting], *, num: int = 1000, seed: int = 0, 
     """
     if num < 2:
         raise LcmkitError(f"--num must be at least 2 (world-FID needs a covariance), got {num}")
-    pipe = load_pipeline(model) if not hasattr(model, "unet") else model
+    pipe = model if is_pipeline(model) else load_pipeline(model)
     specs, named, captions = eval_prompts(num, seed, style, prompts)
     rows, grid_rows, sheets = [], [], []
     references = {}
@@ -117,7 +117,7 @@ def evaluate(model, settings: list[Setting], *, num: int = 1000, seed: int = 0, 
                            scores["prompt"]))
             if teacher is not None:
                 if setting.guidance not in references:
-                    tpipe = load_pipeline(teacher) if not hasattr(teacher, "unet") else teacher
+                    tpipe = teacher if is_pipeline(teacher) else load_pipeline(teacher)
                     ref_setting = Setting(*TRAJECTORY_REFERENCE, setting.guidance)
                     references[setting.guidance] = sample_world(tpipe, captions, ref_setting, seed, batch_size,
                                                                 progress)[0]
@@ -133,6 +133,11 @@ def evaluate(model, settings: list[Setting], *, num: int = 1000, seed: int = 0, 
             sheet.contact_sheet(images, judged, Path(out_dir) / sheet_name(setting),
                                 title=f"{setting.name}: strict {rate:.3f} of {num}")
     return result
+
+
+def is_pipeline(model) -> bool:
+    """A loaded pipeline (UNet or flow transformer), not a folder to load."""
+    return hasattr(model, "unet") or hasattr(model, "transformer")
 
 
 def sheet_name(setting: Setting) -> str:
