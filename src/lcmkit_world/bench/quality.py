@@ -157,7 +157,7 @@ def table_rows(options: QualityOptions, teacher: str, lcm: str | None, lora: str
                sheets_root: Path | None = None) -> list[dict]:
     from lcmkit.pipelines import load_pipeline
 
-    pipe = load_pipeline(teacher, device=options.device)
+    pipe = load_pipeline(teacher, device=options.device, flow=True)
     rows = []
     if "reference" in options.methods and options.reference_guidance is not None:
         solver = reference_solver(pipe)

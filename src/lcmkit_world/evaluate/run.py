@@ -96,7 +96,7 @@ def evaluate(model, settings: list[Setting], *, num: int = 1000, seed: int = 0, 
     """
     if num < 2:
         raise LcmkitError(f"--num must be at least 2 (world-FID needs a covariance), got {num}")
-    pipe = model if is_pipeline(model) else load_pipeline(model)
+    pipe = model if is_pipeline(model) else load_pipeline(model, flow=True)
     specs, named, captions = eval_prompts(num, seed, style, prompts)
     rows, grid_rows, sheets = [], [], []
     references = {}
@@ -117,7 +117,7 @@ def evaluate(model, settings: list[Setting], *, num: int = 1000, seed: int = 0, 
                            scores["prompt"]))
             if teacher is not None:
                 if setting.guidance not in references:
-                    tpipe = teacher if is_pipeline(teacher) else load_pipeline(teacher)
+                    tpipe = teacher if is_pipeline(teacher) else load_pipeline(teacher, flow=True)
                     ref_setting = Setting(*TRAJECTORY_REFERENCE, setting.guidance)
                     references[setting.guidance] = sample_world(tpipe, captions, ref_setting, seed, batch_size,
                                                                 progress)[0]
