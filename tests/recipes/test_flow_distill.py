@@ -66,7 +66,7 @@ def test_short_flow_distillation_lowers_loss_and_its_lora_loads_in_diffusers(tin
 
     # 16 steps at lr 1e-3 on a fixed batch of 2 (the fixed-draw loss falls by 1–3.5% over seeds 0–3)
     cfg = make_cfg(tiny_sd3_dir, tmp_path / "run", max_steps=16, lr=1e-3, validate_every=16)
-    assert (cfg.solver, cfg.lora_format) == ("euler", "diffusers")
+    assert (cfg.solver, cfg.lora_format) == ("euler", "diffusers,comfyui")
     before = fixed_draw_loss(cfg, draws=6)
     result = distill(cfg)
     after = fixed_draw_loss(cfg, latest(cfg.out), draws=6)
@@ -74,12 +74,17 @@ def test_short_flow_distillation_lowers_loss_and_its_lora_loads_in_diffusers(tin
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["finished"] and summary["step"] == 16 and summary["nonfinite_skipped"] == 0
     assert (tmp_path / "run" / "validation" / "step-0000016.png").is_file()
-    assert result.name == "lora" and sorted(p.name for p in result.iterdir()) == ["config.yaml", LORA_WEIGHT_NAME]
+    comfyui = result / "pytorch_lora_weights_comfyui.safetensors"
+    assert result.name == "lora" and sorted(p.name for p in result.iterdir()) == ["config.yaml", LORA_WEIGHT_NAME,
+                                                                                  comfyui.name]
 
-    # every trained layer is in the file, with transformer.* keys, and diffusers applies every one
+    # every trained layer is in the files, with transformer.* keys (the comfyui one with an alpha tensor each), and
+    # diffusers applies every one of its file
     trained = {k.split(".lora_A.")[0] for k in load_file(str(latest(cfg.out) / "lora.safetensors")) if ".lora_A." in k}
     keys = load_file(str(result / LORA_WEIGHT_NAME)).keys()
     assert all(k.startswith("transformer.") for k in keys) and len(keys) == 2 * len(trained) == 42
+    alphas = {k: v for k, v in load_file(str(comfyui)).items() if k.endswith(".alpha")}
+    assert len(alphas) == len(trained) and all(float(v) == 8.0 for v in alphas.values())
     theirs = sd3_pipeline(tiny_sd3_dir, FlowMatchLCMScheduler)
     theirs.load_lora_weights(str(result))
     assert set(lora_layers(theirs.transformer)) == trained
@@ -99,12 +104,14 @@ def test_short_flow_distillation_lowers_loss_and_its_lora_loads_in_diffusers(tin
                       noise_generator=torch.default_generator)
     torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)
     assert (ours - base).abs().max() > 1e-3
-    # lcmkit generate (one step: no per-step ε) with --lora == diffusers with load_lora_weights
-    one = generate(str(tiny_sd3_dir), PROMPT, steps=1, seed=3, loras=[result / LORA_WEIGHT_NAME], output_type="np",
-                   device="cpu", progress=False)
+    # lcmkit generate (one step: no per-step ε) with --lora == diffusers with load_lora_weights, from either file
+    # (the comfyui one's alpha tensors read: scale 2)
     ref_one = theirs(PROMPT, num_inference_steps=1, guidance_scale=1.0, output_type="np",
                      generator=torch.Generator().manual_seed(3)).images
-    assert abs(one - ref_one).max() < 2e-5
+    for file in (result / LORA_WEIGHT_NAME, comfyui):
+        one = generate(str(tiny_sd3_dir), PROMPT, steps=1, seed=3, loras=[file], output_type="np", device="cpu",
+                       progress=False)
+        assert abs(one - ref_one).max() < 2e-5, file.name
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -221,8 +228,11 @@ def test_cli_generate_refuses_flow_samplers_on_a_unet(tiny_sd_dir, tmp_path, cap
     ("tiny_sd3_dir", ["--mode", "full"], "--mode full puts ω into a guidance embedding"),
     ("tiny_sd3_dir", ["--solver", "ddim"], "solver ddim is for UNet (DDPM) teachers; this teacher takes euler, heun"),
     ("tiny_sd3_dir", ["--solver", "dpm-solver++"], "solver dpm-solver++ is for UNet (DDPM) teachers"),
-    ("tiny_sd3_dir", ["--lora-format", "diffusers,kohya"], "--lora-format kohya has no key names for a transformer"),
-    ("tiny_sd_dir", ["--solver", "euler"], "solver euler is for flow-matching (SD3) teachers; this teacher takes ddim"),
+    ("tiny_sd3_dir", ["--lora-format", "diffusers,kohya"], "kohya has no key names for a transformer"),
+    ("tiny_sd3_dir", ["--lora-format", "kohya,diffusers"], "kohya has no key names for a transformer"),
+    ("tiny_sd3_dir", ["--lora-format", "kohya"], "kohya has no key names for a transformer"),
+    ("tiny_sd_dir", ["--solver", "euler"], "solver euler is for flow-matching (SD3, FLUX) teachers; this teacher "
+                                           "takes ddim"),
 ])
 def test_bad_options_for_the_teacher_are_one_line(teacher, extra, message, request, tmp_path, capsys):
     from lcmkit.cli import main
@@ -236,12 +246,17 @@ def test_bad_options_for_the_teacher_are_one_line(teacher, extra, message, reque
     assert not out.exists()
 
 
-def test_flow_teacher_default_omega_and_lora_format(tiny_sd3_dir, tmp_path):
+def test_flow_teacher_default_omega_and_lora_format(tiny_sd3_dir, tiny_sd_dir, tmp_path):
     from lcmkit.train.distill import omega_range
 
     cfg = make_cfg(tiny_sd3_dir, tmp_path / "o")
-    assert (cfg.solver, cfg.lora_format, cfg.lora_rank) == ("euler", "diffusers", 4)
+    assert (cfg.solver, cfg.lora_format, cfg.lora_rank) == ("euler", "diffusers,comfyui", 4)
     assert omega_range(cfg, "sd3") == (2.5, 6.0)
+    # an explicit value is honoured as given
     assert make_cfg(tiny_sd3_dir, tmp_path / "o", lora_format="peft,diffusers").lora_format == "peft,diffusers"
+    assert make_cfg(tiny_sd3_dir, tmp_path / "o", lora_format="diffusers").lora_format == "diffusers"
+    # a UNet teacher's default is unchanged: the kohya file and diffusers'
+    assert build_config(DistillConfig, None, dict(teacher=str(tiny_sd_dir), data="world",
+                                                  out=str(tmp_path / "u"))).lora_format == "kohya,diffusers"
     assert build_config(DistillConfig, None, dict(teacher=str(tiny_sd3_dir), data="world",
                                                   out=str(tmp_path / "o"))).lora_rank == 64
