@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from fixed_losses import distill_loss as fixed_draw_loss
+from flow_checks import assert_resume_is_exact, diffusers_pipeline, eight_bit, png_pixels, quiet
+from flow_checks import run_generate as _generate
 
-from lcmkit.train.checkpoint import checkpoint_dirs, load_checkpoint
+from lcmkit.train.checkpoint import checkpoint_dirs
 from lcmkit.train.config import build_config
 from lcmkit.train.distill import DistillConfig, distill
 
@@ -37,19 +39,11 @@ def latest(out) -> Path:
     return checkpoint_dirs(out)[-1]
 
 
-def quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def sd3_pipeline(folder, scheduler=None):
     """The folder as diffusers loads it (T5 absent), with ``scheduler`` (a class) built from its config."""
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None, tokenizer_3=None)
-    if scheduler is not None:
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-    return quiet(pipe)
+    return diffusers_pipeline(StableDiffusion3Pipeline, folder, scheduler, text_encoder_3=None, tokenizer_3=None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -122,24 +116,10 @@ def test_flow_kill_and_resume_is_exact(tiny_sd3_dir, tmp_path):
     from safetensors.torch import load_file
 
     # an EMA target of the adapter (checkpointed beside it), 2 micro-batches, cosine schedule with warm-up, Heun
-    kw = dict(max_steps=2, lora_ema=0.5, batch_size=1, generated_samples=3, grad_accum=2, warmup_steps=1,
-              lr_schedule="cosine", checkpoint_every=1, lr=1e-3, solver="heun")
-    distill(make_cfg(tiny_sd3_dir, tmp_path / "straight", **kw))
-    distill(make_cfg(tiny_sd3_dir, tmp_path / "split", stop_at=1, **kw))
-    distill(make_cfg(tiny_sd3_dir, tmp_path / "split", resume=True, **kw))
-
-    a, b = (latest(tmp_path / d) for d in ("straight", "split"))
-    assert a.name == b.name == "step-0000002"
-    files = sorted(f.name for f in a.glob("*.safetensors"))
-    assert {"lora.safetensors", "lora_target.safetensors"} <= set(files)
-    for name in files:
-        wa, wb = load_file(str(a / name)), load_file(str(b / name))
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
-    sa, sb = (load_checkpoint(x)[1] for x in (a, b))
-    assert torch.equal(sa["data"]["position"], sb["data"]["position"])
-    la = json.loads((tmp_path / "straight" / "summary.json").read_text())["losses"]
-    lb = json.loads((tmp_path / "split" / "summary.json").read_text())["losses"]
-    assert la[1:] == lb  # the resumed half reproduces the straight run's loss exactly
+    a, _ = assert_resume_is_exact(make_cfg, tiny_sd3_dir, tmp_path, max_steps=2, lora_ema=0.5, batch_size=1,
+                                  generated_samples=3, grad_accum=2, warmup_steps=1, lr_schedule="cosine",
+                                  checkpoint_every=1, lr=1e-3, solver="heun")
+    assert {"lora.safetensors", "lora_target.safetensors"} <= {f.name for f in a.glob("*.safetensors")}
     # the exported LoRA is θ⁻ (the EMA), as the UNet recipe exports it
     ema = load_file(str(a / "lora_target.safetensors"))
     exported = load_file(str(tmp_path / "straight" / "lora" / "pytorch_lora_weights.safetensors"))
@@ -149,26 +129,6 @@ def test_flow_kill_and_resume_is_exact(tiny_sd3_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # lcmkit generate on an SD3 folder == diffusers' SD3 pipelines
 # --------------------------------------------------------------------------------------------------------------
-
-def _generate(args, capsys) -> tuple[int, str]:
-    from lcmkit.cli import main
-
-    capsys.readouterr()
-    code = main(["generate", *map(str, args)])
-    return code, capsys.readouterr().err.strip()
-
-
-def _png(path) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    return torch.from_numpy(np.asarray(Image.open(path), dtype=np.uint8).copy())
-
-
-def _pil(images: torch.Tensor) -> torch.Tensor:
-    """diffusers' (B, 3, H, W) images in [0, 1] rounded to 8 bits as a PNG stores them."""
-    return (images[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
-
 
 def test_cli_generate_on_sd3_matches_diffusers(tiny_sd3_dir, tmp_path, capsys):
     from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, StableDiffusion3Img2ImgPipeline
@@ -182,14 +142,14 @@ def test_cli_generate_on_sd3_matches_diffusers(tiny_sd3_dir, tmp_path, capsys):
     pipe = sd3_pipeline(tiny_sd3_dir, FlowMatchEulerDiscreteScheduler)
     ref = pipe(PROMPT, negative_prompt="blue", num_inference_steps=3, guidance_scale=3.0, output_type="pt",
                generator=torch.Generator().manual_seed(5)).images
-    assert (_png(tmp_path / "euler.png").int() - _pil(ref).int()).abs().max() <= 1
+    assert (png_pixels(tmp_path / "euler.png").int() - eight_bit(ref).int()).abs().max() <= 1
     # LCM, one step: FlowMatchLCMScheduler draws no ε before the last step
     code, err = _generate([*common, "--steps", 1, "--out", tmp_path / "lcm.png"], capsys)
     assert code == 0, err
     lcm = sd3_pipeline(tiny_sd3_dir, FlowMatchLCMScheduler)
     ref = lcm(PROMPT, num_inference_steps=1, guidance_scale=1.0, output_type="pt",
               generator=torch.Generator().manual_seed(5)).images
-    assert torch.equal(_png(tmp_path / "lcm.png"), _pil(ref))
+    assert torch.equal(png_pixels(tmp_path / "lcm.png"), eight_bit(ref))
     # image-to-image, Euler at strength 0.5 of 4 steps: the last 2 steps, as StableDiffusion3Img2ImgPipeline runs
     code, err = _generate([*common, "--sampler", "euler", "--steps", 4, "--init-image", tmp_path / "euler.png",
                            "--strength", 0.5, "--out", tmp_path / "i2i.png"], capsys)
@@ -197,7 +157,7 @@ def test_cli_generate_on_sd3_matches_diffusers(tiny_sd3_dir, tmp_path, capsys):
     i2i = quiet(StableDiffusion3Img2ImgPipeline(**pipe.components))
     ref = i2i(PROMPT, image=Image.open(tmp_path / "euler.png"), strength=0.5, num_inference_steps=4,
               guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(5)).images
-    assert (_png(tmp_path / "i2i.png").int() - _pil(ref).int()).abs().max() <= 1
+    assert (png_pixels(tmp_path / "i2i.png").int() - eight_bit(ref).int()).abs().max() <= 1
     # Heun runs (diffusers' SD3 pipeline cannot drive FlowMatchHeunDiscreteScheduler to compare with)
     code, err = _generate([*common, "--sampler", "heun", "--steps", 2, "--out", tmp_path / "heun.png"], capsys)
     assert code == 0 and (tmp_path / "heun.png").is_file(), err

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from fixed_losses import distill_loss as fixed_draw_loss
+from flow_checks import assert_resume_is_exact, diffusers_pipeline
 
-from lcmkit.train.checkpoint import checkpoint_dirs, load_checkpoint
+from lcmkit.train.checkpoint import checkpoint_dirs
 from lcmkit.train.config import build_config
 from lcmkit.train.distill import DistillConfig, distill
 
@@ -43,16 +44,13 @@ def latest(out) -> Path:
 def flux_pipeline(folder, scheduler=None):
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(str(folder))
-    if scheduler is not None:
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(FluxPipeline, folder, scheduler)
 
 
 @pytest.fixture(scope="module")
 def dev_run(tiny_flux_dir, tmp_path_factory):
-    """16 steps at lr 1e-3 on a fixed batch of 2 on the guidance-embedded teacher (default ω ∈ [1, 4]: g ∈ [2, 5])."""
+    """16 steps at lr 1e-3 on a fixed batch of 2 on the guidance-embedded teacher (default ω ∈ [1, 4]:
+    g ∈ [2, 5])."""
     cfg = make_cfg(tiny_flux_dir, tmp_path_factory.mktemp("flux_dev") / "run", max_steps=16, validate_every=16)
     return cfg, distill(cfg)
 
@@ -137,12 +135,15 @@ def _roles(cfg):
     return models, encoder(stream.next_batch(2))
 
 
-def _forward_calls(transformer):
-    """Record (batch, guidance) of every transformer forward."""
+def _teacher_velocity(models, teacher, x, sigma):
+    """The teacher denoiser's v at (x, σ), and (batch, guidance) of every transformer forward it made."""
     calls = []
-    hook = transformer.register_forward_pre_hook(
+    hook = models.teacher.register_forward_pre_hook(
         lambda m, args, kw: calls.append((kw["hidden_states"].shape[0], kw["guidance"])), with_kwargs=True)
-    return calls, hook
+    try:
+        return teacher(x, sigma)[1], calls
+    finally:
+        hook.remove()
 
 
 @torch.no_grad()
@@ -160,11 +161,7 @@ def test_flux_dev_teacher_is_one_forward_at_g_and_the_student_sees_the_same_g(ti
     omega = torch.tensor([1.5, 3.0], dtype=torch.float64)
     student, _, teacher = make_flow_denoisers(models, cond, uncond, omega)
     x, sigma = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)), torch.tensor([0.8, 0.3])
-    calls, hook = _forward_calls(models.teacher)
-    try:
-        _, v_teacher = teacher(x, sigma)
-    finally:
-        hook.remove()
+    v_teacher, calls = _teacher_velocity(models, teacher, x, sigma)
     assert len(calls) == 1 and calls[0][0] == 2  # one forward, no unconditional half
     torch.testing.assert_close(calls[0][1], torch.tensor([2.5, 4.0]), rtol=0, atol=0)  # g = ω + 1, as diffusers
     models.teacher.disable_adapters()
@@ -195,11 +192,7 @@ def test_flux_without_guidance_embedding_teacher_is_true_cfg(tiny_flux_schnell_d
     omega = torch.tensor([3.0, 5.0], dtype=torch.float64)
     student, _, teacher = make_flow_denoisers(models, cond, uncond, omega)
     x, sigma = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)), torch.tensor([0.8, 0.3])
-    calls, hook = _forward_calls(models.teacher)
-    try:
-        _, v_teacher = teacher(x, sigma)
-    finally:
-        hook.remove()
+    v_teacher, calls = _teacher_velocity(models, teacher, x, sigma)
     assert calls == [(4, None)]  # one batched forward [uncond; cond], no guidance embedding
     models.teacher.disable_adapters()
     _, v_c = flux_denoiser(models.teacher, cond)(x, sigma)
@@ -224,28 +217,13 @@ def test_flux_without_guidance_embedding_distillation_lowers_the_loss(tiny_flux_
 # --------------------------------------------------------------------------------------------------------------
 
 def test_flux_kill_and_resume_is_exact(tiny_flux_dir, tmp_path):
-    from safetensors.torch import load_file
-
-    # an EMA target of the adapter (checkpointed beside it), 2 micro-batches, cosine schedule with warm-up, Heun
-    kw = dict(max_steps=2, lora_ema=0.5, batch_size=1, generated_samples=3, grad_accum=2, warmup_steps=1,
-              lr_schedule="cosine", checkpoint_every=1, solver="heun")
-    distill(make_cfg(tiny_flux_dir, tmp_path / "straight", **kw))
-    distill(make_cfg(tiny_flux_dir, tmp_path / "split", stop_at=1, **kw))
-    distill(make_cfg(tiny_flux_dir, tmp_path / "split", resume=True, **kw))
-
-    a, b = (latest(tmp_path / d) for d in ("straight", "split"))
-    assert a.name == b.name == "step-0000002"
-    for name in sorted(f.name for f in a.glob("*.safetensors")):
-        wa, wb = load_file(str(a / name)), load_file(str(b / name))
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
-    sa, sb = (load_checkpoint(x)[1] for x in (a, b))
-    assert torch.equal(sa["data"]["position"], sb["data"]["position"])
-    la = json.loads((tmp_path / "straight" / "summary.json").read_text())["losses"]
-    lb = json.loads((tmp_path / "split" / "summary.json").read_text())["losses"]
-    assert la[1:] == lb
-    for name in ("pytorch_lora_weights.safetensors", COMFYUI_NAME):  # both results, bit for bit
-        wa, wb = (load_file(str(tmp_path / d / "lora" / name)) for d in ("straight", "split"))
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    # an EMA target of the adapter (checkpointed beside it), 2 micro-batches, cosine schedule with warm-up, Heun;
+    # both result files (diffusers, comfyui) are compared too
+    a, _ = assert_resume_is_exact(make_cfg, tiny_flux_dir, tmp_path, max_steps=2, lora_ema=0.5, batch_size=1,
+                                  generated_samples=3, grad_accum=2, warmup_steps=1, lr_schedule="cosine",
+                                  checkpoint_every=1, solver="heun")
+    assert {"lora.safetensors", "lora_target.safetensors"} <= {f.name for f in a.glob("*.safetensors")}
+    assert (tmp_path / "split" / "lora" / COMFYUI_NAME).is_file()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flow_checks import diffusers_pipeline, eight_bit, png_pixels
+from flow_checks import run_generate as _generate
 
 torch.set_num_threads(1)
 
@@ -20,30 +22,7 @@ def flux_pipeline(folder, scheduler=None):
     """The folder as diffusers loads it, with ``scheduler`` (a class) built from its config."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(str(folder))
-    if scheduler is not None:
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _generate(args, capsys) -> tuple[int, str]:
-    from lcmkit.cli import main
-
-    capsys.readouterr()
-    code = main(["generate", *map(str, args)])
-    return code, capsys.readouterr().err.strip()
-
-
-def _png(path) -> torch.Tensor:
-    from PIL import Image
-
-    return torch.from_numpy(np.asarray(Image.open(path), dtype=np.uint8).copy())
-
-
-def _pil(images: torch.Tensor) -> torch.Tensor:
-    """diffusers' (B, 3, H, W) images in [0, 1] rounded to 8 bits as a PNG stores them."""
-    return (images[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
+    return diffusers_pipeline(FluxPipeline, folder, scheduler)
 
 
 def test_cli_generate_on_flux_dev_matches_fluxpipeline(tiny_flux_dir, tmp_path, capsys):
@@ -58,7 +37,7 @@ def test_cli_generate_on_flux_dev_matches_fluxpipeline(tiny_flux_dir, tmp_path, 
     pipe = flux_pipeline(tiny_flux_dir, FlowMatchEulerDiscreteScheduler)
     ref = pipe(PROMPT, num_inference_steps=3, guidance_scale=2.5, output_type="pt",
                generator=torch.Generator().manual_seed(5), **DIFFUSERS_SIZE).images
-    assert torch.equal(_png(tmp_path / "euler.png"), _pil(ref))
+    assert torch.equal(png_pixels(tmp_path / "euler.png"), eight_bit(ref))
     # LCM, one step (FlowMatchLCMScheduler draws no ε before the last step), guidance left to its default: 3.5,
     # FluxPipeline's
     code, err = _generate([*common, "--steps", 1, "--out", tmp_path / "lcm.png"], capsys)
@@ -66,7 +45,7 @@ def test_cli_generate_on_flux_dev_matches_fluxpipeline(tiny_flux_dir, tmp_path, 
     lcm = flux_pipeline(tiny_flux_dir, FlowMatchLCMScheduler)
     ref = lcm(PROMPT, num_inference_steps=1, output_type="pt", generator=torch.Generator().manual_seed(5),
               **DIFFUSERS_SIZE).images
-    assert torch.equal(_png(tmp_path / "lcm.png"), _pil(ref))
+    assert torch.equal(png_pixels(tmp_path / "lcm.png"), eight_bit(ref))
     # image-to-image, Euler at strength 0.5 of 4 steps: the last 2 steps, as FluxImg2ImgPipeline runs them (its
     # default guidance is 7, FluxPipeline's 3.5: lcmkit's default is FluxPipeline's, so g is given to it here)
     code, err = _generate([*common, "--sampler", "euler", "--steps", 4, "--init-image", tmp_path / "euler.png",
@@ -77,7 +56,7 @@ def test_cli_generate_on_flux_dev_matches_fluxpipeline(tiny_flux_dir, tmp_path, 
     ref = i2i(PROMPT, image=Image.open(tmp_path / "euler.png"), strength=0.5, num_inference_steps=4,
               guidance_scale=3.5, output_type="pt", generator=torch.Generator().manual_seed(5),
               **DIFFUSERS_SIZE).images
-    assert torch.equal(_png(tmp_path / "i2i.png"), _pil(ref))
+    assert torch.equal(png_pixels(tmp_path / "i2i.png"), eight_bit(ref))
     # Heun runs (FluxPipeline cannot drive FlowMatchHeunDiscreteScheduler to compare with)
     code, err = _generate([*common, "--sampler", "heun", "--steps", 2, "--out", tmp_path / "heun.png"], capsys)
     assert code == 0 and (tmp_path / "heun.png").is_file(), err
@@ -110,13 +89,13 @@ def test_cli_generate_on_flux_without_guidance_embedding_is_true_cfg(tiny_flux_s
     assert code == 0, err
     ref = pipe(PROMPT, negative_prompt="blue", true_cfg_scale=4.0, num_inference_steps=3, output_type="pt",
                generator=torch.Generator().manual_seed(2), **DIFFUSERS_SIZE).images
-    assert (_png(tmp_path / "cfg.png").int() - _pil(ref).int()).abs().max() <= 1
+    assert (png_pixels(tmp_path / "cfg.png").int() - eight_bit(ref).int()).abs().max() <= 1
     # the default g = 1: the conditional model alone, as FluxPipeline without true CFG
     code, err = _generate([*common, "--out", tmp_path / "plain.png"], capsys)
     assert code == 0, err
     ref = pipe(PROMPT, num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2),
                **DIFFUSERS_SIZE).images
-    assert torch.equal(_png(tmp_path / "plain.png"), _pil(ref))
+    assert torch.equal(png_pixels(tmp_path / "plain.png"), eight_bit(ref))
 
 
 @pytest.mark.parametrize("teacher, extra, message", [

@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="latent consistency distillation (full LCM or LCM-LoRA) of an SD/SDXL/SD3/"
                                        "FLUX teacher",
                        description="Distil a Stable-Diffusion-family teacher into a few-step LCM (LCM paper, "
-                                   "Algorithm 1) or an LCM-LoRA; an SD3/SD3.5 or FLUX.1 (flow-matching) teacher into an "
-                                   "LCM-LoRA. Flags override the --config YAML file.")
+                                   "Algorithm 1) or an LCM-LoRA; an SD3/SD3.5 or FLUX.1 (flow-matching) teacher "
+                                   "into an LCM-LoRA. Flags override the --config YAML file.")
     a = p.add_argument
     a("--teacher", help="teacher diffusers pipeline folder (SD 1.x/2.x eps or v, SDXL; SD3/SD3.5, FLUX.1 for "
                         "--mode lora)")

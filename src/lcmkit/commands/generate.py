@@ -20,11 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ._training import add_model_config_arg
 
     p = sub.add_parser("generate", help="generate images with an LCM, LCM-LoRA or base model",
-                       description="Generate images from a local diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM, SD3, "
-                                   "FLUX.1).")
-    p.add_argument("model", metavar="MODEL", help="diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM, SD3/SD3.5, FLUX.1), "
-                                                  "or a .safetensors single-file checkpoint (SD 1.x/2.x, SDXL; see "
-                                                  "--model-config)")
+                       description="Generate images from a local diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM, "
+                                   "SD3, FLUX.1).")
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM, SD3/SD3.5, "
+                                                  "FLUX.1), or a .safetensors single-file checkpoint (SD 1.x/2.x, "
+                                                  "SDXL; see --model-config)")
     add_model_config_arg(p)
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default=None,

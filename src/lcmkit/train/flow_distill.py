@@ -11,9 +11,9 @@ loss"):
    default negative prompt;
 2. ω ~ U[ω_min, ω_max], n ~ U{0 … N−1}, ε ~ N(0, I), drawn as for a UNet teacher;
 3. :func:`lcmkit.losses.flow_lcd_loss`: x_{σ_{n+k}} = (1 − σ)·z + σ·ε on the skipping-step grid of the
-   pipeline's shifted table (FLUX: μ of the training resolution's token count); the guided teacher takes one Euler
-   or Heun step to σ_n; loss d(f_θ(x_{σ_{n+k}}, σ_{n+k}), f_θ⁻(x̂_{σ_n}, σ_n)) with f(x, σ) = x − σ·v (the
-   boundary f(x, 0) = x exact).
+   pipeline's shifted table (FLUX: μ of the training resolution's token count); the guided teacher takes one
+   Euler or Heun step to σ_n; loss d(f_θ(x_{σ_{n+k}}, σ_{n+k}), f_θ⁻(x̂_{σ_n}, σ_n)) with f(x, σ) = x − σ·v
+   (the boundary f(x, 0) = x exact).
 
 Guidance of the teacher: CFG on v, (1 + ω)·v_c − ω·v_∅ in one batched forward (SD3; FLUX without a guidance
 embedding). A guidance-distilled FLUX transformer (FLUX.1-dev) instead takes g = ω + 1 through its guidance
