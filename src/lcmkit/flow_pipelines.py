@@ -58,11 +58,8 @@ from .flux import (
     unpack_latents,
 )
 from .math.flow import flow_noise
+from .pipelines import check_negative_prompt, decode_latents, encode_image, to_pil, vae_scale_factor
 from .solvers import Generators, randn
-
-
-def _vae_factor(pipe) -> int:
-    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
 @dataclass(frozen=True)
@@ -101,7 +98,7 @@ SD3 = FlowArch(
     grid=lambda pipe, skip, hw: scheduler_training_grid(pipe.scheduler.config, skip, hw,
                                                         pipe.transformer.config.patch_size),
     latent_channels=lambda config: config.in_channels, latent_multiple=lambda config: config.patch_size,
-    default_size=lambda pipe: pipe.transformer.config.sample_size * _vae_factor(pipe),
+    default_size=lambda pipe: pipe.transformer.config.sample_size * vae_scale_factor(pipe),
     embeds_guidance=lambda transformer: False, packed=False)
 
 FLUX = FlowArch(
@@ -109,7 +106,7 @@ FLUX = FlowArch(
     sigmas=lambda pipe, steps, hw: flux_scheduler_sigmas(pipe.scheduler.config, steps, hw),
     grid=lambda pipe, skip, hw: scheduler_training_grid(pipe.scheduler.config, skip, hw, 2, FLUX_DEFAULT_MAX_SHIFT),
     latent_channels=lambda config: config.in_channels // 4, latent_multiple=lambda config: 2,  # 2×2 packing
-    default_size=lambda pipe: pipe.default_sample_size * _vae_factor(pipe),
+    default_size=lambda pipe: pipe.default_sample_size * vae_scale_factor(pipe),
     embeds_guidance=lambda transformer: bool(transformer.config.guidance_embeds), packed=True)
 
 #: transformer class → the flow architecture lcmkit drives
@@ -142,7 +139,7 @@ def default_guidance(pipe) -> float:
 
 def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int]:
     """(C, H/f, W/f): the VAE latent of an image of ``height`` × ``width`` pixels (f the VAE scale factor)."""
-    f = _vae_factor(pipe)
+    f = vae_scale_factor(pipe)
     return flow_arch(pipe).latent_channels(pipe.transformer.config), height // f, width // f
 
 
@@ -200,8 +197,6 @@ class FlowSampling:
 
     def __init__(self, pipe, *, sampler: str, steps: int, guidance: float, negative_prompt: str | None,
                  strength: float, init_image, height: int, width: int, device, eta: float = 0.0):
-        from .pipelines import check_negative_prompt
-
         if sampler not in FLOW_SAMPLERS:
             raise LcmkitError(f"sampler {sampler} is for UNet models; a flow-matching model (SD3, FLUX) samples with "
                               f"{', '.join(FLOW_SAMPLERS)}")
@@ -237,8 +232,6 @@ class FlowSampling:
 
     def __call__(self, prompt: str | list[str], seeds: list[int], step_done) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] for ``seeds`` (one generator each), decoded by the VAE."""
-        from .pipelines import decode_latents
-
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         if isinstance(prompt, str):
             cond = self.cond1.repeat(len(seeds))
@@ -264,8 +257,6 @@ def sample_flow_latents(pipe, cond: FlowConditioning, uncond: FlowConditioning |
     x_{σ_0} = (1 − σ_0)·z0 + σ_0·ε (eq. F1). The LCM sampler's per-step ε come from ``noise_generator`` (default
     ``generator``); on FLUX in the packed token layout.
     """
-    from .pipelines import encode_image
-
     arch = flow_arch(pipe)
     device, dtype = sigmas.device, cond.encoder_hidden_states.dtype
     shape = (len(cond), *latent_shape)
@@ -302,8 +293,6 @@ def sample_sd3(pipe, prompt: str | list[str], *, steps: int = 4, guidance_scale:
     latent and reproduces ``FlowMatchEulerDiscreteScheduler``'s image from ``generator`` alone. ``guidance_scale``
     is diffusers' g; g > 1 runs CFG on v.
     """
-    from .pipelines import decode_latents, to_pil
-
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     guided = guidance_scale > 1
     cond, uncond = sd3_conditioning(pipe, prompts, negative_prompt, guided)

@@ -53,7 +53,7 @@ def check_generate_args(*, prompt=None, negative_prompt=None, steps=4, guidance=
     sent to the tokenizer). ``init_image`` is checked when it is a path (a regular file of at most
     ``MAX_IMAGE_BYTES``); ``height`` / ``width`` when given (positive, at most :data:`MAX_SIDE`; the multiple of the
     VAE scale factor is checked once the model is known); ``seed`` … ``seed + num_images − 1`` must be seeds
-    (0 … :data:`MAX_SEED`)."""
+    (0 … :data:`MAX_SEED`); ``guidance`` None stands for the model's default (resolved once it is loaded)."""
     if isinstance(prompt, str):
         check_text("prompt", prompt)
     elif isinstance(prompt, (list, tuple)):
