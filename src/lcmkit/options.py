@@ -22,7 +22,7 @@ CONSISTENCY_SAMPLERS = ("lcm", "tcd")
 #: teacher baselines: diffusers' schedulers driven by lcmkit's loop
 TEACHER_SAMPLERS = ("ddim", "dpm-solver", "dpm-solver++")
 SAMPLER_NAMES = CONSISTENCY_SAMPLERS + TEACHER_SAMPLERS
-#: samplers of flow-matching models (SD3): the consistency sampler and the teacher's Euler / Heun
+#: samplers of flow-matching models (SD3, FLUX): the consistency sampler and the teacher's Euler / Heun
 #: (``lcmkit.flow_solvers.FLOW_SAMPLERS``)
 FLOW_SAMPLER_NAMES = ("lcm", "euler", "heun")
 #: every name ``generate`` takes; which ones a model takes depends on its family (UNet or flow)

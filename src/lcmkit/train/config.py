@@ -455,8 +455,8 @@ class ConsistencyOptions(TrainingOptions):
 
     ema: float = 0.95                 # μ of the target θ⁻ (full mode); 0 = target is a copy of θ
     omega: float | None = None        # fixed paper ω (diffusers guidance_scale − 1) instead of a range
-    omega_min: float | None = None    # default 5 (SD) / 3 (SDXL) / 2.5 (SD3)
-    omega_max: float | None = None    # default 15 (SD3: 6)
+    omega_min: float | None = None    # default 5 (SD) / 3 (SDXL) / 2.5 (SD3) / 1 (FLUX.1-dev)
+    omega_max: float | None = None    # default 15 (SD3, FLUX with true CFG: 6; FLUX.1-dev: 4)
     skip: int = 20                    # skipping step k
     loss: str = "huber"               # l2 (paper) or huber (pseudo-Huber)
     huber_c: float = 0.001
