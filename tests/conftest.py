@@ -51,6 +51,22 @@ def tiny_sd3_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A FLUX.1-dev-like FluxPipeline folder (guidance embedding)."""
+    folder = tmp_path_factory.mktemp("tiny_flux")
+    tiny.tiny_flux(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_dir(tmp_path_factory):
+    """A FluxPipeline folder whose transformer has no guidance embedding (schnell-like: true CFG)."""
+    folder = tmp_path_factory.mktemp("tiny_flux_schnell")
+    tiny.tiny_flux(folder, guidance_embeds=False)
+    return folder
+
+
 @pytest.fixture
 def tiny_lcm_pipe():
     return _quiet(tiny.tiny_lcm())

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from lcmkit.pipelines import denoising_model, load_pipeline, resolve_device, vae_scale_factor
+from lcmkit.pipelines import load_pipeline, native_size, resolve_device
 from lcmkit.train import distill as lcd
 from lcmkit.train import finetune as lcf
 from lcmkit.train import refine as rf
 from lcmkit.train import style_lora as sl
 from lcmkit.train.checkpoint import load_checkpoint
 from lcmkit.train.data import DataSource, DataStream, make_data
-from lcmkit.train.encode import Encoder, encode_text
+from lcmkit.train.encode import EMPTY_PROMPT_UNCOND, Encoder, encode_text
 from lcmkit.train.rng import generator_for
 from lcmkit.train.runtime import autocast
 
@@ -30,21 +30,21 @@ def distill_loss(cfg: lcd.DistillConfig, checkpoint: str | os.PathLike | None = 
                     seed: int = 1234) -> float:
     """The distillation loss of ``checkpoint`` (None: the step-0 student) on a fixed evaluation set: the first
     ``cfg.batch_size`` samples of the data and ``draws`` fixed (ω, n, ε) draws; averaged. Deterministic, so two
-    checkpoints can be compared (the per-step training loss swings with the random t_n). UNet and flow (SD3)
+    checkpoints can be compared (the per-step training loss swings with the random t_n). UNet and flow (SD3, FLUX)
     teachers alike: the recipe's own family (models, grid, loss)."""
 
     device = resolve_device(cfg.device)
     pipe = load_pipeline(cfg.teacher, device="cpu", flow=True)
     family = lcd.family_of(pipe)
-    resolution = cfg.resolution or denoising_model(pipe).config.sample_size * vae_scale_factor(pipe)
+    resolution = cfg.resolution or native_size(pipe)
     models = family.build_models(cfg, pipe, device, generator_for(cfg.seed, 0xA11CE), resolution)
     if checkpoint is not None:
         models.load_weights(load_checkpoint(checkpoint)[0], checkpoint)
     num_points = family.num_points(models, cfg)
-    omegas = lcd.omega_range(cfg, models.arch)
+    omegas = lcd.omega_range(cfg, models.omega_preset)
     stream = DataStream(DataSource(cfg, resolution), cfg, resolution, 0, 1)
     encoder = Encoder(pipe, models.arch, device)  # no caches: the first batch, encoded as it comes
-    if models.arch in ("sd", "sd3"):
+    if models.arch in EMPTY_PROMPT_UNCOND:
         encoder.uncond_hidden, encoder.uncond_pooled = encode_text(pipe, models.arch, [""])
     z0, cond, uncond = encoder(stream.next_batch(cfg.batch_size))
     total = 0.0

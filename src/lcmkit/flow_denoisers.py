@@ -11,6 +11,8 @@ Guidance: the paper's ω (0 = conditional only; ω = diffusers' ``guidance_scale
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +26,11 @@ from .math.schedule import append_dims
 
 
 @dataclass(frozen=True)
-class SD3Conditioning:
-    """What an SD3 transformer sees besides (x_σ, t), batched along dim 0: the joint text tokens
-    ``encoder_hidden_states`` (B, L, D) (CLIP-L ‖ CLIP-G, zero-padded to D, then T5's tokens or zeros without T5)
-    and the ``pooled_projections`` (B, P) (both CLIPs' pooled outputs)."""
+class FlowConditioning:
+    """What a flow transformer sees besides (x_σ, t), batched along dim 0: text tokens ``encoder_hidden_states``
+    (B, L, D) and a pooled text vector ``pooled_projections`` (B, P). SD3: CLIP-L ‖ CLIP-G tokens zero-padded to D,
+    then T5's tokens or zeros without T5, and both CLIPs' pooled outputs; FLUX: T5's tokens and CLIP-L's pooled
+    output (:func:`lcmkit.flux.flux_conditioning`)."""
 
     encoder_hidden_states: Tensor
     pooled_projections: Tensor
@@ -35,14 +38,32 @@ class SD3Conditioning:
     def __len__(self) -> int:
         return self.encoder_hidden_states.shape[0]
 
-    def cat(self, other: "SD3Conditioning") -> "SD3Conditioning":
-        return SD3Conditioning(torch.cat([self.encoder_hidden_states, other.encoder_hidden_states]),
-                               torch.cat([self.pooled_projections, other.pooled_projections]))
+    def cat(self, other: "FlowConditioning") -> "FlowConditioning":
+        return FlowConditioning(torch.cat([self.encoder_hidden_states, other.encoder_hidden_states]),
+                                torch.cat([self.pooled_projections, other.pooled_projections]))
 
-    def repeat(self, n: int) -> "SD3Conditioning":
+    def repeat(self, n: int) -> "FlowConditioning":
         """A batch-1 conditioning repeated to batch n."""
-        return SD3Conditioning(*(x.expand(n, *x.shape[1:]).contiguous()
-                                 for x in (self.encoder_hidden_states, self.pooled_projections)))
+        return FlowConditioning(*(x.expand(n, *x.shape[1:]).contiguous()
+                                  for x in (self.encoder_hidden_states, self.pooled_projections)))
+
+
+#: SD3's conditioning is the flow one (the name the SD3 code and its callers use)
+SD3Conditioning = FlowConditioning
+
+
+@contextlib.contextmanager
+def truncation_quiet(pipe):
+    """The pipeline's own ``encode_prompt`` without its warning for each prompt longer than a tokenizer's limit:
+    such prompts are truncated, as lcmkit's SD / SDXL encoders truncate (a training run's caption cache would
+    otherwise print one warning per chunk)."""
+    log = logging.getLogger(type(pipe).__module__)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @torch.no_grad()
@@ -50,34 +71,28 @@ def sd3_conditioning(pipe, prompts: list[str], negative_prompt: str | list[str] 
                      guided: bool = False) -> tuple[SD3Conditioning, SD3Conditioning | None]:
     """(cond, uncond) of ``prompts`` by the pipeline's own ``encode_prompt`` (CLIP-L ‖ CLIP-G, T5 or zeros);
     ``uncond`` (the negative prompt, "" by default, as the SD3 pipeline encodes it) only when ``guided``."""
-    import logging
-
     encoder = pipe.text_encoder if pipe.text_encoder is not None else pipe.text_encoder_2
-    # prompts longer than the tokenizers' limit are truncated, as lcmkit's SD / SDXL encoders truncate: without the
-    # pipeline's warning for each (a training run's caption cache would print one per chunk)
-    log = logging.getLogger(type(pipe).__module__)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
+    with truncation_quiet(pipe):
         emb, neg_emb, pooled, neg_pooled = pipe.encode_prompt(
             prompts, None, None, device=next(encoder.parameters()).device, do_classifier_free_guidance=guided,
             negative_prompt=negative_prompt)
-    finally:
-        log.setLevel(level)
     return SD3Conditioning(emb, pooled), SD3Conditioning(neg_emb, neg_pooled) if guided else None
 
 
 def sd3_denoiser(transformer, cond: SD3Conditioning, *, uncond: SD3Conditioning | None = None,
-                 omega: Tensor | float | None = None, num_train_timesteps: int = 1000,
-                 collapse_padding: bool = True) -> FlowDenoiser:
+                 omega: Tensor | float | None = None, guidance: None = None,
+                 num_train_timesteps: int = 1000, collapse_padding: bool = True) -> FlowDenoiser:
     """Wrap an ``SD3Transformer2DModel`` as ``denoiser(x_sigma, sigma) -> (x0_hat, v_hat)``.
 
-    ``uncond`` and ``omega`` (float or (B,)) together turn on CFG on the velocity. Outputs are in x_σ's dtype
-    promoted to at least float32; the transformer runs in its own dtype. With ``collapse_padding`` (and diffusers'
-    default joint attention in place) the all-zero context tokens at the end, SD3's T5 slots without T5, go through
-    the transformer as one token of their multiplicity (:mod:`lcmkit.flow_attention`): the same output up to
-    rounding, without 256 identical tokens in every block.
+    ``uncond`` and ``omega`` (float or (B,)) together turn on CFG on the velocity. ``guidance`` (an embedded
+    guidance scale, :func:`lcmkit.flux.flux_denoiser`'s) must be None: SD3 has no guidance embedding. Outputs are in
+    x_σ's dtype promoted to at least float32; the transformer runs in its own dtype. With ``collapse_padding`` (and
+    diffusers' default joint attention in place) the all-zero context tokens at the end, SD3's T5 slots without T5,
+    go through the transformer as one token of their multiplicity (:mod:`lcmkit.flow_attention`): the same output
+    up to rounding, without 256 identical tokens in every block.
     """
+    if guidance is not None:
+        raise ValueError("an SD3 transformer has no guidance embedding; guide it with uncond and omega (CFG on v)")
     if (uncond is None) != (omega is None):
         raise ValueError("classifier-free guidance needs both uncond and omega (or neither)")
     if uncond is not None and len(uncond) != len(cond):
@@ -130,15 +145,21 @@ def uses_default_attention(transformer) -> bool:
     return all(type(p) is JointAttnProcessor2_0 for p in transformer.attn_processors.values())
 
 
-def _shift_mu(scheduler_config, latent_hw: tuple[int, int], patch_size: int) -> float | None:
+#: the max_shift the SD3 pipeline's ``calculate_shift`` call falls back to (FluxPipeline's: 1.15)
+SD3_DEFAULT_MAX_SHIFT = 1.16
+
+
+def _shift_mu(scheduler_config, latent_hw: tuple[int, int], patch_size: int,
+              default_max_shift: float = SD3_DEFAULT_MAX_SHIFT) -> float | None:
     """μ of eq. S2 for a scheduler with ``use_dynamic_shifting``: from the latent sequence length (H/p)·(W/p) and
-    the config's base/max shift (the SD3 pipeline's ``calculate_shift`` defaults: 0.5 and 1.16); None without."""
+    the config's base/max shift (defaults 0.5 and ``default_max_shift``, as the pipeline falls back to); None
+    without."""
     get = scheduler_config.get
     if not get("use_dynamic_shifting", False):
         return None
     seq = (latent_hw[0] // patch_size) * (latent_hw[1] // patch_size)
     return dynamic_shift_mu(seq, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
-                            get("base_shift", 0.5), get("max_shift", 1.16))
+                            get("base_shift", 0.5), get("max_shift", default_max_shift))
 
 
 def scheduler_sigmas(scheduler_config, steps: int, latent_hw: tuple[int, int], patch_size: int) -> Tensor:
@@ -149,9 +170,11 @@ def scheduler_sigmas(scheduler_config, steps: int, latent_hw: tuple[int, int], p
                        num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000))
 
 
-def scheduler_training_grid(scheduler_config, skip: int, latent_hw: tuple[int, int], patch_size: int) -> Tensor:
+def scheduler_training_grid(scheduler_config, skip: int, latent_hw: tuple[int, int], patch_size: int,
+                            default_max_shift: float = SD3_DEFAULT_MAX_SHIFT) -> Tensor:
     """The distillation grid σ_0 = 0 < σ_1 < … < σ_N (:func:`lcmkit.math.flow.flow_training_grid`, skip k) on the
-    same shifted table the scheduler samples with: fixed ``shift``, or μ of the latent size."""
-    mu = _shift_mu(scheduler_config, latent_hw, patch_size)
+    same shifted table the pipeline samples with: fixed ``shift``, or μ of the latent size (FLUX: ``patch_size`` 2,
+    its 2×2 packing, and ``default_max_shift`` 1.15, FluxPipeline's fallback)."""
+    mu = _shift_mu(scheduler_config, latent_hw, patch_size, default_max_shift)
     return flow_training_grid(scheduler_config.get("num_train_timesteps", 1000), skip,
                               shift=scheduler_config.get("shift", 1.0), mu=mu)

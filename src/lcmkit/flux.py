@@ -21,21 +21,24 @@ What FLUX does differently from SD3 (docs/flow-matching.md, "FLUX.1"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import LcmkitError
-from .flow_solvers import FlowDenoiser, as_sigma_batch, get_flow_sampler
+from .flow_denoisers import FlowConditioning, truncation_quiet
+from .flow_solvers import FlowDenoiser, as_sigma_batch
 from .math.flow import dynamic_shift_mu, flow_sigmas, timestep_from_sigma, x0_from_velocity
 from .math.guidance import cfg
 from .math.schedule import append_dims
-from .solvers import Generators, randn
+from .solvers import Generators
 
 #: diffusers' default embedded guidance for FLUX.1-dev (``FluxPipeline.__call__``)
 DEFAULT_FLUX_GUIDANCE = 3.5
+#: T5 tokens per prompt, ``FluxPipeline``'s default ``max_sequence_length``
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
+#: the max_shift ``FluxPipeline``'s ``calculate_shift`` call falls back to when the scheduler config has none
+FLUX_DEFAULT_MAX_SHIFT = 1.15
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,20 +83,29 @@ def image_seq_len(latent_hw: tuple[int, int]) -> int:
 # The denoiser
 # ---------------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class FluxConditioning:
-    """What a FLUX transformer sees besides (x_σ, t), batched along dim 0: T5's tokens ``encoder_hidden_states``
-    (B, L, D) and CLIP's pooled output ``pooled_projections`` (B, P). The text ids are (L, 3) zeros."""
+#: FLUX's conditioning is the flow one: T5's tokens ``encoder_hidden_states`` (B, L, D) and CLIP-L's pooled output
+#: ``pooled_projections`` (B, P); the text ids are (L, 3) zeros
+FluxConditioning = FlowConditioning
 
-    encoder_hidden_states: Tensor
-    pooled_projections: Tensor
 
-    def __len__(self) -> int:
-        return self.encoder_hidden_states.shape[0]
+@torch.no_grad()
+def flux_conditioning(pipe, prompts: list[str], negative_prompt: str | list[str] | None = None,
+                      guided: bool = False, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+                      ) -> tuple[FlowConditioning, FlowConditioning | None]:
+    """(cond, uncond) of ``prompts`` by ``FluxPipeline.encode_prompt`` (T5 tokens padded to
+    ``max_sequence_length``, CLIP-L's pooled output); ``uncond``, the negative prompt ("" by default; a list: one
+    per prompt), only when ``guided`` (true CFG). Cond and uncond have the same token length, as true CFG needs."""
+    device = next(pipe.text_encoder_2.parameters()).device
 
-    def cat(self, other: "FluxConditioning") -> "FluxConditioning":
-        return FluxConditioning(torch.cat([self.encoder_hidden_states, other.encoder_hidden_states]),
-                                torch.cat([self.pooled_projections, other.pooled_projections]))
+    def encode(texts: list[str]) -> FlowConditioning:
+        with truncation_quiet(pipe):
+            emb, pooled, _ = pipe.encode_prompt(texts, None, device=device, max_sequence_length=max_sequence_length)
+        return FlowConditioning(emb, pooled)
+
+    if not guided:
+        return encode(prompts), None
+    negative = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+    return encode(prompts), encode(negative)
 
 
 def flux_denoiser(transformer, cond: FluxConditioning, *, guidance: Tensor | float | None = None,
@@ -183,7 +195,7 @@ def flux_scheduler_sigmas(scheduler_config, steps: int, latent_hw: tuple[int, in
     common = dict(sigmas=base, num_train_timesteps=get("num_train_timesteps", 1000), dtype=torch.float32)
     if get("use_dynamic_shifting", False):
         mu = dynamic_shift_mu(image_seq_len(latent_hw), get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
-                              get("base_shift", 0.5), get("max_shift", 1.15))
+                              get("base_shift", 0.5), get("max_shift", FLUX_DEFAULT_MAX_SHIFT))
         return flow_sigmas(steps, mu=mu, **common)
     return flow_sigmas(steps, shift=get("shift", 1.0), **common)
 
@@ -201,8 +213,10 @@ def latent_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 def sample_flux(pipe, prompt: str | list[str], *, steps: int = 4, guidance_scale: float | None = None,
                 true_cfg_scale: float = 1.0, negative_prompt: str | list[str] | None = None, sampler: str = "lcm",
                 generator: Generators = None, noise_generator: Generators = None, height: int | None = None,
-                width: int | None = None, max_sequence_length: int = 512, output_type: str = "pil"):
-    """Text-to-image on a ``FluxPipeline`` with an lcmkit flow sampler (``lcm``, ``euler``, ``heun``).
+                width: int | None = None, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+                output_type: str = "pil"):
+    """Text-to-image on a ``FluxPipeline`` with an lcmkit flow sampler (``lcm``, ``euler``, ``heun``), by
+    :func:`lcmkit.flow_pipelines.sample_flow_latents`.
 
     ``guidance_scale``: the embedded g of a guidance-distilled transformer (default 3.5, as diffusers); refused for
     a transformer without the embedding. ``true_cfg_scale`` > 1: true CFG with ``negative_prompt`` (default ""; the
@@ -213,30 +227,22 @@ def sample_flux(pipe, prompt: str | list[str], *, steps: int = 4, guidance_scale
     ``torch.manual_seed(s)`` reproduces its image. ``output_type="latent"`` returns (B, C, H, W) latents
     (the pipeline returns them packed).
     """
+    from .flow_pipelines import sample_flow_latents
+
     transformer = pipe.transformer
-    device = transformer.device
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if transformer.config.guidance_embeds:
         guidance_scale = DEFAULT_FLUX_GUIDANCE if guidance_scale is None else guidance_scale
     elif guidance_scale is not None:
         raise ValueError("this FLUX transformer has no guidance embedding (schnell-like): use true_cfg_scale with a "
                          "negative prompt instead of guidance_scale")
-    emb, pooled, _ = pipe.encode_prompt(prompts, None, device=device, max_sequence_length=max_sequence_length)
-    cond, uncond, omega = FluxConditioning(emb, pooled), None, None
-    if true_cfg_scale > 1:
-        negative = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
-        neg_emb, neg_pooled, _ = pipe.encode_prompt(negative, None, device=device,
-                                                    max_sequence_length=max_sequence_length)
-        uncond, omega = FluxConditioning(neg_emb, neg_pooled), true_cfg_scale - 1
-    denoiser = flux_denoiser(transformer, cond, guidance=guidance_scale, uncond=uncond, omega=omega,
-                             num_train_timesteps=pipe.scheduler.config.get("num_train_timesteps", 1000))
+    guided = true_cfg_scale > 1
+    cond, uncond = flux_conditioning(pipe, prompts, negative_prompt, guided, max_sequence_length)
     hw = latent_size(pipe, height, width)
-    channels = transformer.config.in_channels // 4
-    x = pack_latents(randn((len(prompts), channels, *hw), generator, device, emb.dtype))
-    sigmas = flux_scheduler_sigmas(pipe.scheduler.config, steps, hw)
-    tokens = get_flow_sampler(sampler)(packed_denoiser(denoiser, hw), x, sigmas.to(device),
-                                       generator if noise_generator is None else noise_generator)
-    latents = unpack_latents(tokens.to(emb.dtype), hw)
+    sigmas = flux_scheduler_sigmas(pipe.scheduler.config, steps, hw).to(transformer.device)
+    latents = sample_flow_latents(pipe, cond, uncond, true_cfg_scale - 1 if guided else None, sampler, sigmas,
+                                  generator, (transformer.config.in_channels // 4, *hw), guidance=guidance_scale,
+                                  noise_generator=noise_generator)
     if output_type == "latent":
         return latents
     latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor

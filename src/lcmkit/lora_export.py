@@ -39,6 +39,8 @@ from .lora_formats import FORMATS, LoraLayer, LoraWeights, save_lora, split_name
 
 #: what ``--lora-format`` writes unless told otherwise: the file every client applies whole, and diffusers' file
 DEFAULT_LORA_FORMATS = "kohya,diffusers"
+#: the same for a flow transformer's LoRA (no kohya names): diffusers' file, and ComfyUI's with alpha tensors
+DEFAULT_FLOW_LORA_FORMATS = "diffusers,comfyui"
 #: what ``--lora-format`` may name: the layouts :mod:`lcmkit.lora_formats` reads and writes, and ``comfyui``
 #: (transformer LoRAs; written here)
 WRITE_FORMATS = FORMATS + ("comfyui",)
@@ -53,7 +55,7 @@ def parse_formats(spec: str | tuple | list) -> tuple[str, ...]:
     unknown = [f for f in formats if f not in WRITE_FORMATS]
     if not formats or unknown:
         raise LcmkitError(f"lora_format {spec!r}: give a comma list of {', '.join(WRITE_FORMATS)} (default "
-                          f"{DEFAULT_LORA_FORMATS})")
+                          f"{DEFAULT_LORA_FORMATS}; flow transformers: {DEFAULT_FLOW_LORA_FORMATS})")
     return formats
 
 

@@ -22,7 +22,7 @@ CONSISTENCY_SAMPLERS = ("lcm", "tcd")
 #: teacher baselines: diffusers' schedulers driven by lcmkit's loop
 TEACHER_SAMPLERS = ("ddim", "dpm-solver", "dpm-solver++")
 SAMPLER_NAMES = CONSISTENCY_SAMPLERS + TEACHER_SAMPLERS
-#: samplers of flow-matching models (SD3): the consistency sampler and the teacher's Euler / Heun
+#: samplers of flow-matching models (SD3, FLUX): the consistency sampler and the teacher's Euler / Heun
 #: (``lcmkit.flow_solvers.FLOW_SAMPLERS``)
 FLOW_SAMPLER_NAMES = ("lcm", "euler", "heun")
 #: every name ``generate`` takes; which ones a model takes depends on its family (UNet or flow)
@@ -53,7 +53,7 @@ def check_generate_args(*, prompt=None, negative_prompt=None, steps=4, guidance=
     sent to the tokenizer). ``init_image`` is checked when it is a path (a regular file of at most
     ``MAX_IMAGE_BYTES``); ``height`` / ``width`` when given (positive, at most :data:`MAX_SIDE`; the multiple of the
     VAE scale factor is checked once the model is known); ``seed`` … ``seed + num_images − 1`` must be seeds
-    (0 … :data:`MAX_SEED`)."""
+    (0 … :data:`MAX_SEED`); ``guidance`` None stands for the model's default (resolved once it is loaded)."""
     if isinstance(prompt, str):
         check_text("prompt", prompt)
     elif isinstance(prompt, (list, tuple)):
@@ -68,7 +68,8 @@ def check_generate_args(*, prompt=None, negative_prompt=None, steps=4, guidance=
         _positive_int("batch_size", batch_size)
     if sampler not in ALL_SAMPLER_NAMES:
         raise LcmkitError(f"unknown sampler {sampler!r}; use one of {', '.join(ALL_SAMPLER_NAMES)}")
-    if not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+    if guidance is not None and (not isinstance(guidance, numbers.Real) or not math.isfinite(guidance)
+                                 or not 0 <= guidance <= MAX_GUIDANCE):
         raise LcmkitError(f"guidance must be a finite number in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
     if not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
         raise LcmkitError(f"eta (TCD gamma) must be in [0, 1], got {eta!r}")
@@ -90,11 +91,13 @@ def check_generate_args(*, prompt=None, negative_prompt=None, steps=4, guidance=
         raise LcmkitError(f"seed {seed} is too large: image i uses seed + i, and seeds end at 2**64 - 1 = {MAX_SEED}")
 
 
-def check_size(height: int, width: int, factor: int) -> None:
-    """Both sides positive multiples of the VAE scale factor ``factor``, at most :data:`MAX_SIDE`."""
+def check_size(height: int, width: int, factor: int, what: str | None = None) -> None:
+    """Both sides positive multiples of ``factor`` (``what`` it is; default the VAE scale factor), at most
+    :data:`MAX_SIDE`."""
     for name, v in (("height", height), ("width", width)):
         if v < factor or v % factor:
-            raise LcmkitError(f"{name} must be a positive multiple of {factor} (the VAE scale factor), got {v}")
+            raise LcmkitError(f"{name} must be a positive multiple of {factor} ({what or 'the VAE scale factor'}), "
+                              f"got {v}")
         if v > MAX_SIDE:
             raise LcmkitError(f"{name} {v} is above the largest size lcmkit generates ({MAX_SIDE} pixels)")
 

@@ -2,12 +2,13 @@
 
 Supported folders: ``StableDiffusionPipeline`` (SD 1.x/2.x, epsilon or v prediction), ``StableDiffusionXLPipeline``
 and ``LatentConsistencyModelPipeline`` (a full LCM: UNet with a guidance embedding), plus LCM-LoRA and style
-LoRAs applied on the fly; ``generate`` also samples ``StableDiffusion3Pipeline`` (flow matching; its conventions are
-in :mod:`lcmkit.flow_pipelines`). UNet sampling itself lives in :mod:`lcmkit.unet_sampling`.
+LoRAs applied on the fly; ``generate`` also samples ``StableDiffusion3Pipeline`` and ``FluxPipeline`` (flow matching;
+their conventions are in :mod:`lcmkit.flow_pipelines`). UNet sampling itself lives in :mod:`lcmkit.unet_sampling`.
 
 Conventions (the ones a user sees):
 
-- **guidance** is diffusers' ``guidance_scale`` g. The paper's ω = g − 1. A full LCM (``time_cond_proj_dim``)
+- **guidance** is diffusers' ``guidance_scale`` g (default 1; a guidance-distilled FLUX transformer: 3.5, into its
+  guidance embedding). The paper's ω = g − 1. A full LCM (``time_cond_proj_dim``)
   receives ω through its w-embedding and runs ONE forward per step: no negative prompt is possible there (it
   was distilled with "" as the unconditional prompt), so one is refused. Any other model runs real
   classifier-free guidance when g > 1 (base models, LCM-LoRA) and honours a negative prompt; with g ≤ 1 there
@@ -94,8 +95,8 @@ def load_pipeline(model: str | os.PathLike, *, device: str | torch.device = "aut
 
     A hub id is only tried when ``HF_HUB_OFFLINE`` is not set; offline it fails at once, asking for a folder.
     Raises :class:`LcmkitError` for a missing folder, a folder that is not a pipeline, or a pipeline that is not
-    Stable-Diffusion-family (UNet2DConditionModel + VAE + CLIP text encoder(s)); with ``flow`` an SD3 pipeline
-    (:mod:`lcmkit.flow_pipelines`) is accepted too.
+    Stable-Diffusion-family (UNet2DConditionModel + VAE + CLIP text encoder(s)); with ``flow`` an SD3 or FLUX
+    pipeline (:mod:`lcmkit.flow_pipelines`) is accepted too.
     """
     from diffusers import DiffusionPipeline
 
@@ -172,7 +173,7 @@ def _quiet_loading():
 
 def check_pipeline(pipe, name: str = "pipeline", flow: bool = False) -> None:
     """Refuse pipelines lcmkit cannot drive (anything without a conditional UNet, a VAE and CLIP text encoders); an
-    SD3 pipeline only where ``flow`` says the caller drives flow models."""
+    SD3 or FLUX pipeline only where ``flow`` says the caller drives flow models."""
     from diffusers import UNet2DConditionModel
 
     from .flow_pipelines import check_flow_pipeline, flow_family
@@ -180,7 +181,7 @@ def check_pipeline(pipe, name: str = "pipeline", flow: bool = False) -> None:
     if flow_family(pipe) is not None:
         if not flow:
             raise LcmkitError(f"{name} is a flow-matching ({type(pipe).__name__}) pipeline; this command takes UNet "
-                              "pipelines (SD 1.x/2.x, SDXL); lcmkit distill and generate take SD3")
+                              "pipelines (SD 1.x/2.x, SDXL); lcmkit distill and generate take SD3 and FLUX")
         return check_flow_pipeline(pipe, name)
 
     missing = [c for c in ("unet", "vae", "scheduler", "tokenizer") if getattr(pipe, c, None) is None]
@@ -396,7 +397,7 @@ def applied_loras(pipe, loras: Iterable, fuse: bool = True):
 # ---------------------------------------------------------------------------------------------------------------
 
 def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str | None = None, steps: int = 4,
-             guidance: float = 1.0, seed: int = 0, num_images: int = 1, height: int | None = None,
+             guidance: float | None = None, seed: int = 0, num_images: int = 1, height: int | None = None,
              width: int | None = None, sampler: str = "lcm", eta: float = 0.3, loras: Iterable = (),
              init_image=None, strength: float = 1.0, device: str | torch.device = "auto",
              dtype: str | torch.dtype | None = None, progress: bool = True, output_type: str = "pil",
@@ -409,17 +410,19 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
 
     Args:
         pipe_or_path: a loaded diffusers pipeline or a pipeline folder (see :func:`load_pipeline`).
-        guidance: diffusers' guidance_scale g (ω = g − 1). Full LCM: w-embedding of ω. Otherwise real CFG
-            (one batched forward of [negative; prompt]) when g > 1, conditional only when g ≤ 1.
+        guidance: diffusers' guidance_scale g (ω = g − 1). Full LCM: w-embedding of ω. Guidance-distilled FLUX
+            (FLUX.1-dev): its guidance embedding of g (default 3.5). Otherwise real CFG (one batched forward of
+            [negative; prompt]) when g > 1, conditional only when g ≤ 1. None: 1, or 3.5 on FLUX.1-dev.
         negative_prompt: used where CFG runs; refused (LcmkitError) where it cannot be honoured.
         seed: image i uses ``torch.Generator(device).manual_seed(seed + i)``.
         sampler: ``lcm`` (Algorithm 3), ``tcd`` (γ = ``eta``), or the teacher baselines ``ddim``, ``dpm-solver``,
-            ``dpm-solver++`` (diffusers' schedulers, order 2 for DPM-Solver). SD3 pipelines: ``lcm`` (the flow
-            consistency sampler) or the teacher's ``euler`` / ``heun`` (:mod:`lcmkit.flow_pipelines`).
+            ``dpm-solver++`` (diffusers' schedulers, order 2 for DPM-Solver). SD3 and FLUX pipelines: ``lcm`` (the
+            flow consistency sampler) or the teacher's ``euler`` / ``heun`` (:mod:`lcmkit.flow_pipelines`).
         loras: ``FILE[:WEIGHT]`` strings or (file, weight) pairs, applied only for this call: merged into the
             weights and restored bit for bit afterwards, or with ``fuse_loras=False`` added by forward hooks.
         init_image / strength: img2img; see the module docstring for the two strength conventions.
-        height, width: pixels, multiples of the VAE scale factor; default the UNet's (transformer's) native size.
+        height, width: pixels, multiples of the VAE scale factor (flow transformers: × 2); default the model's
+            native size (:func:`native_size`).
         dtype: ``float32`` / ``float16`` / ``bfloat16``; None keeps the pipeline's (float32 when loading).
         batch_size: images per forward (default all); fewer where the memory estimate (:func:`lcmkit.options.image_bytes`)
             says they do not fit. Image i is the same whatever the batch (its own generator).
@@ -432,7 +435,7 @@ def generate(pipe_or_path, prompt: str | Sequence[str], *, negative_prompt: str 
     return [image for part in parts for image in part]
 
 
-def generate_batches(pipe_or_path, prompt, *, negative_prompt=None, steps=4, guidance=1.0, seed=0, num_images=1,
+def generate_batches(pipe_or_path, prompt, *, negative_prompt=None, steps=4, guidance=None, seed=0, num_images=1,
                      height=None, width=None, sampler="lcm", eta=0.3, loras=(), init_image=None, strength=1.0,
                      device="auto", dtype=None, progress=True, output_type="pil", batch_size=None, fuse_loras=True):
     """:func:`generate`'s images batch by batch, as they are made (the same arguments): each item is a list of PIL
@@ -471,15 +474,19 @@ def generate_batches(pipe_or_path, prompt, *, negative_prompt=None, steps=4, gui
         check_generate_args(num_images=num_images, seed=seed)
     else:
         prompts = None
+    from .flow_pipelines import FlowSampling, default_guidance, flow_arch, flow_family
+
+    flow = flow_family(pipe) is not None
+    height = height if height is not None else native_size(pipe)
+    width = width if width is not None else native_size(pipe)
     factor = vae_scale_factor(pipe)
-    height = height if height is not None else denoising_model(pipe).config.sample_size * factor
-    width = width if width is not None else denoising_model(pipe).config.sample_size * factor
-    check_size(height, width, factor)
+    if flow:  # the latent's sides must be multiples of the patch (SD3) or of FLUX's 2×2 packing
+        factor *= flow_arch(pipe).latent_multiple(pipe.transformer.config)
+    check_size(height, width, factor, "the VAE scale factor × the transformer's patch" if flow else None)
     init_image = load_image(init_image, "init image")  # a regular file of at most 64 MiB, or a PIL image
+    guidance = default_guidance(pipe) if guidance is None else guidance
 
-    from .flow_pipelines import FlowSampling, flow_family
-
-    family = FlowSampling if flow_family(pipe) is not None else UnetSampling
+    family = FlowSampling if flow else UnetSampling
     sampling = family(pipe, sampler=sampler, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
                       strength=strength, init_image=init_image, height=height, width=width, device=device, eta=eta)
     with applied_loras(pipe, loras, fuse=fuse_loras):
@@ -501,8 +508,18 @@ def generate_batches(pipe_or_path, prompt, *, negative_prompt=None, steps=4, gui
 
 
 def denoising_model(pipe):
-    """The pipeline's denoiser: its UNet, or an SD3 pipeline's transformer."""
+    """The pipeline's denoiser: its UNet, or a flow pipeline's (SD3, FLUX) transformer."""
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
+def native_size(pipe) -> int:
+    """The image side (pixels) a pipeline makes by default: the UNet's ``sample_size`` × the VAE scale factor, or
+    the flow architecture's (:class:`lcmkit.flow_pipelines.FlowArch`; FLUX: 1024 as ``FluxPipeline``)."""
+    from .flow_pipelines import flow_arch, flow_family
+
+    if flow_family(pipe) is not None:
+        return flow_arch(pipe).default_size(pipe)
+    return pipe.unet.config.sample_size * vae_scale_factor(pipe)
 
 
 def check_negative_prompt(negative_prompt: str | None, use_cfg: bool, guidance: float) -> None:

@@ -70,7 +70,7 @@ class UnetSampling:
         from .pipelines import check_negative_prompt
 
         if sampler not in SAMPLER_NAMES:
-            raise LcmkitError(f"sampler {sampler} is for flow-matching models (SD3); a UNet model samples with "
+            raise LcmkitError(f"sampler {sampler} is for flow-matching models (SD3, FLUX); a UNet model samples with "
                               f"{', '.join(SAMPLER_NAMES)}")
         self.pipe, self.sampler, self.steps, self.strength, self.eta = pipe, sampler, steps, strength, eta
         self.guidance, self.negative_prompt, self.init_image = guidance, negative_prompt, init_image

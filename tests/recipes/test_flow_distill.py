@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from fixed_losses import distill_loss as fixed_draw_loss
+from flow_checks import assert_resume_is_exact, diffusers_pipeline, eight_bit, png_pixels, quiet
+from flow_checks import run_generate as _generate
 
-from lcmkit.train.checkpoint import checkpoint_dirs, load_checkpoint
+from lcmkit.train.checkpoint import checkpoint_dirs
 from lcmkit.train.config import build_config
 from lcmkit.train.distill import DistillConfig, distill
 
@@ -37,19 +39,11 @@ def latest(out) -> Path:
     return checkpoint_dirs(out)[-1]
 
 
-def quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def sd3_pipeline(folder, scheduler=None):
     """The folder as diffusers loads it (T5 absent), with ``scheduler`` (a class) built from its config."""
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None, tokenizer_3=None)
-    if scheduler is not None:
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-    return quiet(pipe)
+    return diffusers_pipeline(StableDiffusion3Pipeline, folder, scheduler, text_encoder_3=None, tokenizer_3=None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -66,7 +60,7 @@ def test_short_flow_distillation_lowers_loss_and_its_lora_loads_in_diffusers(tin
 
     # 16 steps at lr 1e-3 on a fixed batch of 2 (the fixed-draw loss falls by 1–3.5% over seeds 0–3)
     cfg = make_cfg(tiny_sd3_dir, tmp_path / "run", max_steps=16, lr=1e-3, validate_every=16)
-    assert (cfg.solver, cfg.lora_format) == ("euler", "diffusers")
+    assert (cfg.solver, cfg.lora_format) == ("euler", "diffusers,comfyui")
     before = fixed_draw_loss(cfg, draws=6)
     result = distill(cfg)
     after = fixed_draw_loss(cfg, latest(cfg.out), draws=6)
@@ -74,12 +68,17 @@ def test_short_flow_distillation_lowers_loss_and_its_lora_loads_in_diffusers(tin
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["finished"] and summary["step"] == 16 and summary["nonfinite_skipped"] == 0
     assert (tmp_path / "run" / "validation" / "step-0000016.png").is_file()
-    assert result.name == "lora" and sorted(p.name for p in result.iterdir()) == ["config.yaml", LORA_WEIGHT_NAME]
+    comfyui = result / "pytorch_lora_weights_comfyui.safetensors"
+    assert result.name == "lora" and sorted(p.name for p in result.iterdir()) == ["config.yaml", LORA_WEIGHT_NAME,
+                                                                                  comfyui.name]
 
-    # every trained layer is in the file, with transformer.* keys, and diffusers applies every one
+    # every trained layer is in the files, with transformer.* keys (the comfyui one with an alpha tensor each), and
+    # diffusers applies every one of its file
     trained = {k.split(".lora_A.")[0] for k in load_file(str(latest(cfg.out) / "lora.safetensors")) if ".lora_A." in k}
     keys = load_file(str(result / LORA_WEIGHT_NAME)).keys()
     assert all(k.startswith("transformer.") for k in keys) and len(keys) == 2 * len(trained) == 42
+    alphas = {k: v for k, v in load_file(str(comfyui)).items() if k.endswith(".alpha")}
+    assert len(alphas) == len(trained) and all(float(v) == 8.0 for v in alphas.values())
     theirs = sd3_pipeline(tiny_sd3_dir, FlowMatchLCMScheduler)
     theirs.load_lora_weights(str(result))
     assert set(lora_layers(theirs.transformer)) == trained
@@ -99,12 +98,14 @@ def test_short_flow_distillation_lowers_loss_and_its_lora_loads_in_diffusers(tin
                       noise_generator=torch.default_generator)
     torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)
     assert (ours - base).abs().max() > 1e-3
-    # lcmkit generate (one step: no per-step ε) with --lora == diffusers with load_lora_weights
-    one = generate(str(tiny_sd3_dir), PROMPT, steps=1, seed=3, loras=[result / LORA_WEIGHT_NAME], output_type="np",
-                   device="cpu", progress=False)
+    # lcmkit generate (one step: no per-step ε) with --lora == diffusers with load_lora_weights, from either file
+    # (the comfyui one's alpha tensors read: scale 2)
     ref_one = theirs(PROMPT, num_inference_steps=1, guidance_scale=1.0, output_type="np",
                      generator=torch.Generator().manual_seed(3)).images
-    assert abs(one - ref_one).max() < 2e-5
+    for file in (result / LORA_WEIGHT_NAME, comfyui):
+        one = generate(str(tiny_sd3_dir), PROMPT, steps=1, seed=3, loras=[file], output_type="np", device="cpu",
+                       progress=False)
+        assert abs(one - ref_one).max() < 2e-5, file.name
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -115,24 +116,10 @@ def test_flow_kill_and_resume_is_exact(tiny_sd3_dir, tmp_path):
     from safetensors.torch import load_file
 
     # an EMA target of the adapter (checkpointed beside it), 2 micro-batches, cosine schedule with warm-up, Heun
-    kw = dict(max_steps=2, lora_ema=0.5, batch_size=1, generated_samples=3, grad_accum=2, warmup_steps=1,
-              lr_schedule="cosine", checkpoint_every=1, lr=1e-3, solver="heun")
-    distill(make_cfg(tiny_sd3_dir, tmp_path / "straight", **kw))
-    distill(make_cfg(tiny_sd3_dir, tmp_path / "split", stop_at=1, **kw))
-    distill(make_cfg(tiny_sd3_dir, tmp_path / "split", resume=True, **kw))
-
-    a, b = (latest(tmp_path / d) for d in ("straight", "split"))
-    assert a.name == b.name == "step-0000002"
-    files = sorted(f.name for f in a.glob("*.safetensors"))
-    assert {"lora.safetensors", "lora_target.safetensors"} <= set(files)
-    for name in files:
-        wa, wb = load_file(str(a / name)), load_file(str(b / name))
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
-    sa, sb = (load_checkpoint(x)[1] for x in (a, b))
-    assert torch.equal(sa["data"]["position"], sb["data"]["position"])
-    la = json.loads((tmp_path / "straight" / "summary.json").read_text())["losses"]
-    lb = json.loads((tmp_path / "split" / "summary.json").read_text())["losses"]
-    assert la[1:] == lb  # the resumed half reproduces the straight run's loss exactly
+    a, _ = assert_resume_is_exact(make_cfg, tiny_sd3_dir, tmp_path, max_steps=2, lora_ema=0.5, batch_size=1,
+                                  generated_samples=3, grad_accum=2, warmup_steps=1, lr_schedule="cosine",
+                                  checkpoint_every=1, lr=1e-3, solver="heun")
+    assert {"lora.safetensors", "lora_target.safetensors"} <= {f.name for f in a.glob("*.safetensors")}
     # the exported LoRA is θ⁻ (the EMA), as the UNet recipe exports it
     ema = load_file(str(a / "lora_target.safetensors"))
     exported = load_file(str(tmp_path / "straight" / "lora" / "pytorch_lora_weights.safetensors"))
@@ -142,26 +129,6 @@ def test_flow_kill_and_resume_is_exact(tiny_sd3_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # lcmkit generate on an SD3 folder == diffusers' SD3 pipelines
 # --------------------------------------------------------------------------------------------------------------
-
-def _generate(args, capsys) -> tuple[int, str]:
-    from lcmkit.cli import main
-
-    capsys.readouterr()
-    code = main(["generate", *map(str, args)])
-    return code, capsys.readouterr().err.strip()
-
-
-def _png(path) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    return torch.from_numpy(np.asarray(Image.open(path), dtype=np.uint8).copy())
-
-
-def _pil(images: torch.Tensor) -> torch.Tensor:
-    """diffusers' (B, 3, H, W) images in [0, 1] rounded to 8 bits as a PNG stores them."""
-    return (images[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
-
 
 def test_cli_generate_on_sd3_matches_diffusers(tiny_sd3_dir, tmp_path, capsys):
     from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, StableDiffusion3Img2ImgPipeline
@@ -175,14 +142,14 @@ def test_cli_generate_on_sd3_matches_diffusers(tiny_sd3_dir, tmp_path, capsys):
     pipe = sd3_pipeline(tiny_sd3_dir, FlowMatchEulerDiscreteScheduler)
     ref = pipe(PROMPT, negative_prompt="blue", num_inference_steps=3, guidance_scale=3.0, output_type="pt",
                generator=torch.Generator().manual_seed(5)).images
-    assert (_png(tmp_path / "euler.png").int() - _pil(ref).int()).abs().max() <= 1
+    assert (png_pixels(tmp_path / "euler.png").int() - eight_bit(ref).int()).abs().max() <= 1
     # LCM, one step: FlowMatchLCMScheduler draws no ε before the last step
     code, err = _generate([*common, "--steps", 1, "--out", tmp_path / "lcm.png"], capsys)
     assert code == 0, err
     lcm = sd3_pipeline(tiny_sd3_dir, FlowMatchLCMScheduler)
     ref = lcm(PROMPT, num_inference_steps=1, guidance_scale=1.0, output_type="pt",
               generator=torch.Generator().manual_seed(5)).images
-    assert torch.equal(_png(tmp_path / "lcm.png"), _pil(ref))
+    assert torch.equal(png_pixels(tmp_path / "lcm.png"), eight_bit(ref))
     # image-to-image, Euler at strength 0.5 of 4 steps: the last 2 steps, as StableDiffusion3Img2ImgPipeline runs
     code, err = _generate([*common, "--sampler", "euler", "--steps", 4, "--init-image", tmp_path / "euler.png",
                            "--strength", 0.5, "--out", tmp_path / "i2i.png"], capsys)
@@ -190,7 +157,7 @@ def test_cli_generate_on_sd3_matches_diffusers(tiny_sd3_dir, tmp_path, capsys):
     i2i = quiet(StableDiffusion3Img2ImgPipeline(**pipe.components))
     ref = i2i(PROMPT, image=Image.open(tmp_path / "euler.png"), strength=0.5, num_inference_steps=4,
               guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(5)).images
-    assert (_png(tmp_path / "i2i.png").int() - _pil(ref).int()).abs().max() <= 1
+    assert (png_pixels(tmp_path / "i2i.png").int() - eight_bit(ref).int()).abs().max() <= 1
     # Heun runs (diffusers' SD3 pipeline cannot drive FlowMatchHeunDiscreteScheduler to compare with)
     code, err = _generate([*common, "--sampler", "heun", "--steps", 2, "--out", tmp_path / "heun.png"], capsys)
     assert code == 0 and (tmp_path / "heun.png").is_file(), err
@@ -221,8 +188,11 @@ def test_cli_generate_refuses_flow_samplers_on_a_unet(tiny_sd_dir, tmp_path, cap
     ("tiny_sd3_dir", ["--mode", "full"], "--mode full puts ω into a guidance embedding"),
     ("tiny_sd3_dir", ["--solver", "ddim"], "solver ddim is for UNet (DDPM) teachers; this teacher takes euler, heun"),
     ("tiny_sd3_dir", ["--solver", "dpm-solver++"], "solver dpm-solver++ is for UNet (DDPM) teachers"),
-    ("tiny_sd3_dir", ["--lora-format", "diffusers,kohya"], "--lora-format kohya has no key names for a transformer"),
-    ("tiny_sd_dir", ["--solver", "euler"], "solver euler is for flow-matching (SD3) teachers; this teacher takes ddim"),
+    ("tiny_sd3_dir", ["--lora-format", "diffusers,kohya"], "kohya has no key names for a transformer"),
+    ("tiny_sd3_dir", ["--lora-format", "kohya,diffusers"], "kohya has no key names for a transformer"),
+    ("tiny_sd3_dir", ["--lora-format", "kohya"], "kohya has no key names for a transformer"),
+    ("tiny_sd_dir", ["--solver", "euler"], "solver euler is for flow-matching (SD3, FLUX) teachers; this teacher "
+                                           "takes ddim"),
 ])
 def test_bad_options_for_the_teacher_are_one_line(teacher, extra, message, request, tmp_path, capsys):
     from lcmkit.cli import main
@@ -236,12 +206,17 @@ def test_bad_options_for_the_teacher_are_one_line(teacher, extra, message, reque
     assert not out.exists()
 
 
-def test_flow_teacher_default_omega_and_lora_format(tiny_sd3_dir, tmp_path):
+def test_flow_teacher_default_omega_and_lora_format(tiny_sd3_dir, tiny_sd_dir, tmp_path):
     from lcmkit.train.distill import omega_range
 
     cfg = make_cfg(tiny_sd3_dir, tmp_path / "o")
-    assert (cfg.solver, cfg.lora_format, cfg.lora_rank) == ("euler", "diffusers", 4)
+    assert (cfg.solver, cfg.lora_format, cfg.lora_rank) == ("euler", "diffusers,comfyui", 4)
     assert omega_range(cfg, "sd3") == (2.5, 6.0)
+    # an explicit value is honoured as given
     assert make_cfg(tiny_sd3_dir, tmp_path / "o", lora_format="peft,diffusers").lora_format == "peft,diffusers"
+    assert make_cfg(tiny_sd3_dir, tmp_path / "o", lora_format="diffusers").lora_format == "diffusers"
+    # a UNet teacher's default is unchanged: the kohya file and diffusers'
+    assert build_config(DistillConfig, None, dict(teacher=str(tiny_sd_dir), data="world",
+                                                  out=str(tmp_path / "u"))).lora_format == "kohya,diffusers"
     assert build_config(DistillConfig, None, dict(teacher=str(tiny_sd3_dir), data="world",
                                                   out=str(tmp_path / "o"))).lora_rank == 64

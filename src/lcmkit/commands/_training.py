@@ -117,10 +117,12 @@ def run_recipe(config_cls, recipe, args) -> int:
 def add_lora_save_args(p: argparse.ArgumentParser) -> None:
     """How the trained LoRA is written (``lcmkit.train.config.LoraSaveOptions``): which files, in what precision."""
     p.add_argument("--lora-format", metavar="FORMATS",
-                   help="comma list of kohya, diffusers, peft: one LoRA file each (default kohya,diffusers: the "
-                        "diffusers-keyed file at the usual path for diffusers' load_lora_weights, and "
-                        "<name>_kohya.safetensors beside it, which ComfyUI, Forge, AUTOMATIC1111 and sd-scripts "
-                        "apply whole)")
+                   help="comma list of kohya, diffusers, peft, comfyui: one LoRA file each. Default kohya,diffusers "
+                        "for UNet models: the diffusers-keyed file at the usual path for diffusers' "
+                        "load_lora_weights, and <name>_kohya.safetensors beside it, which ComfyUI, Forge, "
+                        "AUTOMATIC1111 and sd-scripts apply whole. Default diffusers,comfyui for flow transformers "
+                        "(SD3, FLUX; no kohya names): the diffusers file, and <name>_comfyui.safetensors with an "
+                        "alpha tensor per layer, which ComfyUI reads")
     p.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), help="LoRA weights' dtype (default fp32)")
 
 
@@ -134,9 +136,11 @@ def add_consistency_args(p: argparse.ArgumentParser) -> None:
     """ω range, skip k, distance and LCM validation grids: the options of both consistency recipes
     (``lcmkit distill`` and ``lcmkit finetune``); names as their config fields."""
     a = p.add_argument
-    a("--omega-min", type=float, help="omega ~ U[min, max] per sample (default 5 SD / 3 SDXL / 2.5 SD3)")
-    a("--omega-max", type=float, help="(default 15; SD3: 6)")
+    a("--omega-min", type=float, help="omega ~ U[min, max] per sample (default 5 SD / 3 SDXL / 2.5 SD3 and FLUX "
+                                      "with true CFG / 1 FLUX.1-dev, whose embedded guidance g = omega + 1)")
+    a("--omega-max", type=float, help="(default 15; SD3 and FLUX with true CFG: 6; FLUX.1-dev: 4)")
     a("--skip", type=int, help="skipping step k (default 20)")
     add_distance_args(p)
     a("--validation-steps", type=int, nargs="+", help="LCM step counts, one grid row each (default 1 2 4)")
-    a("--validation-omega", type=float, help="omega of the full LCM's w-embedding in grids (default 7)")
+    a("--validation-omega", type=float, help="omega in validation grids: a full LCM's w-embedding (default 7); "
+                                             "FLUX.1-dev's embedded g = omega + 1 (default: mid omega range)")

@@ -18,13 +18,14 @@ from ._training import (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("distill", help="latent consistency distillation (full LCM or LCM-LoRA) of an SD/SDXL/SD3 "
-                                       "teacher",
+    p = sub.add_parser("distill", help="latent consistency distillation (full LCM or LCM-LoRA) of an SD/SDXL/SD3/"
+                                       "FLUX teacher",
                        description="Distil a Stable-Diffusion-family teacher into a few-step LCM (LCM paper, "
-                                   "Algorithm 1) or an LCM-LoRA; an SD3/SD3.5 (flow-matching) teacher into an "
-                                   "LCM-LoRA. Flags override the --config YAML file.")
+                                   "Algorithm 1) or an LCM-LoRA; an SD3/SD3.5 or FLUX.1 (flow-matching) teacher "
+                                   "into an LCM-LoRA. Flags override the --config YAML file.")
     a = p.add_argument
-    a("--teacher", help="teacher diffusers pipeline folder (SD 1.x/2.x eps or v, SDXL; SD3/SD3.5 for --mode lora)")
+    a("--teacher", help="teacher diffusers pipeline folder (SD 1.x/2.x eps or v, SDXL; SD3/SD3.5, FLUX.1 for "
+                        "--mode lora)")
     a("--out", help="output folder (refused if it has results, unless --resume or --overwrite)")
     a("--mode", choices=("full", "lora"), help="full: w-embedding LCM + EMA target (UNet teachers); lora: LCM-LoRA "
                                                "(default)")
@@ -36,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--omega", type=float, help="fixed paper guidance omega (= guidance_scale - 1)")
     a("--solver", choices=("ddim", "dpm-solver", "dpm-solver++", "euler", "heun"),
       help="teacher ODE solver: ddim (default), dpm-solver, dpm-solver++ for UNet teachers; euler (default), heun "
-           "for flow-matching (SD3) teachers")
+           "for flow-matching (SD3, FLUX) teachers")
     a("--top-fraction", type=float, help="extra share of pairs at the grid's top point, where 1-step sampling "
       "starts (not in the paper; default 0 = uniform)")
     add_lora_save_args(p)

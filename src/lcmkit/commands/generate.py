@@ -20,17 +20,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ._training import add_model_config_arg
 
     p = sub.add_parser("generate", help="generate images with an LCM, LCM-LoRA or base model",
-                       description="Generate images from a local diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM, SD3).")
-    p.add_argument("model", metavar="MODEL", help="diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM, SD3/SD3.5), "
-                                                  "or a .safetensors single-file checkpoint (SD 1.x/2.x, SDXL; see "
-                                                  "--model-config)")
+                       description="Generate images from a local diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM, "
+                                   "SD3, FLUX.1).")
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline folder (SD 1.x/2.x, SDXL, LCM, SD3/SD3.5, "
+                                                  "FLUX.1), or a .safetensors single-file checkpoint (SD 1.x/2.x, "
+                                                  "SDXL; see --model-config)")
     add_model_config_arg(p)
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default=None,
-                   help="negative prompt; needs real CFG (guidance > 1, not a full LCM)")
+                   help="negative prompt; needs real CFG (guidance > 1, not a full LCM nor FLUX.1-dev)")
     p.add_argument("--steps", type=int, default=4, help="sampling steps (default 4)")
-    p.add_argument("--guidance", type=float, default=1.0,
-                   help="diffusers guidance_scale g (paper ω = g − 1); full LCM: w-embedding, otherwise CFG when g > 1")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="diffusers guidance_scale g (paper ω = g − 1; default 1); full LCM: w-embedding; FLUX.1-dev "
+                        "(guidance-distilled): its guidance embedding, default 3.5; otherwise CFG when g > 1")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i, 0 … 2**64 − 1 (default 0)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "whatever the batch size")
     p.add_argument("--sampler", choices=ALL_SAMPLER_NAMES, default="lcm",
                    help="lcm / tcd (few-step), or the teacher baselines ddim / dpm-solver / dpm-solver++; flow models "
-                        "(SD3): lcm, or the teacher's euler / heun")
+                        "(SD3, FLUX): lcm, or the teacher's euler / heun")
     p.add_argument("--eta", type=float, default=0.3, help="TCD gamma in [0, 1] (default 0.3)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="a .safetensors LoRA, weight default 1.0; repeat for several (summed: task arithmetic); merged "

@@ -455,13 +455,14 @@ class ConsistencyOptions(TrainingOptions):
 
     ema: float = 0.95                 # μ of the target θ⁻ (full mode); 0 = target is a copy of θ
     omega: float | None = None        # fixed paper ω (diffusers guidance_scale − 1) instead of a range
-    omega_min: float | None = None    # default 5 (SD) / 3 (SDXL) / 2.5 (SD3)
-    omega_max: float | None = None    # default 15 (SD3: 6)
+    omega_min: float | None = None    # default 5 (SD) / 3 (SDXL) / 2.5 (SD3) / 1 (FLUX.1-dev)
+    omega_max: float | None = None    # default 15 (SD3, FLUX with true CFG: 6; FLUX.1-dev: 4)
     skip: int = 20                    # skipping step k
     loss: str = "huber"               # l2 (paper) or huber (pseudo-Huber)
     huber_c: float = 0.001
     validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
-    validation_omega: float = 7.0     # ω of the full LCM's w-embedding in validation grids
+    validation_omega: float | None = None  # ω in validation grids: a full LCM's w-embedding (default 7);
+    #                                        FLUX.1-dev's embedded g = ω + 1 (default: the middle of the ω range)
 
     def check_consistency(self) -> None:
         """Check the shared options; each recipe's ``__post_init__`` calls this after :meth:`check_training`."""
@@ -492,11 +493,17 @@ class LoraSaveOptions:
     """How a recipe writes the LoRA it trains (``distill --mode lora``, ``lora train``, ``finetune --lora``):
     :func:`lcmkit.lora_export.write_lora_files`."""
 
-    lora_format: str = "kohya,diffusers"  # comma list of kohya, diffusers, peft: one file each
+    lora_format: str | None = None   # comma list of kohya, diffusers, peft, comfyui: one file each (default
+    #                                  kohya,diffusers; flow teachers' LoRAs: diffusers,comfyui)
     save_dtype: str = "fp32"              # the LoRA factors' dtype: fp32, fp16 or bf16
 
-    def check_lora_save(self) -> None:
-        from ..lora_export import check_save_dtype, parse_formats
+    def check_lora_save(self, resolve: bool = True) -> None:
+        """Check the formats and dtype; no ``lora_format`` given becomes ``kohya,diffusers`` (``resolve=False``:
+        left to the recipe, as distillation resolves it by the teacher's kind)."""
+        from ..lora_export import DEFAULT_LORA_FORMATS, check_save_dtype, parse_formats
 
-        parse_formats(self.lora_format)
+        if self.lora_format is None and resolve:
+            self.lora_format = DEFAULT_LORA_FORMATS
+        if self.lora_format is not None:
+            parse_formats(self.lora_format)
         check_save_dtype(self.save_dtype)

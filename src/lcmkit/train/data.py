@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LcmkitError
-from .encode import Encoder, build_latent_cache, build_text_cache, encode_text
+from .encode import EMPTY_PROMPT_UNCOND, Encoder, build_latent_cache, build_text_cache, encode_text
 
 if TYPE_CHECKING:
     from .config import TrainingOptions
@@ -225,7 +225,7 @@ class DataStream:
 def make_data(cfg, pipe, arch: str, device: torch.device, resolution: int, rank: int, world_size: int,
               progress: bool) -> tuple[DataSource, DataStream, Encoder]:
     """This process's data stream and the batch encoder (latent and text caches as configured); the encoder's
-    unconditional embedding is "" (SD, SD3) / zeros (SDXL), as in distillation."""
+    unconditional embedding is "" (SD, SD3, FLUX) / zeros (SDXL), as in distillation."""
     source = DataSource(cfg, resolution)
     stream = DataStream(source, cfg, resolution, rank, world_size)
     if cfg.cache_latents:
@@ -233,7 +233,7 @@ def make_data(cfg, pipe, arch: str, device: torch.device, resolution: int, rank:
     cache_text = cfg.cache_text if cfg.cache_text is not None else source.generated is not None
     encoder = Encoder(pipe, arch, device, latent_cache=stream.latent_cache,
                       text_cache=build_text_cache(source.captions(), pipe, arch) if cache_text else None)
-    if arch in ("sd", "sd3"):
+    if arch in EMPTY_PROMPT_UNCOND:
         encoder.uncond_hidden, encoder.uncond_pooled = encode_text(pipe, arch, [""])
     return source, stream, encoder
 

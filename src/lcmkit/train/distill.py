@@ -25,9 +25,12 @@ adapter weights (:class:`EmaLoraTarget`). Guidance is baked in (no w-embedding).
 keys, for ``load_lora_weights(folder)``) and ``pytorch_lora_weights_kohya.safetensors`` (kohya keys, which
 ComfyUI, Forge, AUTOMATIC1111 and sd-scripts apply whole), factors in ``save_dtype``.
 
-**Flow-matching teachers** (SD3 / SD3.5, ``StableDiffusion3Pipeline``; LoRA mode only): the same recipe on the
-rectified flow, :mod:`lcmkit.train.flow_distill` (σ grid on the scheduler's shifted table, Euler / Heun teacher
-solvers, f_θ(x_σ, σ) = x_σ − σ·v_θ; docs/flow-matching.md). A :class:`DistillFamily` says what differs (building
+**Flow-matching teachers** (SD3 / SD3.5, ``StableDiffusion3Pipeline``; FLUX.1, ``FluxPipeline``; LoRA mode only):
+the same recipe on the rectified flow, :mod:`lcmkit.train.flow_distill` (σ grid on the pipeline's shifted table,
+Euler / Heun teacher solvers, f_θ(x_σ, σ) = x_σ − σ·v_θ; FLUX.1-dev's ω through its guidance embedding;
+docs/flow-matching.md). Their LoRA is written by default as ``diffusers,comfyui``: the diffusers file above and
+``pytorch_lora_weights_comfyui.safetensors`` (the same keys with an ``.alpha`` tensor per layer, which ComfyUI
+reads); transformers have no kohya names. A :class:`DistillFamily` says what differs (building
 the roles, the grid, one micro-batch's loss, validation grids); the loop, data, checkpoints, resume, EMA target and
 LoRA export are this module's for both.
 
@@ -77,9 +80,14 @@ from .runtime import weight_dtype
 MODES = ("full", "lora")
 #: Width of the guidance embedding of ω (``time_cond_proj_dim``), as the released LCMs.
 W_EMBEDDING_DIM = 256
-#: ω range when none is given: the released LCM code's for SD / SDXL (docs/reference.md, Guidance ω); for SD3
-#: lcmkit's choice, g = ω + 1 ∈ [3.5, 7] (docs/flow-matching.md, "Distillation options")
-DEFAULT_OMEGA = {"sd": (5.0, 15.0), "sdxl": (3.0, 15.0), "sd3": (2.5, 6.0)}
+#: ω range when none is given, by ``Roles.omega_preset``: the released LCM code's for SD / SDXL (docs/reference.md,
+#: Guidance ω); for flow teachers lcmkit's choices (docs/flow-matching.md, "Distillation options"): SD3 and FLUX
+#: guided by true CFG g = ω + 1 ∈ [3.5, 7]; FLUX.1-dev's embedded g = ω + 1 ∈ [2, 5], around its default 3.5
+DEFAULT_OMEGA = {"sd": (5.0, 15.0), "sdxl": (3.0, 15.0), "sd3": (2.5, 6.0), "flux": (1.0, 4.0),
+                 "flux-cfg": (2.5, 6.0)}
+#: ω of validation grids when none is given: a full LCM's w-embedding (the released LCMs' g = 8); a guidance-
+#: distilled FLUX student is validated at the middle of its trained ω range instead
+DEFAULT_VALIDATION_OMEGA = 7.0
 #: teacher solver Ψ when none is given, by teacher kind
 DEFAULT_SOLVER = {"unet": "ddim", "flow": "euler"}
 RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
@@ -93,7 +101,7 @@ RESULT_NAMES = ("pipeline", "lora", "summary.json", "validation")
 class DistillConfig(ConsistencyOptions, LoraSaveOptions):
     """Everything ``lcmkit distill`` reads. YAML keys and CLI flags have the same names (``-`` for ``_``)."""
 
-    teacher: str = ""                 # diffusers pipeline folder: SD 1.x/2.x (eps or v) or SDXL
+    teacher: str = ""                 # diffusers pipeline folder: SD 1.x/2.x (eps or v), SDXL, SD3, FLUX
     out: str = ""                     # output folder
     mode: str = "lora"                # full (w-embedding student + EMA target) or lora (LCM-LoRA)
     lora_rank: int = 64
@@ -105,7 +113,7 @@ class DistillConfig(ConsistencyOptions, LoraSaveOptions):
     def __post_init__(self):
         self.check_training(model_key="teacher")
         self.check_consistency()
-        self.check_lora_save()
+        self.check_lora_save(resolve=False)  # resolved by the teacher's kind
         self.check_teacher_kind()
         if self.mode not in MODES:
             raise LcmkitError(f"mode must be full or lora, got {self.mode!r}")
@@ -120,16 +128,18 @@ class DistillConfig(ConsistencyOptions, LoraSaveOptions):
 
     @property
     def teacher_kind(self) -> str:
-        """``"flow"`` for a flow-matching teacher folder (SD3), else ``"unet"`` (read from its model_index.json)."""
+        """``"flow"`` for a flow-matching teacher folder (SD3, FLUX), else ``"unet"`` (read from its
+        model_index.json)."""
         from ..flow_pipelines import folder_flow_family
 
         return "unet" if folder_flow_family(self.teacher) is None else "flow"
 
     def check_teacher_kind(self) -> None:
         """The options that depend on the teacher's kind: the solver (its default too), full mode and the LoRA
-        formats a flow transformer's LoRA can be written in."""
+        formats (their default too: a flow transformer's LoRA has no kohya names)."""
+        from ..flow_pipelines import folder_flow_family
         from ..flow_solvers import FLOW_SOLVERS
-        from ..lora_export import DEFAULT_LORA_FORMATS, parse_formats
+        from ..lora_export import DEFAULT_FLOW_LORA_FORMATS, DEFAULT_LORA_FORMATS, parse_formats
 
         kind = self.teacher_kind
         solvers = FLOW_SOLVERS if kind == "flow" else SOLVERS
@@ -137,19 +147,23 @@ class DistillConfig(ConsistencyOptions, LoraSaveOptions):
         if self.solver not in solvers:
             if self.solver not in {*SOLVERS, *FLOW_SOLVERS}:
                 raise LcmkitError(f"unknown solver {self.solver!r}; use one of {', '.join(solvers)}")
-            other = "flow-matching (SD3)" if kind == "unet" else "UNet (DDPM)"
+            other = "flow-matching (SD3, FLUX)" if kind == "unet" else "UNet (DDPM)"
             raise LcmkitError(f"solver {self.solver} is for {other} teachers; this teacher takes "
                               f"{', '.join(solvers)}")
         if kind != "flow":
+            self.lora_format = self.lora_format or DEFAULT_LORA_FORMATS
             return
-        if self.mode == "full":
+        if self.mode == "full" and folder_flow_family(self.teacher) == "sd3":
             raise LcmkitError("--mode full puts ω into a guidance embedding, which SD3 transformers do not have; "
                               "distil a flow teacher with --mode lora (guidance baked in)")
-        if self.lora_format == DEFAULT_LORA_FORMATS:
-            self.lora_format = "diffusers"  # kohya names exist for UNet layers only
-        elif "kohya" in parse_formats(self.lora_format):
-            raise LcmkitError("--lora-format kohya has no key names for a transformer's layers; write a flow "
-                              "teacher's LoRA as diffusers (default) and/or peft")
+        if self.mode == "full":
+            raise LcmkitError("--mode full is not implemented for FLUX teachers; distil with --mode lora (on a "
+                              "guidance-distilled FLUX the LoRA takes ω through the guidance embedding)")
+        if self.lora_format is None:
+            self.lora_format = DEFAULT_FLOW_LORA_FORMATS
+        elif "kohya" in parse_formats(self.lora_format):  # an explicit value is honoured or refused, never rewritten
+            raise LcmkitError(f"--lora-format {self.lora_format}: kohya has no key names for a transformer's layers; "
+                              f"write a flow teacher's LoRA as diffusers, comfyui (default: both) and/or peft")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,7 +411,7 @@ UNET = DistillFamily(build_models, num_points, step_loss, validation_images)
 
 
 def family_of(pipe) -> DistillFamily:
-    """:data:`UNET`, or for an SD3 pipeline the flow family (:data:`lcmkit.train.flow_distill.FLOW`)."""
+    """:data:`UNET`, or for an SD3 or FLUX pipeline the flow family (:data:`lcmkit.train.flow_distill.FLOW`)."""
     from ..flow_pipelines import flow_family
 
     if flow_family(pipe) is None:
@@ -409,21 +423,28 @@ def family_of(pipe) -> DistillFamily:
 
 def distill(cfg: DistillConfig) -> Path:
     """Run latent consistency distillation; returns the output (``out/pipeline`` or ``out/lora``)."""
-    from ..pipelines import denoising_model, load_pipeline, vae_scale_factor
+    from ..pipelines import load_pipeline, native_size, vae_scale_factor
 
     run = Run.start(cfg, cfg.out, RESULT_NAMES, "lcmkit distill")
     device = run.device
     pipe = load_pipeline(cfg.teacher, device="cpu", dtype=None, flow=True)
     family = family_of(pipe)
     factor = vae_scale_factor(pipe)
-    resolution = cfg.resolution or denoising_model(pipe).config.sample_size * factor
+    resolution = cfg.resolution or native_size(pipe)
     if resolution % factor:
         raise LcmkitError(f"resolution {resolution} is not a multiple of the VAE scale factor {factor}")
     models = family.build_models(cfg, pipe, device, generator_for(cfg.seed, 0xA11CE), resolution)
     points = family.num_points(models, cfg)
-    omegas = omega_range(cfg, models.arch)
+    omegas = omega_range(cfg, models.omega_preset)
+    # a student that takes ω through a guidance embedding (FLUX.1-dev: g = ω + 1) is sampled with a g it was
+    # trained on: record that range, and validate inside it
+    embedded = getattr(models, "embedded", False)
+    validation_omega = cfg.validation_omega
+    if validation_omega is None:
+        validation_omega = sum(omegas) / 2 if embedded else DEFAULT_VALIDATION_OMEGA
+    record = {"embedded_guidance_range": [omegas[0] + 1, omegas[1] + 1]} if embedded else {}
     run.record_config({"architecture": models.arch, "resolution": resolution, "num_grid_points": points,
-                       "omega_range": list(omegas)})
+                       "omega_range": list(omegas), **record})
     source, stream, encoder = make_data(cfg, pipe, models.arch, device, resolution, run.rank, run.world_size,
                                         cfg.progress and run.main)
 
@@ -455,8 +476,7 @@ def distill(cfg: DistillConfig) -> Path:
               checkpoint_extra={"mode": cfg.mode, "lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha),
                                 "lora_ema": cfg.lora_ema},
               validate=lambda: family.validation_images(models, encoder, validation_prompts, cfg.validation_steps,
-                                                        cfg.validation_omega, cfg.validation_seed, resolution,
-                                                        points))
+                                                        validation_omega, cfg.validation_seed, resolution, points))
 
     result = Path(cfg.out) / ("pipeline" if cfg.mode == "full" else "lora")
 

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 
 CACHE_CHUNK = 32  # caches are filled in fixed chunks of index order, so their contents never depend on batching
+#: flow architectures (:data:`lcmkit.flow_pipelines.FLOW_ARCHS`): their conditioning is text tokens + a pooled vector
+FLOW_ARCHS = ("sd3", "flux")
+#: architectures whose unconditional branch is the empty prompt encoded (SDXL's: all-zero embeddings)
+EMPTY_PROMPT_UNCOND = ("sd", *FLOW_ARCHS)
 
 
 @torch.no_grad()
@@ -31,16 +35,18 @@ def encode_pixels(pipe, pixels: Tensor) -> Tensor:
 
 @torch.no_grad()
 def encode_text(pipe, arch: str, captions: list[str]) -> tuple[Tensor, Tensor | None]:
-    """(hidden states (B, L, D), pooled (B, P) or None) in the text encoders' dtype (SD3: the joint CLIP ‖ T5
-    tokens and both CLIPs' pooled outputs, :func:`lcmkit.flow_denoisers.sd3_conditioning`)."""
-    from ..flow_denoisers import sd3_conditioning
+    """(hidden states (B, L, D), pooled (B, P) or None) in the text encoders' dtype (flow transformers: their
+    architecture's conditioning, :class:`lcmkit.flow_pipelines.FlowArch`: SD3's joint CLIP ‖ T5 tokens and both
+    CLIPs' pooled outputs, FLUX's T5 tokens and CLIP-L's pooled output)."""
     from ..pipelines import encode_prompt_sd, encode_prompt_sdxl
 
     if arch == "sdxl":
         c = encode_prompt_sdxl(pipe, captions, 0, 0)
         return c.encoder_hidden_states, c.text_embeds
-    if arch == "sd3":
-        c, _ = sd3_conditioning(pipe, captions)
+    if arch in FLOW_ARCHS:
+        from ..flow_pipelines import FLOW_ARCHS as FLOW
+
+        c, _ = FLOW[arch].conditioning(pipe, captions)
         return c.encoder_hidden_states, c.pooled_projections
     return encode_prompt_sd(pipe, captions).encoder_hidden_states, None
 
@@ -79,15 +85,16 @@ def build_text_cache(captions: list[str], pipe, arch: str) -> dict[str, tuple[Te
 
 @dataclass
 class Encoder:
-    """Batch of samples → (z0, cond, uncond), using the caches where they exist (SD3: ``SD3Conditioning``)."""
+    """Batch of samples → (z0, cond, uncond), using the caches where they exist (flow transformers:
+    ``FlowConditioning``)."""
 
     pipe: object
     arch: str
     device: torch.device
-    uncond_hidden: Tensor | None = None   # SD, SD3: the embedding of "" (1, L, D)
+    uncond_hidden: Tensor | None = None   # SD, SD3, FLUX: the embedding of "" (1, L, D)
     text_cache: dict | None = None
     latent_cache: dict | None = None
-    uncond_pooled: Tensor | None = None   # SD3: the pooled embedding of "" (1, P)
+    uncond_pooled: Tensor | None = None   # SD3, FLUX: the pooled embedding of "" (1, P)
 
     @torch.no_grad()
     def __call__(self, samples: list[Sample]) -> tuple[Tensor, TextConditioning, TextConditioning]:
@@ -101,12 +108,12 @@ class Encoder:
             pooled = torch.stack([self.text_cache[c][1] for c in captions]) if self.arch != "sd" else None
         else:
             hidden, pooled = encode_text(self.pipe, self.arch, captions)
-        if self.arch == "sd3":
-            from ..flow_denoisers import SD3Conditioning
+        if self.arch in FLOW_ARCHS:
+            from ..flow_denoisers import FlowConditioning
 
-            # the SD3 pipeline's unconditional branch: the empty prompt, encoded
-            return z0, SD3Conditioning(hidden, pooled), SD3Conditioning(self.uncond_hidden.expand_as(hidden),
-                                                                        self.uncond_pooled.expand_as(pooled))
+            # the flow pipelines' unconditional branch: the empty prompt, encoded
+            return z0, FlowConditioning(hidden, pooled), FlowConditioning(self.uncond_hidden.expand_as(hidden),
+                                                                          self.uncond_pooled.expand_as(pooled))
         if self.arch == "sdxl":
             time_ids = torch.tensor([s.time_ids for s in samples], dtype=hidden.dtype, device=hidden.device)
             cond = TextConditioning(hidden, pooled, time_ids)

@@ -46,7 +46,7 @@ from ..errors import LcmkitError
 from ..losses import lcf_loss
 from .config import ConsistencyOptions, LoraSaveOptions
 from .data import default_validation_prompts, make_data
-from .distill import Models, draw, omega_range, validation_images
+from .distill import DEFAULT_VALIDATION_OMEGA, Models, draw, omega_range, validation_images
 from .roles import freeze_frozen_parts
 from .loop import Run
 from .optim import ema_update_
@@ -211,8 +211,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
     run.train(micro_loss, desc=f"finetune ({cfg.mode})", checkpoint_weights=models.checkpoint_weights,
               position=stream, after_step=update_target, checkpoint_extra={"mode": cfg.mode},
-              validate=lambda: validation_images(models, encoder, prompts, cfg.validation_steps, cfg.validation_omega,
-                                                 cfg.validation_seed, resolution, num_points))
+              validate=lambda: validation_images(models, encoder, prompts, cfg.validation_steps,
+                                                 DEFAULT_VALIDATION_OMEGA if cfg.validation_omega is None
+                                                 else cfg.validation_omega, cfg.validation_seed, resolution,
+                                                 num_points))
 
     result_dir = Path(cfg.out) / ("pipeline" if cfg.mode == "full" else "lora")
     result = result_dir if cfg.mode == "full" else result_dir / Path(cfg.lora).name

@@ -27,7 +27,7 @@ class Roles:
 
     pipe: object               # the teacher pipeline (VAE, text encoders, tokenizers, scheduler)
     mode: str
-    arch: str                  # "sd", "sdxl" or "sd3"
+    arch: str                  # "sd", "sdxl", "sd3" or "flux"
     teacher: torch.nn.Module
     student: torch.nn.Module
     target: "torch.nn.Module | EmaLoraTarget"
@@ -36,6 +36,11 @@ class Roles:
 
     #: the pipeline component the student is, as LoRA files name it
     component = "unet"
+
+    @property
+    def omega_preset(self) -> str:
+        """The key of the default ω range (``lcmkit.train.distill.DEFAULT_OMEGA``): the architecture."""
+        return self.arch
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.trainable_named()]
