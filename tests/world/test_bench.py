@@ -345,3 +345,5 @@ def test_flow_teachers_are_judged_by_the_flow_bars():
     assert judged[("lcm-lora", 1)]["against"] == "control" and judged[("lcm-lora", 1)]["needed"] == pytest.approx(0.2)
     assert not judged[("lcm-lora", 1)]["met"] and judged[("lcm-lora", 4)]["met"]
     assert "Euler 25 steps" in bars_markdown(rows) and "2 × control" in bars_markdown(rows)
+    rows[1]["accuracy"] = rows[3]["accuracy"] = 0.0
+    assert not {(b["method"], b["steps"]): b for b in bars(rows)}[("lcm-lora", 1)]["met"]  # 0 is not 2 × 0

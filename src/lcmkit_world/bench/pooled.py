@@ -78,7 +78,8 @@ def bars(rows: list[dict]) -> list[dict]:
             continue
         metric = "world_fid" if bar.fid else "accuracy"
         need, got = bar.ratio * base[metric], row[metric]
-        met = got <= need if bar.fid else got >= need
+        # a multiple of a zero base is met only by beating it: "2 × a control at 0" asks for more than 0
+        met = got <= need if bar.fid else (got >= need and (need > 0 or got > base[metric]))
         out.append({"method": bar.method, "steps": bar.steps, "metric": metric, "against": bar.against,
                     "ratio": bar.ratio, "needed": need, "measured": got,
                     "of_reference": got / max(ref[metric], 1e-12), "met": met, "n": row["n"],
