@@ -13,6 +13,9 @@ Methods per model (``lcmkit.pipelines.generate`` unless named ``diffusers-…``)
   timed on their own (``fuse_seconds``, ``restore_seconds``);
 - ``lcm-lora-call-N`` (N = ``compare_steps``): ``generate(pipe, …, loras=[lora])``, the LoRA read (from the
   process's LoRA cache after the first call), fused and restored inside every timed call;
+- ``lcm-lora-merged-N`` (N = ``compare_steps``): the LCM-LoRA merged for good into a copy of the teacher's UNet (as
+  ``lcmkit lora combine`` saves it): the same weights as ``lcm-lora-N`` with no LoRA machinery at all. It holds a
+  second copy of the UNet;
 - ``diffusers-lcm-N``: ``LatentConsistencyModelPipeline`` on the same full LCM;
 - ``diffusers-lcm-lora-N``: ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) with ``LCMScheduler``
   and the same LoRA file through ``load_lora_weights``.
@@ -21,8 +24,9 @@ Forward hooks (:mod:`.hooks`) count UNet calls and evaluations and split each ru
 VAE decoder and the rest. "The rest" divided by the UNet's time is the per-step overhead fraction (sampler
 arithmetic, scheduler bookkeeping).
 
-``lora_vs_merged`` divides the LCM-LoRA rows by the full LCM's at ``compare_steps`` (``lcm-lora-N`` ÷ ``lcm-N``
-and ``lcm-lora-call-N`` ÷ ``lcm-N``), per round, as the lcmkit/diffusers pairs. ``--resolution sd15=128`` samples a
+``lora_vs_merged`` divides the LCM-LoRA rows (``lcm-lora-N``, ``lcm-lora-call-N``) by the merged models at
+``compare_steps``: the full LCM ``lcm-N`` (other weights: on random weights the two UNets' speeds may differ for
+reasons of their own) and ``lcm-lora-merged-N`` (the same weights), per round, as the lcmkit/diffusers pairs. ``--resolution sd15=128`` samples a
 model at another size than its own (SD 1.5's architecture at 128² fits minutes on a CPU) and ``--no-teacher sd15``
 leaves that model's teacher rows out (no speed-ups over the teacher then).
 
@@ -144,9 +148,23 @@ def plan(subject: Subject, options: SpeedOptions, device) -> dict[str, tuple]:
     n = options.compare_steps
     runs[f"lcm-lora-call-{n}"] = (teacher, lcmkit_run(teacher, options, r, "lcm", n, options.lora_guidance, lora),
                                   n, ())
+    if subject.merged is not None:
+        runs[f"lcm-lora-merged-{n}"] = (subject.merged, lcmkit_run(subject.merged, options, r, "lcm", n,
+                                                                   options.lora_guidance), n, ())
     if subject.lcm is not None:
         runs[f"diffusers-lcm-{n}"] = (subject.lcm, diffusers_run(subject.lcm, options, r, n, g, device), n, ())
     return runs
+
+
+def merged_lora_pipeline(teacher, lora: Path):
+    """The teacher's components in a pipeline of its class, the LCM-LoRA merged into copies of the models it
+    touches (:func:`lcmkit.task_arithmetic.merge_into_pipeline`); the teacher itself is left as it was."""
+    from lcmkit.lora_formats import pipeline_models
+    from lcmkit.task_arithmetic import load_lora_specs, merge_into_pipeline
+
+    pipe = type(teacher)(**teacher.components)
+    pipe.set_progress_bar_config(disable=True)
+    return merge_into_pipeline(pipe, load_lora_specs(pipeline_models(pipe), [str(lora)]))
 
 
 def unet_forward_seconds(subject: Subject, device) -> float:
@@ -285,12 +303,14 @@ def model_result(subject: Subject, options: SpeedOptions, main: dict, lora: dict
                "ceiling": methods["teacher"]["unet_evaluations"] / m["unet_evaluations"]}
         for name, m in methods.items() if name != "teacher"}
     n = options.compare_steps
-    lora_vs_merged = {}
-    if f"lcm-{n}" in main:  # LCM-LoRA ÷ the full LCM at the same steps (the bar: ≤ 1.02)
+    lora_vs_merged = {}  # LCM-LoRA ÷ a merged model at the same steps (the bar: ≤ 1.02)
+    for over, suffix in ((f"lcm-{n}", ""), (f"lcm-lora-merged-{n}", "_vs_merged_lora")):
         for kind, name in (("held", f"lcm-lora-{n}"), ("per_call", f"lcm-lora-call-{n}")):
-            ratio = paired_ratio(main[name], main[f"lcm-{n}"])
-            ratio.pop("same_image_max_abs_diff")  # two different models: their images differ
-            lora_vs_merged[kind] = dict(ratio, method=name, over=f"lcm-{n}")
+            if over in main:
+                ratio = paired_ratio(main[name], main[over])
+                if not over.startswith("lcm-lora"):
+                    ratio.pop("same_image_max_abs_diff")  # the full LCM is another model: its image differs
+                lora_vs_merged[kind + suffix] = dict(ratio, method=name, over=over)
     pairs = {"lcm-lora": dict(paired_ratio(lora["lcmkit"], lora["diffusers"]),
                               lcmkit=summarise(lora["lcmkit"]), diffusers=summarise(lora["diffusers"]))}
     if f"diffusers-lcm-{n}" in main and f"lcm-{n}" in main:
@@ -340,6 +360,8 @@ def bench_speed(options: SpeedOptions, out_dir: str | Path, command: str, log=pr
             subject = load_subject(name, Path(work), options)
             subject.resolution = options.resolution.get(name, subject.resolution)
             prepare(subject, options, device, dtype)
+            if not options.estimate_only:
+                subject.merged = merged_lora_pipeline(subject.teacher, subject.lora)
             forward_s = unet_forward_seconds(subject, device)
             runs = plan(subject, options, device)
             expected = {k: v for k, (_, _, v, _) in runs.items()}
@@ -440,7 +462,8 @@ def markdown(result: dict) -> str:
 
 
 def lora_vs_merged_table(m: dict) -> str:
-    """LCM-LoRA ÷ full LCM at the same steps, held fused for the run and fused per call, with the fuse's cost."""
+    """LCM-LoRA ÷ the full LCM and ÷ the LoRA merged into a copy, at the same steps, held fused for the run and
+    fused per call, with the fuse's cost."""
     pairs = m.get("lora_vs_merged") or {}
     if not pairs:
         return ""
@@ -449,10 +472,10 @@ def lora_vs_merged_table(m: dict) -> str:
     rows = []
     for kind, p in pairs.items():
         method = m["methods"][p["method"]]
-        rows.append([f"{p['method']} ÷ {p['over']}", how.get(kind, kind), p["ratio"], p["noise"],
-                     method.get("fuse_seconds"), method.get("restore_seconds")])
-    return machine.table(["LCM-LoRA ÷ merged LCM", "LoRA applied", "time ratio (bar ≤ 1.02)", "± (half range)",
-                          "fuse s (outside the call)", "restore s"], rows) + "\n"
+        rows.append([f"{p['method']} ÷ {p['over']}", how[kind.split("_vs_")[0]], p["ratio"], p["noise"],
+                     p.get("same_image_max_abs_diff"), method.get("fuse_seconds"), method.get("restore_seconds")])
+    return machine.table(["LCM-LoRA ÷ merged", "LoRA applied", "time ratio (bar ≤ 1.02)", "± (half range)",
+                          "max |Δ image|", "fuse s (outside the call)", "restore s"], rows) + "\n"
 
 
 def _fmt(v) -> str:

@@ -234,13 +234,22 @@ def command(args) -> str:
         if value == action.default:
             continue
         flag = action.option_strings[-1]
-        if action.nargs == 0:  # store_true / store_false
-            words.append(flag)
+        if action.nargs == 0:  # store_true / store_false; two flags may share a dest (--warmup / --no-warmup)
+            if value == action.const:
+                words.append(flag)
         else:
-            text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
-                if isinstance(value, list) else str(value)
+            text = ",".join(_word(v) for v in value) if isinstance(value, list) else str(value)
             words += [flag, text]
     return " ".join(shlex.quote(w) for w in words)
+
+
+def _word(value) -> str:
+    """One item of a comma-separated option as it was typed: 0.5, sd15=128, world."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "=".join(map(str, value))
+    return str(value)
 
 
 def _threads(args) -> None:
