@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,13 +91,17 @@ class SpeedOptions:
 # ---------------------------------------------------------------------------------------------------------------
 
 def measure(pipe, call, device) -> dict:
-    """Run ``call()`` once with meters on ``pipe``: seconds in total and per part, UNet calls and evaluations."""
+    """Run ``call()`` once with meters on ``pipe``: seconds in total and per part, UNet calls and evaluations, and
+    the CPU seconds this process spent (``cpu_seconds``: on a CPU shared with other jobs, time spent waiting for a
+    core counts in ``seconds`` but not here)."""
     sync = torch.device(device).type == "cuda"
     with pipeline_meters(pipe, sync=sync) as m:
+        cpu = time.process_time()
         images, total = machine.timed(call, device)
+        cpu = time.process_time() - cpu
     parts = {"unet": m["unet"].seconds, "text": m["text"].seconds, "vae": m["vae"].seconds}
     other = total - sum(parts.values())
-    return {"seconds": total, "unet_seconds": parts["unet"], "text_seconds": parts["text"],
+    return {"seconds": total, "cpu_seconds": cpu, "unet_seconds": parts["unet"], "text_seconds": parts["text"],
             "vae_seconds": parts["vae"], "other_seconds": other, "unet_calls": m["unet"].calls,
             "unet_evaluations": m["unet"].samples, "image": np.asarray(images)[0]}
 
@@ -260,7 +265,7 @@ def summarise(samples: list[dict]) -> dict:
     out = {"seconds_per_image": machine.median([s["seconds"] for s in samples]),
            "seconds": [s["seconds"] for s in samples], "noise": machine.spread([s["seconds"] for s in samples]),
            "unet_calls": calls.pop(), "unet_evaluations": evals.pop()}
-    for part in ("unet", "text", "vae", "other", "fuse", "restore"):
+    for part in ("cpu", "unet", "text", "vae", "other", "fuse", "restore"):
         if f"{part}_seconds" in samples[0]:
             out[f"{part}_seconds"] = machine.median([s[f"{part}_seconds"] for s in samples])
     out["overhead_fraction_of_unet"] = machine.median([s["other_seconds"] / s["unet_seconds"] for s in samples])
@@ -268,15 +273,18 @@ def summarise(samples: list[dict]) -> dict:
 
 
 def paired_ratio(a: list[dict], b: list[dict]) -> dict:
-    """Median over rounds of a's seconds / b's seconds (rounds pair runs made close together in time)."""
+    """Median over rounds of a's seconds / b's seconds (rounds pair runs made close together in time); the same
+    for CPU seconds (``cpu_ratio``, ``cpu_noise``)."""
     ratios = [x["seconds"] / y["seconds"] for x, y in zip(a, b)]
     ratio = machine.median(ratios)
     noise = machine.spread(ratios)
+    cpu = [x["cpu_seconds"] / y["cpu_seconds"] for x, y in zip(a, b)]
     diff = float(np.abs(a[-1]["image"].astype(np.float64) - b[-1]["image"].astype(np.float64)).max())
     # one round has no spread to judge "within noise" by: None (the Markdown says so), not a verdict on 0.1 %
     within = ratio <= 1.0 + noise if len(ratios) > 1 else None
     return {"ratio": ratio, "per_round": ratios, "noise": noise, "at_most_1_within_noise": within,
-            "same_image_max_abs_diff": diff}
+            "same_image_max_abs_diff": diff, "cpu_ratio": machine.median(cpu), "cpu_per_round": cpu,
+            "cpu_noise": machine.spread(cpu)}
 
 
 def overhead_fit(methods: dict, family: str) -> dict:
@@ -473,9 +481,11 @@ def lora_vs_merged_table(m: dict) -> str:
     for kind, p in pairs.items():
         method = m["methods"][p["method"]]
         rows.append([f"{p['method']} ÷ {p['over']}", how[kind.split("_vs_")[0]], p["ratio"], p["noise"],
-                     p.get("same_image_max_abs_diff"), method.get("fuse_seconds"), method.get("restore_seconds")])
+                     p["cpu_ratio"], p["cpu_noise"], p.get("same_image_max_abs_diff"), method.get("fuse_seconds"),
+                     method.get("restore_seconds")])
     return machine.table(["LCM-LoRA ÷ merged", "LoRA applied", "time ratio (bar ≤ 1.02)", "± (half range)",
-                          "max |Δ image|", "fuse s (outside the call)", "restore s"], rows) + "\n"
+                          "CPU-time ratio", "± (half range)", "max |Δ image|", "fuse s (outside the call)",
+                          "restore s"], rows) + "\n"
 
 
 def _fmt(v) -> str:
