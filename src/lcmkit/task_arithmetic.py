@@ -7,9 +7,10 @@ Each LoRA i is a task vector over the layers it touches (docs/reference.md, Task
 
 Three ways to get θ', which give the same outputs up to float32 rounding (tested):
 
-- :func:`merge_loras` writes θ' into (copies of) the models: Σ λ_i τ_i is summed in float32, added to the
-  float32 base weight, and cast back to the weight's dtype. Layers whose λ is 0 are not touched at all, so
-  λ = 0 leaves the base model bit for bit as it was (a copy of it).
+- :func:`merge_loras` writes θ' into (copies of) the models (:func:`add_task_vectors_`): a float32 weight gets
+  each λ_i τ_i added by one GEMM that accumulates into it (``addmm_``: no Δ tensor is formed); a weight of another
+  dtype gets Σ λ_i τ_i summed in float32, added to its float32 value and cast back once. Layers whose λ is 0 are
+  not touched at all, so λ = 0 leaves the base model bit for bit as it was (a copy of it).
 - :func:`attach_loras` / :func:`apply_loras` leave the weights alone and add Σ λ_i (α_i/r_i) · up_i(down_i(x))
   to each layer's output with a forward hook (linear: two matmuls; conv: the down conv has the base layer's
   kernel, stride, padding and dilation, the up conv is 1x1). Removing the hooks restores the model exactly.
@@ -19,6 +20,9 @@ Three ways to get θ', which give the same outputs up to float32 rounding (teste
   ``with`` block, also on an exception) copies the saved tensors back, so the model is restored bit for bit.
   Sampling then costs what the base model costs (no extra matmuls per step); the touched weights are held twice
   meanwhile. This is how :func:`lcmkit.pipelines.generate` applies ``loras`` unless ``fuse_loras=False``.
+
+:func:`apply_loras` reads LoRA files through :data:`lcmkit.lora_cache.LORA_CACHE`: a file already read (and checked)
+against a model of the same layout, unchanged on disk since, is not read, converted or checked again.
 
 A LoRA is given as ``(weights, λ)`` with ``weights`` a :data:`~lcmkit.lora_formats.LoraWeights` (read with
 :func:`~lcmkit.lora_formats.load_lora`), or as ``(path, λ)`` / ``"FILE[:λ]"`` where a file is expected.
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LcmkitError
+from .lora_cache import LORA_CACHE, CheckedLora
 from .lora_checks import alpha_value, check_finite, check_lora_weight
 from .lora_formats import (
     LoraLayer,
@@ -55,8 +60,8 @@ def lora_delta(layer: LoraLayer, device: torch.device | str | None = None) -> Te
     """τ = (alpha / r) · up @ down in float32 (on ``device``, default the factors'), shaped like the base weight:
     (out, in) or (out, in, kh, kw)."""
     down, up = layer.down.to(device, torch.float32), layer.up.to(device, torch.float32)
-    delta = up.flatten(1) @ down.flatten(1)          # (out, r) @ (r, in·kh·kw)
-    return (layer.scale * delta).reshape(up.shape[0], *down.shape[1:])
+    delta = (up.flatten(1) @ down.flatten(1)).mul_(layer.scale)  # (out, r) @ (r, in·kh·kw), scaled in place
+    return delta.reshape(up.shape[0], *down.shape[1:])
 
 
 def touched_layers(loras: Sequence[tuple[LoraWeights, float]]) -> list[str]:
@@ -70,24 +75,54 @@ def layer_task_vector(loras: Sequence[tuple[LoraWeights, float]], name: str,
     total = None
     for weights, lam in loras:
         if lam != 0 and name in weights:
-            term = lam * lora_delta(weights[name], device)
-            total = term if total is None else total + term
+            term = lora_delta(weights[name], device).mul_(lam)  # a fresh tensor: λ·τ in place, the same rounding
+            total = term if total is None else total.add_(term)
     return total
 
 
-def task_vector_sum(loras: Sequence[tuple[LoraWeights, float]]) -> dict[str, Tensor]:
-    """Σ_i λ_i · τ_i per layer, float32; LoRAs with λ = 0 contribute nothing (not even a zero tensor)."""
-    return {name: layer_task_vector(loras, name) for name in touched_layers(loras)}
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of a float tensor is finite: min and max propagate NaN and show ±inf, and cost a
+    tenth of ``isfinite(t).all()``."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _overflow(name: str, weight: Tensor) -> LcmkitError:
+    return LcmkitError(f"merging the LoRAs makes {name}.weight non-finite in {weight.dtype} (the sum overflows); "
+                       "lower the LoRA weights λ")
 
 
 def merged_weight(name: str, weight: Tensor, delta: Tensor) -> Tensor:
     """θ_pre + Σ λ_i τ_i for one layer: ``delta`` (float32) added to the float32 weight, cast back to the weight's
     dtype once. Raises :class:`LcmkitError` naming the layer when the result is not finite in that dtype."""
     merged = (weight.detach().float() + delta.to(weight.device).reshape(weight.shape)).to(weight.dtype)
-    if not bool(torch.isfinite(merged).all()):
-        raise LcmkitError(f"merging the LoRAs makes {name}.weight non-finite in {weight.dtype} (the sum "
-                          "overflows); lower the LoRA weights λ")
+    if not all_finite(merged):
+        raise _overflow(name, weight)
     return merged
+
+
+def add_task_vectors_(name: str, weight: Tensor, loras: Sequence[tuple[LoraWeights, float]]) -> None:
+    """θ ← θ + Σ_i λ_i·(α_i/r_i)·up_i @ down_i for the layer ``name``, in place (report eq. 3).
+
+    A float32 weight gets each term from one GEMM accumulating into it (``addmm_``): no Δ tensor, one pass over
+    the weight per LoRA; on SD 1.5's UNet that is a quarter of forming Δ and adding it. A weight of another dtype
+    (or not contiguous) gets :func:`merged_weight`: Σ λ_i τ_i in float32, cast once, checked before it is written.
+    Raises :class:`LcmkitError` naming the layer when the result is not finite; a float32 weight has then been
+    written, and the caller restores it (:class:`FusedLoras` saved it first).
+    """
+    if weight.dtype != torch.float32 or not weight.is_contiguous():
+        weight.copy_(merged_weight(name, weight, layer_task_vector(loras, name, weight.device)))
+        return
+    flat = weight.view(weight.shape[0], -1)  # (out, in·kh·kw)
+    for weights, lam in loras:
+        if lam != 0 and name in weights:
+            layer = weights[name]
+            up, down = (f.to(weight.device, torch.float32).flatten(1) for f in (layer.up, layer.down))
+            flat.addmm_(up, down, alpha=lam * layer.scale)  # θ += λ·(α/r)·(out, r) @ (r, in·kh·kw)
+    if not all_finite(weight):
+        raise _overflow(name, weight)
 
 
 def check_weights_fit(weights: LoraWeights, models: Mapping[str, nn.Module]) -> None:
@@ -107,19 +142,33 @@ def check_weights_fit(weights: LoraWeights, models: Mapping[str, nn.Module]) -> 
         fit_to_module(name, layer.down, layer.up, module)
 
 
+def update_bounds(weights: LoraWeights) -> dict[str, tuple[float, float, float]]:
+    """Per layer (|α/r|·r·max|up|·max|down|, max|up|, max|down|): no entry of τ = (α/r)·up@down exceeds the first
+    (each is a sum of r products), so λ·τ stays within float32 when |λ| times it does."""
+    out = {}
+    for name, layer in weights.items():
+        up, down = float(layer.up.abs().max()), float(layer.down.abs().max())
+        out[name] = (abs(layer.scale) * layer.rank * up * down, up, down)
+    return out
+
+
+def check_update(lam: float, bounds: Mapping[str, tuple[float, float, float]]) -> None:
+    """Raise naming the first layer whose update λ·(α/r)·up@down could leave float32 (``bounds``:
+    :func:`update_bounds`)."""
+    limit = float(torch.finfo(torch.float32).max)
+    for name, (unit, up, down) in bounds.items():
+        if abs(lam) * unit > limit:
+            raise LcmkitError(f"LoRA layer {name}: its update reaches {abs(lam) * unit:.3g}, past float32's range "
+                              f"(factors of size {up:.3g} and {down:.3g}); the file is damaged")
+
+
 def check_loras(loras: Sequence[tuple[LoraWeights, float]], models: Mapping[str, nn.Module]) -> None:
     """Every (weights, λ) pair: λ finite and in range, every layer finite, fitting ``models``, and with an update
     λ·(α/r)·up@down that cannot overflow float32 (each entry is at most r·max|up|·max|down| times the scale)."""
-    limit = float(torch.finfo(torch.float32).max)
     for i, (weights, lam) in enumerate(loras):
         check_lora_weight(lam, f"the weight λ of LoRA {i + 1}")
         check_weights_fit(weights, models)
-        for name, layer in weights.items():
-            bound = abs(lam * layer.scale) * layer.rank * float(layer.up.abs().max()) * float(layer.down.abs().max())
-            if bound > limit:
-                raise LcmkitError(f"LoRA layer {name}: its update reaches {bound:.3g}, past float32's range (factors "
-                                  f"of size {float(layer.up.abs().max()):.3g} and {float(layer.down.abs().max()):.3g}"
-                                  f"); the file is damaged")
+        check_update(lam, update_bounds(weights))
 
 
 def merge_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]], *,
@@ -128,21 +177,14 @@ def merge_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeigh
 
     Returns ``{component: model}``: a merged deep copy for every component a LoRA with λ ≠ 0 touches and the
     original object for the others (``inplace=True`` merges into the originals instead, saving a copy's
-    memory). The sum is formed in float32 and cast back to each weight's dtype once. A merged weight that is not
-    finite in its dtype (an fp16 overflow) raises naming the layer before any weight is changed.
+    memory). Each layer as :func:`add_task_vectors_`, the same code as :func:`fuse_loras`, so a fuse gives these
+    weights bit for bit. A merged weight that is not finite in its dtype (an fp16 overflow) raises naming the
+    layer, with every weight put back: never a half-merged model.
     """
     check_loras(loras, models)
-    deltas = task_vector_sum(loras)
-    for name, delta in deltas.items():  # check every merged weight first: never a half-merged model
-        component, path = split_name(name)
-        merged_weight(name, models[component].get_submodule(path).weight, delta)
-    touched = {split_name(name)[0] for name in deltas}
+    touched = {split_name(name)[0] for name in touched_layers(loras)}
     out = {c: (m if inplace or c not in touched else copy.deepcopy(m)) for c, m in models.items()}
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            component, path = split_name(name)
-            weight = out[component].get_submodule(path).weight
-            weight.copy_(merged_weight(name, weight, delta))
+    _fuse_checked(out, loras).keep()
     return out
 
 
@@ -210,6 +252,11 @@ def attach_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeig
     """Apply Σ λ_i τ_i on the fly (forward hooks) to ``models`` = ``{"unet": …, "text_encoder": …}``; same
     outputs as :func:`merge_loras` up to float32 rounding. LoRAs with λ = 0 attach nothing."""
     check_loras(loras, models)
+    return _attach_checked(models, loras)
+
+
+def _attach_checked(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]]) -> AppliedLoras:
+    """:func:`attach_loras` for LoRAs :func:`check_loras` (or :func:`load_lora_specs`) already checked."""
     branches: dict[str, _Branch] = {}
     for weights, lam in loras:
         if lam == 0:
@@ -249,11 +296,17 @@ class FusedLoras(AppliedLoras):
             for name in self.names:
                 component, path = split_name(name)
                 weight = unwrap(models[component].get_submodule(path)).weight
-                merged = merged_weight(name, weight, layer_task_vector(loras, name, weight.device))
                 if id(weight) not in self._saved:
                     self._saved[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
                     _FUSED[id(weight)] = weakref.ref(weight)
-                weight.copy_(merged)
+                add_task_vectors_(name, weight, loras)  # an overflow raises: fuse_loras restores every weight
+
+    def keep(self) -> None:
+        """Keep the merged weights for good (:func:`merge_loras`): the saved originals are dropped, nothing is
+        restored."""
+        for weight, _ in self._saved.values():
+            _FUSED.pop(id(weight), None)
+        self._saved = {}
 
     def remove(self) -> None:
         with torch.no_grad():
@@ -276,12 +329,17 @@ def fuse_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeight
     """θ' = θ_pre + Σ λ_i (α_i/r_i) up_i @ down_i written in place into ``models`` = ``{"unet": …, …}`` until
     ``remove()`` / the end of the ``with`` block, which copies the saved originals back (never subtracts).
 
-    Every LoRA is checked (:func:`check_loras`) before any weight changes. Then layer by layer: Σ λ_i τ_i in
-    float32 on the weight's device, added to the float32 weight and cast to its dtype (:func:`merged_weight`), a
-    copy of the weight saved, the weight overwritten. A layer that overflows its dtype raises after restoring the
-    layers already changed. Only weights some LoRA with λ ≠ 0 touches are changed or copied.
+    Every LoRA is checked (:func:`check_loras`) before any weight changes. Then layer by layer: a copy of the
+    weight saved, Σ λ_i τ_i added in place on the weight's device (:func:`add_task_vectors_`). A layer that
+    overflows its dtype raises after restoring every layer. Only weights some LoRA with λ ≠ 0 touches are changed
+    or copied.
     """
     check_loras(loras, models)
+    return _fuse_checked(models, loras)
+
+
+def _fuse_checked(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeights, float]]) -> FusedLoras:
+    """:func:`fuse_loras` for LoRAs :func:`check_loras` (or :func:`load_lora_specs`) already checked."""
     fused = FusedLoras(touched_layers(loras))
     try:
         fused._fuse(models, loras)
@@ -291,15 +349,28 @@ def fuse_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraWeight
     return fused
 
 
+def read_checked(path: str | os.PathLike, models: Mapping[str, nn.Module]) -> CheckedLora:
+    """A LoRA file read against ``models`` (:func:`~lcmkit.lora_formats.load_lora`), every layer checked to fit
+    them and be finite, with its update bounds; not cached (:func:`load_lora_specs` caches)."""
+    state, metadata = read_safetensors(path)  # against every model the pipeline has (a UNet or a transformer)
+    weights = lora_from_state_dict(state, models, metadata, source=f"LoRA file {path}")
+    check_weights_fit(weights, models)
+    return CheckedLora(weights, update_bounds(weights))
+
+
 def load_lora_specs(models: Mapping[str, nn.Module], specs: Iterable) -> list[tuple[LoraWeights, float]]:
-    """Read every ``(file, λ)`` / ``"FILE[:λ]"`` against ``models``; all files are checked before any is used."""
+    """Read every ``(file, λ)`` / ``"FILE[:λ]"`` against ``models`` and check it (:func:`check_loras`); all files
+    are checked before any is used. A file read before against a model of this layout and unchanged since comes
+    from :data:`~lcmkit.lora_cache.LORA_CACHE` instead of being read, converted and checked again."""
     from .pipelines import parse_lora  # the CLI's FILE[:WEIGHT] syntax, one definition
 
-    def read(path) -> LoraWeights:  # against every model the pipeline has (a UNet or an SD3 transformer)
-        state, metadata = read_safetensors(path)
-        return lora_from_state_dict(state, models, metadata, source=f"LoRA file {path}")
-
-    return [(read(path), lam) for path, lam in map(parse_lora, specs)]
+    out = []
+    for i, (path, lam) in enumerate(map(parse_lora, specs)):
+        check_lora_weight(lam, f"the weight λ of LoRA {i + 1}")
+        entry = LORA_CACHE.get_or_read(path, models, lambda p: read_checked(p, models))
+        check_update(lam, entry.bounds)
+        out.append((entry.weights, lam))
+    return out
 
 
 def apply_loras(pipe, loras: Iterable, *, fuse: bool = False) -> AppliedLoras:
@@ -312,10 +383,10 @@ def apply_loras(pipe, loras: Iterable, *, fuse: bool = False) -> AppliedLoras:
     (``with apply_loras(pipe, loras): …``) or call ``.remove()``; the pipeline is then exactly as before.
     """
     models = pipeline_models(pipe)
-    weights = load_lora_specs(models, loras)
+    weights = load_lora_specs(models, loras)  # checked
     if fuse and not fused_now(models, touched_layers(weights)):
-        return fuse_loras(models, weights)
-    return attach_loras(models, weights)  # hooks stack in any order, so overlapping uses stay exact
+        return _fuse_checked(models, weights)
+    return _attach_checked(models, weights)  # hooks stack in any order, so overlapping uses stay exact
 
 
 # ---------------------------------------------------------------------------------------------------------------

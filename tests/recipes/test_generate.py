@@ -253,8 +253,8 @@ def test_cli_writes_images_and_grid(tiny_lcm_dir, tmp_path, capsys):
 def test_cli_fuses_loras_unless_no_fuse_loras(tiny_sd_dir, tmp_path, capsys, monkeypatch):
     import lcmkit.task_arithmetic as ta
 
-    calls = []
-    for name in ("fuse_loras", "attach_loras"):
+    calls = []  # apply_loras checks the files once (cached), then fuses or attaches without a second check
+    for name in ("_fuse_checked", "_attach_checked"):
         monkeypatch.setattr(ta, name, lambda *a, _f=getattr(ta, name), _n=name: calls.append(_n) or _f(*a))
     lora = tiny.tiny_lora_file(tiny.tiny_sd().unet, tmp_path / "l.safetensors", seed=1)
     images = {}
@@ -264,7 +264,7 @@ def test_cli_fuses_loras_unless_no_fuse_loras(tiny_sd_dir, tmp_path, capsys, mon
         rc, _, err = _cli(capsys, tiny_sd_dir, "--prompt", PROMPT, "--steps", 2, "--height", 64, "--width", 64,
                           "--out", out, *flags)
         assert rc == 0, err
-        assert calls == (["attach_loras"] if "--no-fuse-loras" in flags else ["fuse_loras"])
+        assert calls == (["_attach_checked"] if "--no-fuse-loras" in flags else ["_fuse_checked"])
         images[len(flags)] = np.asarray(Image.open(out), dtype=np.float64)
     assert np.abs(images[2] - images[0]).max() >= 8  # the LoRA shows in the PNG
     assert np.abs(images[2] - images[3]).max() <= 1  # fused or hooked: the same image up to 8-bit rounding

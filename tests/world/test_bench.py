@@ -86,8 +86,39 @@ def test_bench_speed_smoke(tmp_path):
     for pair in tiny["lcmkit_vs_diffusers"].values():
         assert pair["same_image_max_abs_diff"] < 1e-4  # same model, same seed: the same image
     assert all(m["seconds_per_image"] > 0 for m in methods.values())
-    assert (tmp_path / "speed.md").read_text().startswith("# lcmkit bench speed")
+    # LCM-LoRA ÷ the full LCM at 4 steps: held fused around the calls (fuse timed apart) and fused per call
+    assert methods["lcm-lora-call-4"]["unet_evaluations"] == 4 and "fuse_seconds" not in methods["lcm-lora-call-4"]
+    assert methods["lcm-lora-4"]["fuse_seconds"] > 0 and methods["lcm-lora-4"]["restore_seconds"] > 0
+    assert methods["lcm-lora-merged-4"]["unet_evaluations"] == 4
+    pairs = tiny["lora_vs_merged"]
+    assert {k: (p["method"], p["over"]) for k, p in pairs.items()} == {
+        "held": ("lcm-lora-4", "lcm-4"), "per_call": ("lcm-lora-call-4", "lcm-4"),
+        "held_vs_merged_lora": ("lcm-lora-4", "lcm-lora-merged-4"),
+        "per_call_vs_merged_lora": ("lcm-lora-call-4", "lcm-lora-merged-4")}
+    assert all(p["ratio"] > 0 and p["cpu_ratio"] > 0 for p in pairs.values())
+    # fused (held or per call) and merged into a copy: the same weights, so the same image
+    assert pairs["held_vs_merged_lora"]["same_image_max_abs_diff"] == 0
+    assert pairs["per_call_vs_merged_lora"]["same_image_max_abs_diff"] == 0
+    assert len(data["machine"]["load_average"]) == 3 and len(data["machine"]["load_average_end"]) == 3
+    text = (tmp_path / "speed.md").read_text()
+    assert text.startswith("# lcmkit bench speed") and "| lcm-lora-4 ÷ lcm-4 |" in text and "Load average" in text
     assert (tmp_path / "speed.png").stat().st_size > 0
+
+
+def test_bench_speed_without_the_teacher_at_another_resolution(tmp_path, capsys):
+    assert main(["bench", "speed", "--smoke", "--repeats", "1", "--no-teacher", "tiny", "--resolution", "tiny=64",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny: lcm-lora-4 / lcm-4 = " in out and "tiny: lcm-lora-call-4 / lcm-lora-merged-4 = " in out
+    data = _load(tmp_path / "speed.json")
+    assert data["command"] == ("lcmkit bench speed --out " + str(tmp_path) + " --smoke --repeats 1 "
+                               "--resolution tiny=64 --no-teacher tiny")
+    tiny = data["models"]["tiny"]
+    assert tiny["resolution"] == 64 and tiny["latent_size"] == 8
+    assert "teacher" not in tiny["methods"] and tiny["speedup"] == {}
+    assert tiny["methods"]["lcm-4"]["unet_evaluations"] == 4 and tiny["lora_vs_merged"]["held"]["ratio"] > 0
+    assert main(["bench", "speed", "--smoke", "--no-teacher", "sd15", "--out", str(tmp_path)]) == 2
+    assert "not among --models" in capsys.readouterr().err
 
 
 def test_bench_speed_keeps_models_measured_by_an_earlier_run(tmp_path):

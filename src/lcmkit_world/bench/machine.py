@@ -31,13 +31,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (runnable processes; other jobs on the machine show here), or None."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info(device: torch.device | None = None) -> dict:
+    """CPU, threads, versions, GPU, date and the load average when the bench starts (``load_average``)."""
     import diffusers
 
     info = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "gpu": None,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_average": load_average()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
@@ -111,9 +121,15 @@ def _jsonable(value):
 
 def markdown_header(title: str, info: dict, command: str) -> str:
     gpu = info.get("gpu") or "none"
+    load = ""
+    if info.get("load_average"):
+        load = f" Load average (1/5/15 min) at the start {info['load_average']}"
+        if info.get("load_average_end"):
+            load += f", at the end {info['load_average_end']}"
+        load += "."
     return (f"# {title}\n\n`{command}`\n\n"
             f"Machine: {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), GPU: {gpu}; "
-            f"torch {info['torch']}, diffusers {info['diffusers']}; {info['date']}.\n\n")
+            f"torch {info['torch']}, diffusers {info['diffusers']}; {info['date']}.{load}\n\n")
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -7,8 +7,15 @@ Methods per model (``lcmkit.pipelines.generate`` unless named ``diffusers-…``)
 - ``teacher``: DPM-Solver++ (2M) 25 steps with CFG at guidance 7.5 → 25 batched [uncond; cond] calls = 50 UNet
   evaluations; the ceiling of any LCM speed-up is 50 / N;
 - ``lcm-N``: the full LCM (w-embedding, one forward per step) at guidance 7.5 → N evaluations;
-- ``lcm-lora-N``: the teacher with the LCM-LoRA merged into its weights for the run, at guidance 1 (baked in) → N
-  evaluations;
+- ``lcm-lora-N``: the teacher with the LCM-LoRA fused into its weights, at guidance 1 (baked in) → N evaluations.
+  The LoRA is held fused around the call (``with applied_loras(pipe, [lora]): generate(pipe, …)``, as ``eval`` and
+  a caller generating many images hold it for a run); fusing and restoring happen outside the timed call and are
+  timed on their own (``fuse_seconds``, ``restore_seconds``);
+- ``lcm-lora-call-N`` (N = ``compare_steps``): ``generate(pipe, …, loras=[lora])``, the LoRA read (from the
+  process's LoRA cache after the first call), fused and restored inside every timed call;
+- ``lcm-lora-merged-N`` (N = ``compare_steps``): the LCM-LoRA merged for good into a copy of the teacher's UNet (as
+  ``lcmkit lora combine`` saves it): the same weights as ``lcm-lora-N`` with no LoRA machinery at all. It holds a
+  second copy of the UNet;
 - ``diffusers-lcm-N``: ``LatentConsistencyModelPipeline`` on the same full LCM;
 - ``diffusers-lcm-lora-N``: ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) with ``LCMScheduler``
   and the same LoRA file through ``load_lora_weights``.
@@ -16,6 +23,12 @@ Methods per model (``lcmkit.pipelines.generate`` unless named ``diffusers-…``)
 Forward hooks (:mod:`.hooks`) count UNet calls and evaluations and split each run's time into text encoder, UNet,
 VAE decoder and the rest. "The rest" divided by the UNet's time is the per-step overhead fraction (sampler
 arithmetic, scheduler bookkeeping).
+
+``lora_vs_merged`` divides the LCM-LoRA rows (``lcm-lora-N``, ``lcm-lora-call-N``) by the merged models at
+``compare_steps``: the full LCM ``lcm-N`` (other weights: on random weights the two UNets' speeds may differ for
+reasons of their own) and ``lcm-lora-merged-N`` (the same weights), per round, as the lcmkit/diffusers pairs. ``--resolution sd15=128`` samples a
+model at another size than its own (SD 1.5's architecture at 128² fits minutes on a CPU) and ``--no-teacher sd15``
+leaves that model's teacher rows out (no speed-ups over the teacher then).
 
 Timing: all methods of a model run interleaved, ``repeats`` rounds with the order rotated each round; medians are
 reported, and each lcmkit/diffusers ratio is the median of the per-round paired ratios. The LoRA pair runs in a
@@ -27,6 +40,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -67,6 +81,9 @@ class SpeedOptions:
     world_lcm: str | None = None
     world_lora: str | None = None
     estimate_only: bool = False
+    # model → pixels; a model not named samples at its own size (world 32², sd15 512², sdxl 1024²)
+    resolution: dict[str, int] = field(default_factory=dict)
+    no_teacher: list[str] = field(default_factory=list)  # models measured without the teacher rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,13 +91,17 @@ class SpeedOptions:
 # ---------------------------------------------------------------------------------------------------------------
 
 def measure(pipe, call, device) -> dict:
-    """Run ``call()`` once with meters on ``pipe``: seconds in total and per part, UNet calls and evaluations."""
+    """Run ``call()`` once with meters on ``pipe``: seconds in total and per part, UNet calls and evaluations, and
+    the CPU seconds this process spent (``cpu_seconds``: on a CPU shared with other jobs, time spent waiting for a
+    core counts in ``seconds`` but not here)."""
     sync = torch.device(device).type == "cuda"
     with pipeline_meters(pipe, sync=sync) as m:
+        cpu = time.process_time()
         images, total = machine.timed(call, device)
+        cpu = time.process_time() - cpu
     parts = {"unet": m["unet"].seconds, "text": m["text"].seconds, "vae": m["vae"].seconds}
     other = total - sum(parts.values())
-    return {"seconds": total, "unet_seconds": parts["unet"], "text_seconds": parts["text"],
+    return {"seconds": total, "cpu_seconds": cpu, "unet_seconds": parts["unet"], "text_seconds": parts["text"],
             "vae_seconds": parts["vae"], "other_seconds": other, "unet_calls": m["unet"].calls,
             "unet_evaluations": m["unet"].samples, "image": np.asarray(images)[0]}
 
@@ -117,20 +138,38 @@ def diffusers_lora_pipeline(teacher):
 # ---------------------------------------------------------------------------------------------------------------
 
 def plan(subject: Subject, options: SpeedOptions, device) -> dict[str, tuple]:
-    """method name → (pipe whose parts are metered, call, expected UNet evaluations) for the first phase."""
-    r, teacher = subject.resolution, subject.teacher
+    """method name → (pipe whose parts are metered, call, expected UNet evaluations, LoRAs held fused around the
+    call) for the first phase."""
+    r, teacher, lora = subject.resolution, subject.teacher, [str(subject.lora)]
     sampler, steps, g = TEACHER[0], options.teacher_steps, options.guidance
     cfg_factor = 2 if g > 1 else 1  # CFG: one batched [uncond; cond] call = 2 evaluations
-    runs = {"teacher": (teacher, lcmkit_run(teacher, options, r, sampler, steps, g), cfg_factor * steps)}
+    runs = {}
+    if subject.name not in options.no_teacher:
+        runs["teacher"] = (teacher, lcmkit_run(teacher, options, r, sampler, steps, g), cfg_factor * steps, ())
     for n in options.steps:
         if subject.lcm is not None:
-            runs[f"lcm-{n}"] = (subject.lcm, lcmkit_run(subject.lcm, options, r, "lcm", n, g), n)
-        runs[f"lcm-lora-{n}"] = (teacher, lcmkit_run(teacher, options, r, "lcm", n, options.lora_guidance,
-                                                     [str(subject.lora)]), n)
+            runs[f"lcm-{n}"] = (subject.lcm, lcmkit_run(subject.lcm, options, r, "lcm", n, g), n, ())
+        runs[f"lcm-lora-{n}"] = (teacher, lcmkit_run(teacher, options, r, "lcm", n, options.lora_guidance), n, lora)
+    n = options.compare_steps
+    runs[f"lcm-lora-call-{n}"] = (teacher, lcmkit_run(teacher, options, r, "lcm", n, options.lora_guidance, lora),
+                                  n, ())
+    if subject.merged is not None:
+        runs[f"lcm-lora-merged-{n}"] = (subject.merged, lcmkit_run(subject.merged, options, r, "lcm", n,
+                                                                   options.lora_guidance), n, ())
     if subject.lcm is not None:
-        n = options.compare_steps
-        runs[f"diffusers-lcm-{n}"] = (subject.lcm, diffusers_run(subject.lcm, options, r, n, g, device), n)
+        runs[f"diffusers-lcm-{n}"] = (subject.lcm, diffusers_run(subject.lcm, options, r, n, g, device), n, ())
     return runs
+
+
+def merged_lora_pipeline(teacher, lora: Path):
+    """The teacher's components in a pipeline of its class, the LCM-LoRA merged into copies of the models it
+    touches (:func:`lcmkit.task_arithmetic.merge_into_pipeline`); the teacher itself is left as it was."""
+    from lcmkit.lora_formats import pipeline_models
+    from lcmkit.task_arithmetic import load_lora_specs, merge_into_pipeline
+
+    pipe = type(teacher)(**teacher.components)
+    pipe.set_progress_bar_config(disable=True)
+    return merge_into_pipeline(pipe, load_lora_specs(pipeline_models(pipe), [str(lora)]))
 
 
 def unet_forward_seconds(subject: Subject, device) -> float:
@@ -163,8 +202,22 @@ def estimate(evaluations: dict[str, int], forward_s: float, rounds: int) -> floa
     return sum(evaluations.values()) * forward_s * rounds
 
 
+def held_measure(pipe, call, device, loras) -> dict:
+    """:func:`measure` with ``loras`` held fused around the call (not timed with it); the fuse and the restore
+    are timed on their own."""
+    from lcmkit.pipelines import applied_loras
+
+    held, fuse_s = machine.timed(lambda: applied_loras(pipe, loras), device)
+    try:
+        sample = measure(pipe, call, device)
+    finally:
+        _, restore_s = machine.timed(held.remove, device)
+    return dict(sample, fuse_seconds=fuse_s, restore_seconds=restore_s)
+
+
 def run_phase(runs: dict[str, tuple], rounds: int, device, warmup: bool) -> dict[str, list[dict]]:
-    calls = {name: (lambda p=pipe, c=call: measure(p, c, device)) for name, (pipe, call, _) in runs.items()}
+    calls = {name: (lambda p=pipe, c=call, h=held: held_measure(p, c, device, h) if h else measure(p, c, device))
+             for name, (pipe, call, _, held) in runs.items()}
     return machine.interleaved(calls, rounds, warmup=warmup)
 
 
@@ -212,22 +265,26 @@ def summarise(samples: list[dict]) -> dict:
     out = {"seconds_per_image": machine.median([s["seconds"] for s in samples]),
            "seconds": [s["seconds"] for s in samples], "noise": machine.spread([s["seconds"] for s in samples]),
            "unet_calls": calls.pop(), "unet_evaluations": evals.pop()}
-    for part in ("unet", "text", "vae", "other"):
-        out[f"{part}_seconds"] = machine.median([s[f"{part}_seconds"] for s in samples])
+    for part in ("cpu", "unet", "text", "vae", "other", "fuse", "restore"):
+        if f"{part}_seconds" in samples[0]:
+            out[f"{part}_seconds"] = machine.median([s[f"{part}_seconds"] for s in samples])
     out["overhead_fraction_of_unet"] = machine.median([s["other_seconds"] / s["unet_seconds"] for s in samples])
     return out
 
 
 def paired_ratio(a: list[dict], b: list[dict]) -> dict:
-    """Median over rounds of a's seconds / b's seconds (rounds pair runs made close together in time)."""
+    """Median over rounds of a's seconds / b's seconds (rounds pair runs made close together in time); the same
+    for CPU seconds (``cpu_ratio``, ``cpu_noise``)."""
     ratios = [x["seconds"] / y["seconds"] for x, y in zip(a, b)]
     ratio = machine.median(ratios)
     noise = machine.spread(ratios)
+    cpu = [x["cpu_seconds"] / y["cpu_seconds"] for x, y in zip(a, b)]
     diff = float(np.abs(a[-1]["image"].astype(np.float64) - b[-1]["image"].astype(np.float64)).max())
     # one round has no spread to judge "within noise" by: None (the Markdown says so), not a verdict on 0.1 %
     within = ratio <= 1.0 + noise if len(ratios) > 1 else None
     return {"ratio": ratio, "per_round": ratios, "noise": noise, "at_most_1_within_noise": within,
-            "same_image_max_abs_diff": diff}
+            "same_image_max_abs_diff": diff, "cpu_ratio": machine.median(cpu), "cpu_per_round": cpu,
+            "cpu_noise": machine.spread(cpu)}
 
 
 def overhead_fit(methods: dict, family: str) -> dict:
@@ -248,11 +305,20 @@ def model_result(subject: Subject, options: SpeedOptions, main: dict, lora: dict
     methods = {name: summarise(samples) for name, samples in main.items()}
     for name, m in methods.items():
         m["expected_unet_evaluations"] = expected[name]
-    t = methods["teacher"]["seconds_per_image"]
-    speedup = {name: {"speedup": t / m["seconds_per_image"],
-                      "ceiling": methods["teacher"]["unet_evaluations"] / m["unet_evaluations"]}
-               for name, m in methods.items() if name != "teacher"}
+    t = methods["teacher"]["seconds_per_image"] if "teacher" in methods else None
+    speedup = {} if t is None else {
+        name: {"speedup": t / m["seconds_per_image"],
+               "ceiling": methods["teacher"]["unet_evaluations"] / m["unet_evaluations"]}
+        for name, m in methods.items() if name != "teacher"}
     n = options.compare_steps
+    lora_vs_merged = {}  # LCM-LoRA ÷ a merged model at the same steps (the bar: ≤ 1.02)
+    for over, suffix in ((f"lcm-{n}", ""), (f"lcm-lora-merged-{n}", "_vs_merged_lora")):
+        for kind, name in (("held", f"lcm-lora-{n}"), ("per_call", f"lcm-lora-call-{n}")):
+            if over in main:
+                ratio = paired_ratio(main[name], main[over])
+                if not over.startswith("lcm-lora"):
+                    ratio.pop("same_image_max_abs_diff")  # the full LCM is another model: its image differs
+                lora_vs_merged[kind + suffix] = dict(ratio, method=name, over=over)
     pairs = {"lcm-lora": dict(paired_ratio(lora["lcmkit"], lora["diffusers"]),
                               lcmkit=summarise(lora["lcmkit"]), diffusers=summarise(lora["diffusers"]))}
     if f"diffusers-lcm-{n}" in main and f"lcm-{n}" in main:
@@ -261,8 +327,8 @@ def model_result(subject: Subject, options: SpeedOptions, main: dict, lora: dict
     overhead = {family: overhead_fit(methods, family) for family in ("lcm", "lcm-lora")
                 if sum(k.startswith(family + "-") and k[len(family) + 1:].isdigit() for k in methods) >= 2}
     return dict(describe(subject), unet_forward_seconds=forward_s, methods=methods, speedup=speedup,
-                lcmkit_vs_diffusers=pairs, overhead=overhead,
-                speedup_lcm4_vs_teacher_dpmpp25_cfg=None if lcm4 is None else t / lcm4["seconds_per_image"],
+                lcmkit_vs_diffusers=pairs, overhead=overhead, lora_vs_merged=lora_vs_merged,
+                speedup_lcm4_vs_teacher_dpmpp25_cfg=None if None in (lcm4, t) else t / lcm4["seconds_per_image"],
                 lcmkit_over_diffusers_time_ratio=max(p["ratio"] for p in pairs.values()))
 
 
@@ -300,10 +366,13 @@ def bench_speed(options: SpeedOptions, out_dir: str | Path, command: str, log=pr
         for name in options.models:
             log(f"[speed] building {name} …")
             subject = load_subject(name, Path(work), options)
+            subject.resolution = options.resolution.get(name, subject.resolution)
             prepare(subject, options, device, dtype)
+            if not options.estimate_only:
+                subject.merged = merged_lora_pipeline(subject.teacher, subject.lora)
             forward_s = unet_forward_seconds(subject, device)
             runs = plan(subject, options, device)
-            expected = {k: v for k, (_, _, v) in runs.items()}
+            expected = {k: v for k, (_, _, v, _) in runs.items()}
             warmup = options.warmup if options.warmup is not None else forward_s < 1.0
             rounds = options.rounds(name) + int(warmup)
             total = estimate(expected, forward_s, rounds) + 2 * options.compare_steps * forward_s * rounds
@@ -317,6 +386,7 @@ def bench_speed(options: SpeedOptions, out_dir: str | Path, command: str, log=pr
             lora = lora_phase(subject, options, device, warmup)
             result["models"][name] = model_result(subject, options, main, lora, forward_s, expected)
             del subject
+    result["machine"]["load_average_end"] = machine.load_average()
     for entry in result["models"].values():
         entry["command"], entry["date"] = command, result["machine"]["date"]
     keep_other_models(result, Path(out_dir))
@@ -378,7 +448,8 @@ def markdown(result: dict) -> str:
             continue
         rows = []
         for k, v in m["methods"].items():
-            s = m["speedup"].get(k, {"speedup": 1.0, "ceiling": 1.0})
+            default = {"speedup": 1.0, "ceiling": 1.0} if k == "teacher" else {"speedup": None, "ceiling": None}
+            s = m["speedup"].get(k, default)
             rows.append([k, v["seconds_per_image"], v["noise"], v["unet_evaluations"], s["speedup"], s["ceiling"],
                          v["unet_seconds"], v["text_seconds"], v["vae_seconds"], _pct(v["overhead_fraction_of_unet"])])
         text += machine.table(["method", "s/image", "± (half range)", "UNet evals", "speed-up", "ceiling",
@@ -394,7 +465,27 @@ def markdown(result: dict) -> str:
                      _pct(f["per_step_fraction_of_unet"])] for k, f in m["overhead"].items()]
         text += machine.table(["lcmkit time outside the UNet", "per call s", "per step s", "UNet s per step",
                                "per step / UNet"], fit_rows) + "\n"
+        text += lora_vs_merged_table(m)
     return text
+
+
+def lora_vs_merged_table(m: dict) -> str:
+    """LCM-LoRA ÷ the full LCM and ÷ the LoRA merged into a copy, at the same steps, held fused for the run and
+    fused per call, with the fuse's cost."""
+    pairs = m.get("lora_vs_merged") or {}
+    if not pairs:
+        return ""
+    how = {"held": "fused for the run (`with applied_loras(…)` around the calls)",
+           "per_call": "`generate(…, loras=[file])` each call (cached read, fuse, restore)"}
+    rows = []
+    for kind, p in pairs.items():
+        method = m["methods"][p["method"]]
+        rows.append([f"{p['method']} ÷ {p['over']}", how[kind.split("_vs_")[0]], p["ratio"], p["noise"],
+                     p["cpu_ratio"], p["cpu_noise"], p.get("same_image_max_abs_diff"), method.get("fuse_seconds"),
+                     method.get("restore_seconds")])
+    return machine.table(["LCM-LoRA ÷ merged", "LoRA applied", "time ratio (bar ≤ 1.02)", "± (half range)",
+                          "CPU-time ratio", "± (half range)", "max |Δ image|", "fuse s (outside the call)",
+                          "restore s"], rows) + "\n"
 
 
 def _fmt(v) -> str:
@@ -417,14 +508,19 @@ def plot(result: dict, path: Path) -> None:
         names = list(m["methods"])
         secs = [m["methods"][k]["seconds_per_image"] for k in names]
         bars = ax.bar(range(len(names)), secs, color=["tab:gray" if k == "teacher" else "tab:blue" for k in names])
-        for bar, k in zip(bars, names):
-            label = f"×{m['speedup'][k]['speedup']:.1f}" if k in m["speedup"] else "1×"
+        ref = f"lcm-{result['options']['compare_steps']}"
+        for bar, k, sec in zip(bars, names, secs):
+            if "teacher" in m["methods"]:
+                label = f"×{m['speedup'][k]['speedup']:.1f}" if k in m["speedup"] else "1×"
+            else:  # no teacher rows: each bar against the full LCM at the compared steps
+                label = f"{sec / m['methods'][ref]['seconds_per_image']:.2f}" if ref in m["methods"] else ""
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                         fontsize=7)
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("seconds per image")
-        ax.set_title(f"{name}: speed-up over the teacher (DPM-Solver++ 25, CFG)")
+        ax.set_title(f"{name} at {m['resolution']}²: " + ("speed-up over the teacher (DPM-Solver++ 25, CFG)"
+                                                          if "teacher" in m["methods"] else f"time ÷ {ref}"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -31,6 +31,7 @@ class Subject:
     lora: Path                       # LCM-LoRA file (diffusers format)
     resolution: int
     weights: dict = field(default_factory=dict)
+    merged: object | None = None     # the teacher with the LCM-LoRA merged into a copy (bench speed builds it)
 
 
 def meta_unet(config: dict):

@@ -82,6 +82,13 @@ def _register_speed(bench) -> None:
     p.add_argument("--world-teacher", help="world teacher folder (default src/lcmkit_world/assets/world-teacher)")
     p.add_argument("--world-lcm", help="distilled full LCM of the world teacher (pipeline folder)")
     p.add_argument("--world-lora", help="distilled LCM-LoRA of the world teacher (file or lora/ folder)")
+    p.add_argument("--warmup", dest="warmup", action="store_true", default=None,
+                   help="warm up even when one UNet forward takes over a second")
+    p.add_argument("--resolution", type=comma_list(_model_pixels), default=[], metavar="MODEL=PIXELS[,…]",
+                   help="sample a model at another square size (default each model's own: world 32, sd15 512, "
+                        "sdxl 1024), e.g. sd15=128")
+    p.add_argument("--no-teacher", type=comma_list(str), default=[], metavar="MODEL[,…]",
+                   help="models measured without the teacher rows (DPM-Solver++ 25 with CFG: 50 UNet evaluations)")
     p.set_defaults(run=run_speed, bench_parser=p)
 
 
@@ -228,13 +235,22 @@ def command(args) -> str:
         if value == action.default:
             continue
         flag = action.option_strings[-1]
-        if action.nargs == 0:  # store_true / store_false
-            words.append(flag)
+        if action.nargs == 0:  # store_true / store_false; two flags may share a dest (--warmup / --no-warmup)
+            if value == action.const:
+                words.append(flag)
         else:
-            text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
-                if isinstance(value, list) else str(value)
+            text = ",".join(_word(v) for v in value) if isinstance(value, list) else str(value)
             words += [flag, text]
     return " ".join(shlex.quote(w) for w in words)
+
+
+def _word(value) -> str:
+    """One item of a comma-separated option as it was typed: 0.5, sd15=128, world."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "=".join(map(str, value))
+    return str(value)
 
 
 def _threads(args) -> None:
@@ -246,6 +262,14 @@ def _threads(args) -> None:
         torch.set_num_threads(1)
 
 
+def _model_pixels(text: str) -> tuple[str, int]:
+    """``sd15=128`` → ("sd15", 128)."""
+    model, sep, pixels = text.partition("=")
+    if not sep or not model.strip():
+        raise ValueError(text)
+    return model.strip(), int(pixels)
+
+
 def run_speed(args) -> int:
     from lcmkit.errors import LcmkitError
     from lcmkit_world.bench.speed import SpeedOptions, bench_speed
@@ -255,16 +279,27 @@ def run_speed(args) -> int:
 
     _threads(args)
     if args.smoke:
-        options = SpeedOptions(models=["tiny"], steps=[1, 2, 4], repeats=args.repeats or 2, device="cpu")
+        options = SpeedOptions(models=["tiny"], steps=[1, 2, 4], repeats=args.repeats or 2, device="cpu",
+                               resolution=dict(args.resolution), no_teacher=args.no_teacher)
     else:
         options = SpeedOptions(models=args.models, steps=args.steps, repeats=args.repeats,
                                device=args.device, dtype=args.dtype, compile=args.compile,
                                world_teacher=args.world_teacher, world_lcm=args.world_lcm, world_lora=args.world_lora,
-                               estimate_only=args.estimate_only, warmup=args.warmup)
+                               estimate_only=args.estimate_only, warmup=args.warmup, resolution=dict(args.resolution),
+                               no_teacher=args.no_teacher)
     options.teacher_steps = args.teacher_steps
+    for model in [*options.resolution, *options.no_teacher]:
+        if model not in options.models:
+            raise LcmkitError(f"--resolution / --no-teacher name {model!r}, which is not among --models "
+                              f"{','.join(options.models)}")
+    if any(pixels < 8 for pixels in options.resolution.values()):
+        raise LcmkitError(f"--resolution must be at least 8 pixels, got {args.resolution}")
     if any(n < 1 for n in options.steps) or options.teacher_steps < 1:
         raise LcmkitError("--repeats, --steps and --teacher-steps must be positive")
     result = bench_speed(options, args.out, command(args))
+    for name in options.models:  # the LoRA-over-merged ratios of this run, side by side
+        for kind, p in result["models"].get(name, {}).get("lora_vs_merged", {}).items():
+            print(f"{name}: {p['method']} / {p['over']} = {p['ratio']:.4f} (± {p['noise']:.4f}, {kind})")
     print(f"speed-up LCM 4 steps vs teacher: {result['speedup_lcm4_vs_teacher_dpmpp25_cfg']}; "
           f"lcmkit/diffusers time ratio: {result['lcmkit_over_diffusers_time_ratio']}; wrote {args.out}/speed.*")
     return 0
