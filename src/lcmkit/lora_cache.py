@@ -98,8 +98,10 @@ class LoraCache:
         return sum(e.nbytes for e in self._entries.values())
 
     def clear(self) -> None:
+        """Forget every entry and zero the hit and miss counts."""
         with self._lock:
             self._entries.clear()
+            self.hits = self.misses = 0
 
     def get_or_read(self, path: str | os.PathLike, models: Mapping[str, nn.Module],
                     read: Callable[[Path], CheckedLora]) -> CheckedLora:
