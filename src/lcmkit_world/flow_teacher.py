@@ -28,21 +28,7 @@ from lcmkit.flow_attention import collapsed_attention
 from lcmkit.train.optim import lr_factor
 from lcmkit_world.teacher import Ema, Trainer, train_teacher
 from lcmkit_world.teacher_config import FlowTrainConfig, TextConfig, TransformerConfig
-from lcmkit_world.teacher_model import count_parameters
-
-
-def build_clip_with_projection(cfg: TextConfig, tokenizer):
-    """A ``CLIPTextModelWithProjection`` (SD3's text-encoder class: hidden states + a projected pooled embedding,
-    taken at the first end-of-text token) over the world tokenizer's vocabulary."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_length,
-        projection_dim=cfg.hidden_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModelWithProjection(config)
+from lcmkit_world.teacher_model import build_text_encoder, count_parameters, load_kept_parts
 
 
 def build_transformer(cfg: TransformerConfig, latent_channels: int, latent_size: int, text_width: int):
@@ -113,18 +99,10 @@ class FlowComponents:
 
     @classmethod
     def build(cls, cfg: FlowTrainConfig) -> "FlowComponents":
-        from diffusers import AutoencoderKL
-        from transformers import PreTrainedTokenizerFast
-
-        from lcmkit.weight_files import check_pipeline_weights
-
-        root = Path(cfg.init_from)
-        check_pipeline_weights(root, f"--init-from {root}")  # safetensors only, however a weight file is reached
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
-        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, use_safetensors=True)
+        tokenizer, vae = load_kept_parts(Path(cfg.init_from))
         vae.register_to_config(shift_factor=0.0)  # SD3's decode reads it: latents / scaling_factor + shift_factor
-        text_encoder = build_clip_with_projection(cfg.text, tokenizer)
-        text_encoder_2 = build_clip_with_projection(cfg.text, tokenizer)
+        text_encoder = build_text_encoder(cfg.text, tokenizer, with_projection=True)
+        text_encoder_2 = build_text_encoder(cfg.text, tokenizer, with_projection=True)
         latent_size = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
         transformer = build_transformer(cfg.transformer, vae.config.latent_channels, latent_size, cfg.text.hidden_size)
         parts = dict(text_encoder=text_encoder, text_encoder_2=text_encoder_2, transformer=transformer)

@@ -55,6 +55,7 @@ from lcmkit_world.teacher_model import (
     build_unet,
     build_vae,
     count_parameters,
+    load_kept_parts,
     save_pipeline,
 )
 
@@ -212,15 +213,11 @@ class Components:
     @classmethod
     def load(cls, cfg: TrainConfig) -> "Components":
         """The networks of the pipeline folder ``cfg.init_from`` (float32), EMAs starting from its weights."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, PreTrainedTokenizerFast
-
-        from lcmkit.weight_files import check_pipeline_weights
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
 
         root = Path(cfg.init_from)
-        check_pipeline_weights(root, f"--init-from {root}")  # safetensors only, however a weight file is reached
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
-        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, use_safetensors=True)
+        tokenizer, vae = load_kept_parts(root)
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32,
                                                      use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, use_safetensors=True)

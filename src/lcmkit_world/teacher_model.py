@@ -68,8 +68,10 @@ def build_vae(cfg: VaeConfig):
     )
 
 
-def build_text_encoder(cfg: TextConfig, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_text_encoder(cfg: TextConfig, tokenizer, with_projection: bool = False):
+    """``CLIPTextModel`` over the tokenizer's vocabulary; with ``with_projection`` a ``CLIPTextModelWithProjection``
+    (SD3's class: hidden states and a projected pooled embedding, taken at the first end-of-text token)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -77,7 +79,20 @@ def build_text_encoder(cfg: TextConfig, tokenizer):
         projection_dim=cfg.hidden_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def load_kept_parts(root: Path):
+    """``(tokenizer, vae)`` of the world teacher folder ``root`` (float32; safetensors only, however a weight file is
+    reached): what a run started from it keeps."""
+    from diffusers import AutoencoderKL
+    from transformers import PreTrainedTokenizerFast
+
+    from lcmkit.weight_files import check_pipeline_weights
+
+    check_pipeline_weights(root, f"--init-from {root}")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
+    return tokenizer, AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, use_safetensors=True)
 
 
 def build_unet(cfg: UNetConfig, latent_channels: int, cross_attention_dim: int):
