@@ -187,13 +187,24 @@ def torchrun_lcmkit(args: list[str], port: int, timeout: float = 240):
                           timeout=timeout)
 
 
+
+def tiny_flow_vae(scaling_factor: float, shift_factor: float):
+    """The 16-channel VAE of the tiny SD3 and FLUX pipelines (VAE factor 8), with the family's scaling and shift."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=2, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=scaling_factor, shift_factor=shift_factor,
+    ).eval()
+
 def tiny_sd3(folder: str | Path | None = None, seed: int = 0, scheduler=None):
     """A tiny ``StableDiffusion3Pipeline`` without T5 (``text_encoder_3=None``, as SD3 may run): an
     ``SD3Transformer2DModel`` with SD3's 16 latent channels and patch size 2 (two joint blocks), two tiny CLIP
     encoders with projection (pooled 32 + 32), a 16-channel VAE with SD3's scaling and shift factors, and a
     ``FlowMatchEulerDiscreteScheduler`` with SD3's shift 3 unless ``scheduler`` is given."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -205,12 +216,7 @@ def tiny_sd3(folder: str | Path | None = None, seed: int = 0, scheduler=None):
         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
     ).eval()
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=2, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=1.5305, shift_factor=0.0609,
-    ).eval()
+    vae = tiny_flow_vae(1.5305, 0.0609)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, vae=vae, scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0),
         text_encoder=tiny_text_encoder(seed + 2, with_projection=True), tokenizer=tiny_tokenizer(),
@@ -256,7 +262,7 @@ def tiny_flux(folder: str | Path | None = None, seed: int = 0, guidance_embeds: 
     32) and T5 encoder (its tokens, 32); a 16-channel VAE with FLUX.1's scaling and shift factors (scale factor 8:
     a 64 px image is an 8×8 latent, 4×4 = 16 tokens); a ``FlowMatchEulerDiscreteScheduler`` with FLUX's dynamic
     shift unless ``scheduler`` is given."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
@@ -265,12 +271,7 @@ def tiny_flux(folder: str | Path | None = None, seed: int = 0, guidance_embeds: 
         axes_dims_rope=(4, 6, 6),
     ).eval()
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=2, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=0.3611, shift_factor=0.1159,
-    ).eval()
+    vae = tiny_flow_vae(0.3611, 0.1159)
     t5_tokenizer = tiny_t5_tokenizer()
     pipe = FluxPipeline(
         transformer=transformer, vae=vae, scheduler=scheduler or FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
